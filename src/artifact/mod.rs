@@ -1,0 +1,425 @@
+//! Artifacts: one self-describing `.safetensors` file per model.
+//!
+//! An [`Artifact`] is the spec, the weights and the provenance (`mlops.*` metadata, see
+//! DESIGN.md). Loading checks the format version, every tensor's name, dtype and shape
+//! against the spec; saving goes through a temp file and a rename so a crash never
+//! leaves a half-written model where a good one was.
+
+pub mod safetensors;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+pub use self::safetensors::{NamedTensor, TensorData};
+use crate::model::ModelSpec;
+use crate::report::{sha256_hex, FileRecord, MLOPS_VERSION};
+use crate::{Error, Result};
+
+/// The value of `mlops.format` this version reads and writes.
+pub const FORMAT: &str = "mlops/1";
+
+/// Numeric precision of an artifact's stored weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit float.
+    Fp32,
+    /// IEEE half: half the bytes, ~3 decimal digits.
+    Fp16,
+    /// bfloat16: half the bytes, fp32's range, ~2 decimal digits.
+    Bf16,
+}
+
+impl Precision {
+    /// The name used in metadata, file names and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fp32" => Some(Precision::Fp32),
+            "fp16" => Some(Precision::Fp16),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    fn dtype_name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "F32",
+            Precision::Fp16 => "F16",
+            Precision::Bf16 => "BF16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How raw pixels become the input tensor (`mlops.input`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// `[height, width, channels]`.
+    pub shape: [usize; 3],
+    /// Memory order of a batch: always `nhwc`.
+    pub layout: String,
+    /// `value = (pixel * scale - mean) / std`, pixel a byte in `[0, 255]`.
+    pub scale: f32,
+    /// Subtracted after scaling.
+    pub mean: f32,
+    /// Divided by after subtracting the mean.
+    pub std: f32,
+}
+
+impl InputSpec {
+    /// Pixels scaled to `[0, 1]`, as the trainer feeds them.
+    pub fn unit_scaled(shape: [usize; 3]) -> Self {
+        InputSpec {
+            shape,
+            layout: "nhwc".into(),
+            scale: crate::data::PIXEL_SCALE,
+            mean: 0.0,
+            std: 1.0,
+        }
+    }
+}
+
+/// One step in an artifact's history (`mlops.lineage`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LineageEntry {
+    /// `train`, `export`, ...
+    pub step: String,
+    /// Version of mlops that ran it.
+    pub mlops_version: String,
+    /// sha256 of the artifact it started from (none for training from scratch).
+    pub parent_sha256: Option<String>,
+    /// The settings that shaped the result.
+    pub args: BTreeMap<String, serde_json::Value>,
+}
+
+/// Accuracy on an evaluation set (`mlops.metrics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Top-1 accuracy in `[0, 1]`.
+    pub accuracy: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Images evaluated.
+    pub images: usize,
+    /// The data folder as given.
+    pub data: String,
+    /// sha256 of the image and label files, joined.
+    pub data_sha256: String,
+}
+
+/// A model ready to save, load or run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Artifact {
+    /// The architecture.
+    pub spec: ModelSpec,
+    /// Dtype of the stored weights.
+    pub precision: Precision,
+    /// Input preprocessing.
+    pub input: InputSpec,
+    /// Class names, index order.
+    pub labels: Vec<String>,
+    /// How it was made.
+    pub lineage: Vec<LineageEntry>,
+    /// Last measured accuracy, if any.
+    pub metrics: Option<EvalMetrics>,
+    /// Parameters in spec order.
+    pub tensors: Vec<NamedTensor>,
+}
+
+/// Layout facts for other runtimes (`mlops.layout`).
+const LAYOUT: &str = r#"{"activations":"nhwc","conv_weight":"[out,kh,kw,in]","dense_weight":"[out,in]","flatten":"hwc"}"#;
+
+impl Artifact {
+    /// Wraps fp32 parameters (spec order) into an artifact.
+    pub fn from_params(spec: &ModelSpec, params: &[Vec<f32>]) -> Result<Self> {
+        let infos = spec.params()?;
+        let tensors = infos
+            .iter()
+            .zip(params)
+            .map(|(info, values)| NamedTensor {
+                name: info.name.clone(),
+                shape: info.shape.clone(),
+                data: TensorData::F32(values.clone()),
+            })
+            .collect();
+        Ok(Artifact {
+            spec: spec.clone(),
+            precision: Precision::Fp32,
+            input: InputSpec::unit_scaled(spec.input),
+            labels: (0..spec.classes).map(|c| c.to_string()).collect(),
+            lineage: Vec::new(),
+            metrics: None,
+            tensors,
+        })
+    }
+
+    /// The parameters widened to f32, in spec order (what the runtime computes with).
+    pub fn params_f32(&self) -> Vec<Vec<f32>> {
+        self.tensors
+            .iter()
+            .map(|t| t.data.to_f32().expect("validated float tensors"))
+            .collect()
+    }
+
+    /// A copy with the weights cast to `precision` (round to nearest even).
+    pub fn cast(&self, precision: Precision) -> Artifact {
+        let mut out = self.clone();
+        out.precision = precision;
+        for t in &mut out.tensors {
+            let values = t.data.to_f32().expect("validated float tensors");
+            t.data = match precision {
+                Precision::Fp32 => TensorData::F32(values),
+                Precision::Fp16 => {
+                    TensorData::F16(values.iter().map(|&v| f16::from_f32(v)).collect())
+                }
+                Precision::Bf16 => {
+                    TensorData::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+                }
+            };
+        }
+        out
+    }
+
+    /// The safetensors bytes of this artifact (deterministic).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut metadata = BTreeMap::new();
+        metadata.insert("mlops.format".into(), FORMAT.into());
+        metadata.insert("mlops.version".into(), MLOPS_VERSION.into());
+        metadata.insert("mlops.model".into(), json(&self.spec));
+        metadata.insert("mlops.precision".into(), self.precision.as_str().into());
+        metadata.insert("mlops.input".into(), json(&self.input));
+        metadata.insert("mlops.labels".into(), json(&self.labels));
+        metadata.insert("mlops.lineage".into(), json(&self.lineage));
+        metadata.insert("mlops.layout".into(), LAYOUT.into());
+        if let Some(m) = &self.metrics {
+            metadata.insert("mlops.metrics".into(), json(m));
+        }
+        safetensors::encode(&self.tensors, &metadata)
+    }
+
+    /// Writes the artifact atomically and returns its file record.
+    pub fn save(&self, path: &Path) -> Result<FileRecord> {
+        let bytes = self.to_bytes()?;
+        write_atomically(path, &bytes)?;
+        Ok(FileRecord::of_bytes(path, &bytes))
+    }
+
+    /// Loads and fully validates an artifact; returns it with its file record.
+    pub fn load(path: &Path) -> Result<(Artifact, FileRecord)> {
+        if !path.is_file() {
+            return Err(Error::artifact(path, "no such artifact file"));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let record = FileRecord::of_bytes(path, &bytes);
+        let (tensors, metadata) = safetensors::decode(path, &bytes)?;
+        let artifact = Self::from_parts(path, tensors, &metadata)?;
+        Ok((artifact, record))
+    }
+
+    fn from_parts(
+        path: &Path,
+        tensors: Vec<NamedTensor>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Artifact> {
+        let get = |key: &str| {
+            metadata
+                .get(key)
+                .ok_or_else(|| Error::artifact(path, format!("missing `{key}` metadata")))
+        };
+        let format = metadata.get("mlops.format").ok_or_else(|| {
+            Error::artifact(
+                path,
+                "not an mlops artifact (no `mlops.format` metadata); make one with `mlops train` or `mlops export`",
+            )
+        })?;
+        if format != FORMAT {
+            return Err(Error::artifact(
+                path,
+                format!("has format `{format}`, this mlops {MLOPS_VERSION} reads `{FORMAT}`"),
+            ));
+        }
+        fn parse<T: for<'de> Deserialize<'de>>(path: &Path, key: &str, text: &str) -> Result<T> {
+            serde_json::from_str(text)
+                .map_err(|e| Error::artifact(path, format!("bad `{key}` metadata: {e}")))
+        }
+        let spec: ModelSpec = parse(path, "mlops.model", get("mlops.model")?)?;
+        spec.shapes()
+            .map_err(|e| Error::artifact(path, format!("its model spec is invalid: {e}")))?;
+        let precision_name = get("mlops.precision")?;
+        let precision = Precision::parse(precision_name).ok_or_else(|| {
+            Error::artifact(
+                path,
+                format!("precision `{precision_name}` is not supported (fp32, fp16, bf16)"),
+            )
+        })?;
+        let input: InputSpec = parse(path, "mlops.input", get("mlops.input")?)?;
+        let labels: Vec<String> = parse(path, "mlops.labels", get("mlops.labels")?)?;
+        let lineage: Vec<LineageEntry> = parse(path, "mlops.lineage", get("mlops.lineage")?)?;
+        let metrics: Option<EvalMetrics> = metadata
+            .get("mlops.metrics")
+            .map(|t| parse(path, "mlops.metrics", t))
+            .transpose()?;
+        let mut by_name: BTreeMap<String, NamedTensor> =
+            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let mut ordered = Vec::new();
+        for info in spec.params()? {
+            let t = by_name.remove(&info.name).ok_or_else(|| {
+                Error::artifact(
+                    path,
+                    format!(
+                        "tensor `{}` required by the model spec is missing",
+                        info.name
+                    ),
+                )
+            })?;
+            if t.shape != info.shape {
+                return Err(Error::artifact(
+                    path,
+                    format!(
+                        "tensor `{}` has shape {:?}, the spec needs {:?}",
+                        info.name, t.shape, info.shape
+                    ),
+                ));
+            }
+            if t.data.dtype_name() != precision.dtype_name() {
+                return Err(Error::artifact(
+                    path,
+                    format!(
+                        "tensor `{}` is {} but the artifact says {precision}",
+                        info.name,
+                        t.data.dtype_name()
+                    ),
+                ));
+            }
+            ordered.push(t);
+        }
+        if let Some(name) = by_name.keys().next() {
+            return Err(Error::artifact(
+                path,
+                format!("unexpected tensor `{name}` not in the model spec"),
+            ));
+        }
+        Ok(Artifact {
+            spec,
+            precision,
+            input,
+            labels,
+            lineage,
+            metrics,
+            tensors: ordered,
+        })
+    }
+
+    /// Bytes of all weights as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|t| t.data.to_le_bytes().len())
+            .sum()
+    }
+}
+
+/// A metadata value: compact JSON (every `mlops.*` key holds one).
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("metadata serializes")
+}
+
+/// Writes `bytes` to a temp file beside `path`, syncs it, then renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::io(
+            "write to folder",
+            &dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "folder does not exist"),
+        ));
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "artifact".into());
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io("write", path, e));
+    }
+    Ok(())
+}
+
+/// sha256 over several file records, for "the data set" as one fingerprint.
+pub fn combined_sha256(files: &[FileRecord]) -> String {
+    let joined: String = files.iter().map(|f| f.sha256.as_str()).collect();
+    sha256_hex(joined.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Artifact {
+        let spec = ModelSpec::reference_cnn();
+        let plan = crate::nn::Plan::compile(&spec).unwrap();
+        Artifact::from_params(&spec, &plan.init_params(0)).unwrap()
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let a = tiny();
+        a.save(&path).unwrap();
+        let (b, record) = Artifact::load(&path).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(record.bytes, std::fs::metadata(&path).unwrap().len());
+    }
+
+    #[test]
+    fn fp16_is_about_half_and_close() {
+        let a = tiny();
+        let h = a.cast(Precision::Fp16);
+        let ratio = h.to_bytes().unwrap().len() as f64 / a.to_bytes().unwrap().len() as f64;
+        assert!((0.45..0.56).contains(&ratio), "{ratio}");
+        for (x, y) in a.params_f32().iter().zip(h.params_f32()) {
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() <= p.abs() * 1e-3 + 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn other_format_is_rejected() {
+        let a = tiny();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("mlops.format".to_string(), "mlops/9".to_string());
+        let bytes = safetensors::encode(&a.tensors, &metadata).unwrap();
+        let (tensors, meta) = safetensors::decode(Path::new("m"), &bytes).unwrap();
+        let err = Artifact::from_parts(Path::new("m"), tensors, &meta).unwrap_err();
+        assert!(err.to_string().contains("mlops/9"), "{err}");
+    }
+}

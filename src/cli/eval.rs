@@ -1,0 +1,105 @@
+//! `mlops eval`: run an artifact over a test split; accuracy, loss, per-class, confusion.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use mlops::artifact::Artifact;
+use mlops::report::table::Table;
+use mlops::report::{Gate, StepReport};
+use mlops::runtime::{evaluate, EvalReport, Session};
+
+use super::{Context, ReportArgs};
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EvalArgs {
+    /// The artifact (.safetensors) to evaluate
+    pub artifact: PathBuf,
+    /// Data folder; defaults to the one recorded in the artifact, else fixtures/mnist
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Use only the first N test images
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Images per forward pass
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// `cpu`, `cuda` or `cuda:N`
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Exit 3 when accuracy (0..1) is below F
+    #[arg(long, value_name = "F")]
+    pub min_accuracy: Option<f64>,
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+/// Loads an artifact, naming it in the error.
+pub(crate) fn load_artifact(path: &Path) -> anyhow::Result<(Artifact, mlops::report::FileRecord)> {
+    Artifact::load(path).with_context(|| format!("failed to load artifact `{}`", path.display()))
+}
+
+pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> {
+    let device = super::device(&args.device)?;
+    let (mut step, started) = StepReport::start("eval", &device.to_string());
+    let (artifact, record) = load_artifact(&args.artifact)?;
+    let data_dir = args.data.clone().unwrap_or_else(|| {
+        artifact
+            .metrics
+            .as_ref()
+            .map(|m| PathBuf::from(&m.data))
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| PathBuf::from(super::train::DEFAULT_DATA))
+    });
+    let mut split = mlops::data::load_split(&data_dir, mlops::data::SplitKind::Test)
+        .context("cannot load the evaluation data")?;
+    if let Some(n) = args.limit {
+        split.truncate(n);
+    }
+    split.check_fits(artifact.spec.input, artifact.spec.classes)?;
+    let mut session = Session::new(&artifact, ctx.threads)?;
+    let report = evaluate(&mut session, &split, args.batch_size.max(1));
+    step.inputs.push(record);
+    step.inputs.extend(split.files.iter().cloned());
+    let mut metrics = serde_json::to_value(&report)?;
+    metrics["precision"] = artifact.precision.as_str().into();
+    metrics["data"] = data_dir.display().to_string().into();
+    step.metrics = metrics;
+    if let Some(min) = args.min_accuracy {
+        step.gates
+            .push(Gate::at_least("min_accuracy", min, report.accuracy));
+    }
+    step.finish(started);
+    ctx.printer.report(
+        &step,
+        &human(&report, &args.artifact, artifact.precision.as_str()),
+        args.output.json,
+        args.output.report.as_deref(),
+    )?;
+    Ok(step)
+}
+
+fn human(report: &EvalReport, path: &Path, precision: &str) -> String {
+    let classes = report.confusion.len();
+    let mut header = vec!["true\\pred".to_string()];
+    header.extend((0..classes).map(|c| c.to_string()));
+    header.push("acc".into());
+    let mut table = Table::new(header);
+    for (c, row) in report.confusion.iter().enumerate() {
+        let mut cells = vec![c.to_string()];
+        cells.extend(row.iter().map(u64::to_string));
+        cells.push(
+            report.per_class_accuracy[c].map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
+        );
+        table.row(cells);
+    }
+    format!(
+        "\n`{}` ({precision}): accuracy {:.2}%, loss {:.4} on {} images ({:.0} images/s)\n\n{table}",
+        path.display(),
+        100.0 * report.accuracy,
+        report.loss,
+        report.images,
+        report.images_per_s
+    )
+}

@@ -1,0 +1,162 @@
+//! `mlops inspect`: everything an artifact says about itself, without running it.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use mlops::model::Shape;
+use mlops::report::table::Table;
+use mlops::report::StepReport;
+
+use super::Context;
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct InspectArgs {
+    /// The artifact (.safetensors) to describe
+    pub artifact: PathBuf,
+    /// Print the description as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepReport> {
+    let (mut step, started) = StepReport::start("inspect", "cpu");
+    let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
+    let spec = &artifact.spec;
+    let shapes = spec.shapes()?;
+    let flops = spec.flops()?;
+    let params = spec.params()?;
+    let layers: Vec<serde_json::Value> = spec
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let prefix = format!("layers.{i}.");
+            let count: usize = params
+                .iter()
+                .filter(|p| p.name.starts_with(&prefix))
+                .map(|p| p.len())
+                .sum();
+            serde_json::json!({
+                "index": i,
+                "type": layer.kind(),
+                "output_shape": shape_vec(shapes[i + 1]),
+                "params": count,
+                "flops": flops[i],
+            })
+        })
+        .collect();
+    let tensors: Vec<serde_json::Value> = artifact
+        .tensors
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name,
+                "dtype": t.data.dtype_name(),
+                "shape": t.shape,
+                "bytes": t.data.to_le_bytes().len(),
+            })
+        })
+        .collect();
+    step.metrics = serde_json::json!({
+        "file": record,
+        "precision": artifact.precision.as_str(),
+        "model": spec,
+        "input": artifact.input,
+        "labels": artifact.labels,
+        "lineage": artifact.lineage,
+        "metrics": artifact.metrics,
+        "param_count": spec.param_count()?,
+        "flops_per_image": flops.iter().sum::<u64>(),
+        "layers": layers,
+        "tensors": tensors,
+    });
+    step.inputs.push(record.clone());
+    step.finish(started);
+
+    let mut human = format!(
+        "`{}`\n  sha256     {}\n  bytes      {}\n  precision  {}\n  model      {} ({} parameters, {:.2} MFLOP per image)\n  input      {:?} {} scale {:.6} mean {} std {}\n",
+        args.artifact.display(),
+        record.sha256,
+        record.bytes,
+        artifact.precision,
+        if spec.name.is_empty() { "-" } else { &spec.name },
+        spec.param_count()?,
+        flops.iter().sum::<u64>() as f64 / 1e6,
+        artifact.input.shape,
+        artifact.input.layout,
+        artifact.input.scale,
+        artifact.input.mean,
+        artifact.input.std,
+    );
+    if let Some(m) = &artifact.metrics {
+        human.push_str(&format!(
+            "  metrics    accuracy {:.2}%, loss {:.4} on {} images of `{}`\n",
+            100.0 * m.accuracy,
+            m.loss,
+            m.images,
+            m.data
+        ));
+    }
+    human.push_str("\nlineage\n");
+    for (i, entry) in artifact.lineage.iter().enumerate() {
+        let args_text: Vec<String> = entry.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        human.push_str(&format!(
+            "  {}. {} (mlops {}){}: {}\n",
+            i + 1,
+            entry.step,
+            entry.mlops_version,
+            entry
+                .parent_sha256
+                .as_ref()
+                .map_or(String::new(), |p| format!(
+                    " from {}",
+                    &p[..12.min(p.len())]
+                )),
+            args_text.join(" ")
+        ));
+    }
+    let mut layer_table = Table::new(["#", "layer", "output", "params", "MFLOP"]);
+    for (i, layer) in spec.layers.iter().enumerate() {
+        let prefix = format!("layers.{i}.");
+        let count: usize = params
+            .iter()
+            .filter(|p| p.name.starts_with(&prefix))
+            .map(|p| p.len())
+            .sum();
+        layer_table.row([
+            i.to_string(),
+            layer.kind().to_string(),
+            shapes[i + 1].to_string(),
+            count.to_string(),
+            format!("{:.3}", flops[i] as f64 / 1e6),
+        ]);
+    }
+    let mut tensor_table = Table::new(["tensor", "dtype", "shape", "bytes"]);
+    for t in &artifact.tensors {
+        tensor_table.row([
+            t.name.clone(),
+            t.data.dtype_name().to_string(),
+            format!("{:?}", t.shape),
+            t.data.to_le_bytes().len().to_string(),
+        ]);
+    }
+    human.push_str(&format!("\n{layer_table}\n{tensor_table}"));
+    if args.json {
+        let out = serde_json::to_string_pretty(&step)?;
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), "{out}")?;
+    } else if !ctx.printer.is_quiet() {
+        // inspect's output is the point of the command: stdout, so it can be piped.
+        use std::io::Write;
+        write!(std::io::stdout().lock(), "{human}")?;
+    }
+    Ok(step)
+}
+
+fn shape_vec(shape: Shape) -> Vec<usize> {
+    match shape {
+        Shape::Spatial(s) => s.to_vec(),
+        Shape::Flat(n) => vec![n],
+    }
+}

@@ -1,0 +1,135 @@
+//! The command line: clap definitions, one file per subcommand, and the dispatch.
+//!
+//! Each subcommand turns its args into library calls, builds a `StepReport` and hands it
+//! to the [`printer::Printer`]; nothing here computes figures of its own.
+
+mod eval;
+mod export;
+mod inspect;
+mod pipeline;
+mod printer;
+mod train;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use mlops::device::Device;
+use mlops::report::StepReport;
+
+/// Take an image classifier from training to a fast, small, trustworthy artifact.
+#[derive(Debug, Parser)]
+#[command(name = "mlops", version, about, max_term_width = 100)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct GlobalArgs {
+    /// Print nothing but errors and `--json` output
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Worker threads (batch shards); defaults to the number of cores
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Train a model (the reference CNN by default) and write an fp32 artifact
+    Train(train::TrainArgs),
+    /// Measure an artifact's accuracy, loss, per-class accuracy and confusion matrix
+    Eval(eval::EvalArgs),
+    /// Write a copy of an artifact at another precision (fp16, bf16)
+    Export(export::ExportArgs),
+    /// Show an artifact's metadata, lineage, layers and tensors
+    Inspect(inspect::InspectArgs),
+    /// Run the steps of a pipeline config (default: train, export fp16/bf16, eval each)
+    Pipeline(pipeline::PipelineArgs),
+}
+
+/// Where a step's report goes, shared by every step command.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ReportArgs {
+    /// Append this step's report to FILE (JSON, created if missing)
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Print the step's report as JSON on stdout (and nothing else on stdout)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a command ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Exit 0.
+    Success,
+    /// A `--min-accuracy`-style gate did not hold: exit 3.
+    GateFailed,
+}
+
+impl Outcome {
+    fn of(report: &StepReport) -> Self {
+        if report.gates_passed() {
+            Outcome::Success
+        } else {
+            Outcome::GateFailed
+        }
+    }
+}
+
+/// Runs one parsed command line.
+pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let threads = cli
+        .global
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // Ignore the error: the pool can only be set once per process (pipeline re-enters).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .start_handler(|_| mlops::nn::denormals::flush_denormals_on_this_thread())
+        .build_global();
+    mlops::nn::denormals::flush_denormals_on_this_thread();
+    let printer = printer::Printer::new(cli.global.quiet);
+    let context = Context { threads, printer };
+    let report = match &cli.command {
+        Command::Train(args) => train::run(args, &context)?,
+        Command::Eval(args) => eval::run(args, &context)?,
+        Command::Export(args) => export::run(args, &context)?,
+        Command::Inspect(args) => inspect::run(args, &context)?,
+        Command::Pipeline(args) => return pipeline::run(args, &context),
+    };
+    Ok(Outcome::of(&report))
+}
+
+/// What every command gets besides its own args.
+pub(crate) struct Context {
+    pub threads: usize,
+    pub printer: printer::Printer,
+}
+
+/// Parses `--device` and checks it can run in this build.
+pub(crate) fn device(text: &str) -> anyhow::Result<Device> {
+    Ok(Device::parse(text)?.ensure_available()?)
+}
+
+/// `error: ...`, each cause on its own line, then a hint where one is known.
+pub(crate) fn render_error(err: &anyhow::Error) -> String {
+    let mut out = format!("error: {err}");
+    for cause in err.chain().skip(1) {
+        out.push_str(&format!("\n  Caused by: {cause}"));
+    }
+    let hint = err
+        .chain()
+        .find_map(|c| c.downcast_ref::<mlops::Error>())
+        .and_then(mlops::Error::hint);
+    if let Some(hint) = hint {
+        out.push_str(&format!("\n\nhint: {hint}"));
+    }
+    out
+}

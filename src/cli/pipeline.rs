@@ -1,0 +1,241 @@
+//! `mlops pipeline`: run the steps of a YAML config in order, one report for all of them.
+//!
+//! A step is a subcommand name plus its flags as YAML keys (`run: export`,
+//! `precision: fp16`), parsed by the same clap definitions as the command line, so every
+//! flag works in a pipeline exactly as it does by hand.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser};
+use serde::Deserialize;
+
+use mlops::report::table::Table;
+use mlops::report::{ReportFile, StepReport};
+
+use super::{Cli, Command, Context, Outcome};
+
+/// The default pipeline, also shipped as `examples/pipeline.yaml`.
+const DEFAULT_CONFIG: &str = include_str!("../../examples/pipeline.yaml");
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PipelineArgs {
+    /// Pipeline config (YAML); the built-in default when omitted
+    #[arg(value_name = "CONFIG.yaml")]
+    pub config: Option<PathBuf>,
+    /// Folder for every artifact and report.json (overrides the config's `out`)
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print the whole report as JSON on stdout at the end
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineConfig {
+    /// Data folder given to steps that take `--data` (unless the step sets its own).
+    #[serde(default)]
+    data: Option<PathBuf>,
+    /// Output folder; artifact paths in steps are relative to it.
+    #[serde(default)]
+    out: Option<PathBuf>,
+    steps: Vec<BTreeMap<String, serde_yaml::Value>>,
+}
+
+fn scalar(value: &serde_yaml::Value) -> Option<String> {
+    match value {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        serde_yaml::Value::Sequence(items) => {
+            let parts: Option<Vec<String>> = items.iter().map(scalar).collect();
+            parts.map(|p| p.join(","))
+        }
+        _ => None,
+    }
+}
+
+/// Turns one step's YAML keys into a command line for clap.
+fn step_argv(
+    index: usize,
+    step: &BTreeMap<String, serde_yaml::Value>,
+    data: Option<&Path>,
+    out: &Path,
+    report: &Path,
+) -> anyhow::Result<Vec<String>> {
+    let name = step
+        .get("run")
+        .and_then(serde_yaml::Value::as_str)
+        .with_context(|| format!("pipeline step {}: missing `run: <command>`", index + 1))?;
+    let mut argv = vec!["mlops".to_string(), name.to_string()];
+    let in_out = |p: &str| out.join(p).display().to_string();
+    let takes_artifact = matches!(name, "eval" | "export" | "inspect");
+    if takes_artifact {
+        let artifact = step
+            .get("artifact")
+            .and_then(scalar)
+            .unwrap_or_else(|| "model.safetensors".into());
+        argv.push(in_out(&artifact));
+    }
+    for (key, value) in step {
+        if key == "run" || (takes_artifact && key == "artifact") {
+            continue;
+        }
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            serde_yaml::Value::Bool(true) => argv.push(flag),
+            serde_yaml::Value::Bool(false) => {}
+            other => {
+                let text = scalar(other).with_context(|| {
+                    format!(
+                        "pipeline step {} ({name}): `{key}` must be a scalar or a list",
+                        index + 1
+                    )
+                })?;
+                let text = if key == "out" { in_out(&text) } else { text };
+                argv.extend([flag, text]);
+            }
+        }
+    }
+    if matches!(name, "train" | "eval") && !step.contains_key("data") {
+        if let Some(data) = data {
+            argv.extend(["--data".into(), data.display().to_string()]);
+        }
+    }
+    if name == "train" && !step.contains_key("out") {
+        argv.extend(["--out".into(), out.display().to_string()]);
+    }
+    if name != "inspect" {
+        argv.extend(["--report".into(), report.display().to_string()]);
+    }
+    Ok(argv)
+}
+
+pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome> {
+    let (text, source) = match &args.config {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| mlops::Error::io("read", path, e))
+                .context("cannot read the pipeline config")?,
+            path.display().to_string(),
+        ),
+        None => (DEFAULT_CONFIG.to_string(), "built-in default".to_string()),
+    };
+    let config: PipelineConfig = serde_yaml::from_str(&text)
+        .with_context(|| format!("pipeline config ({source}) is not valid"))?;
+    let out = args
+        .out
+        .clone()
+        .or(config.out.clone())
+        .unwrap_or_else(|| PathBuf::from("runs/default"));
+    super::train::ensure_writable_dir(&out)?;
+    let report_path = out.join("report.json");
+    ReportFile::new().save(&report_path)?;
+    // Parse every step before running any, so a typo fails in seconds, not after training.
+    let mut commands = Vec::new();
+    for (index, step) in config.steps.iter().enumerate() {
+        let argv = step_argv(index, step, config.data.as_deref(), &out, &report_path)?;
+        let cli = Cli::try_parse_from(&argv).map_err(|e| {
+            anyhow::anyhow!(
+                "pipeline step {} (`{}`): {}",
+                index + 1,
+                argv[1..].join(" "),
+                e.kind()
+            )
+            .context(e.render().to_string().trim().to_string())
+        })?;
+        commands.push((argv, cli.command));
+    }
+    ctx.printer.note(&format!(
+        "pipeline ({source}): {} steps, output in `{}`",
+        commands.len(),
+        out.display()
+    ));
+    let mut reports = Vec::new();
+    for (index, (argv, command)) in commands.iter().enumerate() {
+        ctx.printer.note(&format!(
+            "\n== step {}/{}: {}",
+            index + 1,
+            commands.len(),
+            argv[1..].join(" ")
+        ));
+        let report = match command {
+            Command::Train(a) => super::train::run(a, ctx)?,
+            Command::Eval(a) => super::eval::run(a, ctx)?,
+            Command::Export(a) => super::export::run(a, ctx)?,
+            Command::Inspect(a) => super::inspect::run(a, ctx)?,
+            Command::Pipeline(_) => bail!(
+                "pipeline step {}: a pipeline cannot run a pipeline",
+                index + 1
+            ),
+        };
+        let passed = report.gates_passed();
+        reports.push(report);
+        if !passed {
+            ctx.printer.note(&format!(
+                "pipeline stopped: a gate failed in step {}",
+                index + 1
+            ));
+            return Ok(Outcome::GateFailed);
+        }
+    }
+    ctx.printer.note(&summary(&reports));
+    ctx.printer
+        .note(&format!("report: `{}`", report_path.display()));
+    if args.json {
+        let text = std::fs::read_to_string(&report_path)?;
+        print!("{text}");
+    }
+    Ok(Outcome::Success)
+}
+
+/// One row per evaluated artifact: size and accuracy against the first fp32 one.
+fn summary(reports: &[StepReport]) -> String {
+    let mut table = Table::new([
+        "artifact",
+        "precision",
+        "bytes",
+        "size vs fp32",
+        "accuracy",
+        "vs fp32",
+    ]);
+    let evals: Vec<&StepReport> = reports.iter().filter(|r| r.step == "eval").collect();
+    let baseline = evals
+        .iter()
+        .find(|r| r.metrics["precision"] == "fp32")
+        .map(|r| {
+            (
+                r.inputs[0].bytes as f64,
+                r.metrics["accuracy"].as_f64().unwrap_or(0.0),
+            )
+        });
+    for r in &evals {
+        let bytes = r.inputs[0].bytes as f64;
+        let accuracy = r.metrics["accuracy"].as_f64().unwrap_or(0.0);
+        let (size, delta) = match baseline {
+            Some((b_bytes, b_acc)) => (
+                format!("{:.1}%", 100.0 * bytes / b_bytes),
+                format!("{:+.2} pt", 100.0 * (accuracy - b_acc)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        table.row([
+            r.inputs[0].path.clone(),
+            r.metrics["precision"].as_str().unwrap_or("?").to_string(),
+            format!("{}", bytes as u64),
+            size,
+            format!("{:.2}%", 100.0 * accuracy),
+            delta,
+        ]);
+    }
+    let train = reports.iter().find(|r| r.step == "train").map(|r| {
+        format!(
+            "training: {:.0} images/s, {:.1} s in all\n",
+            r.metrics["images_per_s"].as_f64().unwrap_or(0.0),
+            r.duration_s
+        )
+    });
+    format!("\n== summary\n{}{table}", train.unwrap_or_default())
+}

@@ -1,0 +1,243 @@
+//! `mlops train`: data + spec -> fp32 artifact, checkpoint and train report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+
+use mlops::artifact::{combined_sha256, Artifact, EvalMetrics, LineageEntry};
+use mlops::data::Dataset;
+use mlops::model::ModelSpec;
+use mlops::report::{FileRecord, Gate, StepReport, MLOPS_VERSION};
+use mlops::train::{fit, Checkpoint, LrSchedule, TrainConfig, TrainReport};
+
+use super::{Context, ReportArgs};
+
+/// Default data folder: the full MNIST committed to the repository.
+pub(crate) const DEFAULT_DATA: &str = "fixtures/mnist";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ScheduleArg {
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TrainArgs {
+    /// Model spec (YAML); the reference CNN when omitted
+    #[arg(long, value_name = "SPEC.yaml")]
+    pub model: Option<PathBuf>,
+    /// Folder of MNIST-layout IDX files (raw or .gz)
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// Epochs to train
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Images per optimizer step
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Peak learning rate of Adam
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f32,
+    /// Learning-rate schedule over the planned steps
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
+    /// Seed of initialization, shuffling and dropout
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Use only the first N training images
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Use only the first N test images for evaluation
+    #[arg(long, value_name = "N")]
+    pub val_limit: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N`
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Folder for model.safetensors and checkpoint.safetensors
+    #[arg(long, value_name = "DIR", default_value = "runs/default")]
+    pub out: PathBuf,
+    /// Continue from DIR/checkpoint.safetensors
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after N epochs of this invocation (resume later with `--resume`)
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<usize>,
+    /// Exit 3 when the final test accuracy (0..1) is below F
+    #[arg(long, value_name = "F")]
+    pub min_accuracy: Option<f64>,
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+/// Fails early (before loading data) when `dir` cannot hold files.
+pub(crate) fn ensure_writable_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| mlops::Error::io("create folder", dir, e))
+        .context("`--out` is not usable")?;
+    let probe = dir.join(format!(".mlops-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| mlops::Error::io("write to", dir, e))
+        .context("`--out` is not writable; choose another folder")?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Loads a data folder and applies `--limit` / `--val-limit`.
+pub(crate) fn load_data(
+    dir: &Path,
+    limit: Option<usize>,
+    val_limit: Option<usize>,
+) -> anyhow::Result<Dataset> {
+    let mut data = Dataset::load(dir).context("cannot load the data set")?;
+    if let Some(n) = limit {
+        data.train.truncate(n);
+    }
+    if let Some(n) = val_limit {
+        data.test.truncate(n);
+    }
+    Ok(data)
+}
+
+pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
+    let device = super::device(&args.device)?;
+    let (mut step, started) = StepReport::start("train", &device.to_string());
+    let spec = match &args.model {
+        Some(path) => ModelSpec::from_file(path)?,
+        None => ModelSpec::reference_cnn(),
+    };
+    ensure_writable_dir(&args.out)?;
+    let checkpoint_path = args.out.join("checkpoint.safetensors");
+    let model_path = args.out.join("model.safetensors");
+    let resume = if args.resume {
+        Some(Checkpoint::load(&checkpoint_path)?)
+    } else {
+        None
+    };
+    let data = load_data(&args.data, args.limit, args.val_limit)?;
+    data.train.check_fits(spec.input, spec.classes)?;
+    data.test.check_fits(spec.input, spec.classes)?;
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        schedule: match args.schedule {
+            ScheduleArg::Constant => LrSchedule::Constant,
+            ScheduleArg::Cosine => LrSchedule::Cosine,
+        },
+        seed: args.seed,
+        threads: ctx.threads,
+        stop_after: args.stop_after,
+    };
+    ctx.printer.note(&format!(
+        "training {} ({} parameters) on {} images from `{}`, testing on {}, batch {}, {} thread(s)",
+        if spec.name.is_empty() {
+            "model"
+        } else {
+            &spec.name
+        },
+        spec.param_count()?,
+        data.train.count,
+        args.data.display(),
+        data.test.count,
+        args.batch_size,
+        ctx.threads
+    ));
+    let lineage_args = lineage_args(&spec, &config, &data);
+    let test_sha = combined_sha256(&data.test.files);
+    let mut model_record = None;
+    let progress = ctx.printer.progress();
+    let (_params, report) = fit(&spec, &data, &config, resume, &progress, |ck, epoch| {
+        ck.save(&checkpoint_path)?;
+        let mut artifact = Artifact::from_params(&spec, &ck.params)?;
+        artifact.lineage.push(LineageEntry {
+            step: "train".into(),
+            mlops_version: MLOPS_VERSION.into(),
+            parent_sha256: None,
+            args: lineage_args.clone(),
+        });
+        artifact.metrics = Some(EvalMetrics {
+            accuracy: epoch.test_accuracy,
+            loss: epoch.test_loss,
+            images: data.test.count,
+            data: args.data.display().to_string(),
+            data_sha256: test_sha.clone(),
+        });
+        model_record = Some(artifact.save(&model_path)?);
+        Ok(())
+    })?;
+    step.inputs = data.train.files.clone();
+    step.inputs.extend(data.test.files.iter().cloned());
+    if let Some(path) = &args.model {
+        step.inputs.push(FileRecord::of(path)?);
+    }
+    step.outputs.extend(model_record);
+    step.outputs.push(FileRecord::of(&checkpoint_path)?);
+    if let Some(min) = args.min_accuracy {
+        step.gates
+            .push(Gate::at_least("min_accuracy", min, report.test_accuracy));
+    }
+    if args.stop_after.is_some() && report.epoch_reports.last().map(|e| e.epoch) < Some(args.epochs)
+    {
+        step.warnings.push(format!(
+            "stopped after {} epoch(s) of {}; continue with `--resume`",
+            report.epoch_reports.len(),
+            args.epochs
+        ));
+    }
+    step.metrics = serde_json::to_value(&report)?;
+    step.finish(started);
+    ctx.printer.report(
+        &step,
+        &human(&report, &model_path),
+        args.output.json,
+        args.output.report.as_deref(),
+    )?;
+    Ok(step)
+}
+
+/// The settings that determine the weights (no paths, no flags like `--resume`), so the
+/// same run always yields the same artifact bytes.
+fn lineage_args(
+    spec: &ModelSpec,
+    config: &TrainConfig,
+    data: &Dataset,
+) -> BTreeMap<String, serde_json::Value> {
+    let mut args = mlops::train::resume_settings(config, data);
+    args.insert("epochs".into(), config.epochs.into());
+    args.insert("model".into(), spec.name.clone().into());
+    args
+}
+
+fn human(report: &TrainReport, model_path: &Path) -> String {
+    let mut table = mlops::report::table::Table::new([
+        "epoch",
+        "lr",
+        "train loss",
+        "train acc",
+        "test loss",
+        "test acc",
+        "img/s",
+        "s",
+    ]);
+    for e in &report.epoch_reports {
+        table.row([
+            e.epoch.to_string(),
+            format!("{:.2e}", e.learning_rate),
+            format!("{:.4}", e.train_loss),
+            format!("{:.2}%", 100.0 * e.train_accuracy),
+            format!("{:.4}", e.test_loss),
+            format!("{:.2}%", 100.0 * e.test_accuracy),
+            format!("{:.0}", e.images_per_s),
+            format!("{:.1}", e.train_seconds),
+        ]);
+    }
+    format!(
+        "\n{table}\ntest accuracy {:.2}% after {} epoch(s); training {:.0} images/s (median of epochs); model written to `{}`\n",
+        100.0 * report.test_accuracy,
+        report.epoch_reports.last().map_or(0, |e| e.epoch),
+        report.images_per_s,
+        model_path.display()
+    )
+}

@@ -1,0 +1,26 @@
+//! mlops: take an image classifier from training to a production artifact.
+//!
+//! The crate, in pipeline order:
+//! - [`data`]: IDX data sets (MNIST layout) loaded and checked.
+//! - [`model`]: Sequential model specs from YAML, shapes inferred and validated.
+//! - [`nn`]: the CPU numerics (im2col + GEMM conv, pooling, dense, loss, gradients).
+//! - [`train`]: Adam training with checkpoints and resume.
+//! - [`artifact`]: self-describing `.safetensors` artifacts (fp32, fp16, bf16).
+//! - [`runtime`]: loading artifacts into sessions; evaluation.
+//! - [`device`]: `cpu` / `cuda[:N]` selection.
+//! - [`report`]: per-step reports (JSON for CI, tables for people).
+//! - [`progress`]: the callback through which long work reports progress.
+#![warn(missing_docs)]
+
+pub mod artifact;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod nn;
+pub mod progress;
+pub mod report;
+pub mod runtime;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,482 @@
+//! The model spec: a Sequential list of layers read from YAML, with shapes inferred and
+//! checked before anything is built, so a bad spec fails with the layer index and kind.
+//!
+//! Tensors are laid out as TFLite does: activations NHWC, conv weights `[out, kh, kw, in]`,
+//! dense weights `[out, in]`, so `flatten` keeps `(h, w, c)` order and costs nothing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Non-linearity applied after a conv or dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// Only on the last layer: training works on logits, inference reports probabilities.
+    Softmax,
+}
+
+/// How a conv layer pads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// No padding: the output shrinks by `kernel - 1`.
+    #[default]
+    Valid,
+    /// Zero padding so that the output is `ceil(input / stride)`.
+    Same,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One layer of a Sequential model, tagged by `type` in YAML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    /// 2-D convolution over NHWC input with a square kernel.
+    Conv2d {
+        /// Output channels.
+        filters: usize,
+        /// Kernel height and width.
+        kernel: usize,
+        /// Step between windows.
+        #[serde(default = "one")]
+        stride: usize,
+        /// `valid` or `same`.
+        #[serde(default)]
+        padding: Padding,
+        /// Applied to the output.
+        #[serde(default)]
+        activation: Activation,
+    },
+    /// Max over square windows (no padding).
+    MaxPool2d {
+        /// Window height and width.
+        size: usize,
+        /// Defaults to `size`.
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    /// Mean over square windows (no padding).
+    AvgPool2d {
+        /// Window height and width.
+        size: usize,
+        /// Defaults to `size`.
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    /// `[h, w, c]` to `[h * w * c]`, in that order.
+    Flatten,
+    /// Fully connected layer on a flat input.
+    Dense {
+        /// Output features.
+        units: usize,
+        /// Applied to the output.
+        #[serde(default)]
+        activation: Activation,
+    },
+    /// Zeroes a fraction of values while training; identity at inference.
+    Dropout {
+        /// Fraction dropped, in `[0, 1)`.
+        rate: f32,
+    },
+    /// `max(x, 0)` as its own layer.
+    Relu,
+}
+
+impl LayerSpec {
+    /// The `type` name used in YAML and in errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerSpec::Conv2d { .. } => "conv2d",
+            LayerSpec::MaxPool2d { .. } => "max_pool2d",
+            LayerSpec::AvgPool2d { .. } => "avg_pool2d",
+            LayerSpec::Flatten => "flatten",
+            LayerSpec::Dense { .. } => "dense",
+            LayerSpec::Dropout { .. } => "dropout",
+            LayerSpec::Relu => "relu",
+        }
+    }
+}
+
+/// The shape of the activations between two layers (batch dimension left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Shape {
+    /// `[height, width, channels]`.
+    Spatial([usize; 3]),
+    /// A vector of features.
+    Flat(usize),
+}
+
+impl Shape {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Shape::Spatial(s) => s.iter().product(),
+            Shape::Flat(n) => *n,
+        }
+    }
+
+    /// True when it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shape::Spatial([h, w, c]) => write!(f, "{h}x{w}x{c}"),
+            Shape::Flat(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A parameter tensor of a layer: its name in artifacts and its shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParamInfo {
+    /// `layers.{index}.weight` or `layers.{index}.bias`.
+    pub name: String,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+}
+
+impl ParamInfo {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a zero-sized tensor (never produced by a valid spec).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Sequential classifier: input shape, class count and layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A label for people; not used by the math.
+    #[serde(default)]
+    pub name: String,
+    /// Input image `[height, width, channels]`.
+    pub input: [usize; 3],
+    /// Number of classes; the last layer must produce this many values.
+    pub classes: usize,
+    /// The layers, first to last.
+    pub layers: Vec<LayerSpec>,
+}
+
+/// The raw form, so each layer can be decoded alone and its errors name its index.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    #[serde(default)]
+    name: String,
+    input: [usize; 3],
+    classes: usize,
+    layers: Vec<serde_yaml::Value>,
+}
+
+impl ModelSpec {
+    /// The reference CNN: Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 93,322 parameters.
+    pub fn reference_cnn() -> Self {
+        let conv = |filters| LayerSpec::Conv2d {
+            filters,
+            kernel: 3,
+            stride: 1,
+            padding: Padding::Valid,
+            activation: Activation::Relu,
+        };
+        let pool = LayerSpec::MaxPool2d {
+            size: 2,
+            stride: None,
+        };
+        ModelSpec {
+            name: "reference-cnn".into(),
+            input: [28, 28, 1],
+            classes: 10,
+            layers: vec![
+                conv(32),
+                pool.clone(),
+                conv(64),
+                pool,
+                conv(64),
+                LayerSpec::Flatten,
+                LayerSpec::Dense {
+                    units: 64,
+                    activation: Activation::Relu,
+                },
+                LayerSpec::Dense {
+                    units: 10,
+                    activation: Activation::Softmax,
+                },
+            ],
+        }
+    }
+
+    /// Parses and validates a YAML spec.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let raw: RawSpec = serde_yaml::from_str(text).map_err(|e| Error::Spec(e.to_string()))?;
+        let mut layers = Vec::with_capacity(raw.layers.len());
+        for (index, value) in raw.layers.into_iter().enumerate() {
+            let kind = value
+                .get("type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("?")
+                .to_string();
+            let layer: LayerSpec = serde_yaml::from_value(value).map_err(|e| Error::SpecLayer {
+                index,
+                kind,
+                problem: e.to_string(),
+            })?;
+            layers.push(layer);
+        }
+        let spec = ModelSpec {
+            name: raw.name,
+            input: raw.input,
+            classes: raw.classes,
+            layers,
+        };
+        spec.shapes()?;
+        Ok(spec)
+    }
+
+    /// Reads and validates a YAML spec file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            Error::Spec(p) => Error::Spec(format!("`{}`: {p}", path.display())),
+            Error::SpecLayer {
+                index,
+                kind,
+                problem,
+            } => Error::SpecLayer {
+                index,
+                kind,
+                problem: format!("{problem} (in `{}`)", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// The shape after each layer (`shapes()[0]` is the input), checking every layer fits.
+    pub fn shapes(&self) -> Result<Vec<Shape>> {
+        if self.input.contains(&0) {
+            return Err(Error::Spec(format!(
+                "input {:?} has a zero dimension",
+                self.input
+            )));
+        }
+        if self.classes < 2 {
+            return Err(Error::Spec(format!(
+                "classes is {}; a classifier needs at least 2",
+                self.classes
+            )));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::Spec("no layers".into()));
+        }
+        let mut shape = Shape::Spatial(self.input);
+        let mut shapes = vec![shape];
+        let last = self.layers.len() - 1;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let fail = |problem: String| Error::SpecLayer {
+                index,
+                kind: layer.kind().into(),
+                problem,
+            };
+            let spatial = |shape: Shape| match shape {
+                Shape::Spatial(s) => Ok(s),
+                Shape::Flat(_) => Err(fail(format!(
+                    "needs an image-shaped input but gets a flat vector of {shape}"
+                ))),
+            };
+            shape = match layer {
+                LayerSpec::Conv2d {
+                    filters,
+                    kernel,
+                    stride,
+                    padding,
+                    activation,
+                } => {
+                    let [h, w, _] = spatial(shape)?;
+                    if *filters == 0 || *kernel == 0 || *stride == 0 {
+                        return Err(fail("filters, kernel and stride must be at least 1".into()));
+                    }
+                    if *activation == Activation::Softmax {
+                        return Err(fail(
+                            "softmax is only allowed on the last dense layer".into(),
+                        ));
+                    }
+                    let (oh, ow) = match padding {
+                        Padding::Valid => {
+                            if *kernel > h || *kernel > w {
+                                return Err(fail(format!(
+                                    "kernel {kernel}x{kernel} is larger than its input {shape}"
+                                )));
+                            }
+                            ((h - kernel) / stride + 1, (w - kernel) / stride + 1)
+                        }
+                        Padding::Same => (h.div_ceil(*stride), w.div_ceil(*stride)),
+                    };
+                    Shape::Spatial([oh, ow, *filters])
+                }
+                LayerSpec::MaxPool2d { size, stride } | LayerSpec::AvgPool2d { size, stride } => {
+                    let [h, w, c] = spatial(shape)?;
+                    let stride = stride.unwrap_or(*size);
+                    if *size == 0 || stride == 0 {
+                        return Err(fail("size and stride must be at least 1".into()));
+                    }
+                    if *size > h || *size > w {
+                        return Err(fail(format!(
+                            "window {size}x{size} is larger than its input {shape}"
+                        )));
+                    }
+                    Shape::Spatial([(h - size) / stride + 1, (w - size) / stride + 1, c])
+                }
+                LayerSpec::Flatten => Shape::Flat(shape.len()),
+                LayerSpec::Dense { units, activation } => {
+                    if let Shape::Spatial(_) = shape {
+                        return Err(fail(format!(
+                            "needs a flat input but gets {shape}; add a `flatten` layer before it"
+                        )));
+                    }
+                    if *units == 0 {
+                        return Err(fail("units must be at least 1".into()));
+                    }
+                    if *activation == Activation::Softmax && index != last {
+                        return Err(fail("softmax is only allowed on the last layer".into()));
+                    }
+                    Shape::Flat(*units)
+                }
+                LayerSpec::Dropout { rate } => {
+                    if !(0.0..1.0).contains(rate) {
+                        return Err(fail(format!("rate {rate} is outside [0, 1)")));
+                    }
+                    shape
+                }
+                LayerSpec::Relu => shape,
+            };
+            shapes.push(shape);
+        }
+        if shape != Shape::Flat(self.classes) {
+            return Err(Error::Spec(format!(
+                "the last layer produces {shape} values but `classes` is {}; end with a dense layer of {} units",
+                self.classes, self.classes
+            )));
+        }
+        Ok(shapes)
+    }
+
+    /// The parameter tensors in artifact order (weight then bias, layer by layer).
+    pub fn params(&self) -> Result<Vec<ParamInfo>> {
+        let shapes = self.shapes()?;
+        let mut params = Vec::new();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let input = shapes[index];
+            let (weight, bias) = match layer {
+                LayerSpec::Conv2d {
+                    filters, kernel, ..
+                } => {
+                    let Shape::Spatial([_, _, c]) = input else {
+                        unreachable!("checked by shapes()")
+                    };
+                    (vec![*filters, *kernel, *kernel, c], *filters)
+                }
+                LayerSpec::Dense { units, .. } => (vec![*units, input.len()], *units),
+                _ => continue,
+            };
+            params.push(ParamInfo {
+                name: format!("layers.{index}.weight"),
+                shape: weight,
+            });
+            params.push(ParamInfo {
+                name: format!("layers.{index}.bias"),
+                shape: vec![bias],
+            });
+        }
+        Ok(params)
+    }
+
+    /// Total number of trainable values.
+    pub fn param_count(&self) -> Result<usize> {
+        Ok(self.params()?.iter().map(ParamInfo::len).sum())
+    }
+
+    /// Multiply-adds times two for one image's forward pass, per layer.
+    pub fn flops(&self) -> Result<Vec<u64>> {
+        let shapes = self.shapes()?;
+        Ok(self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| match layer {
+                LayerSpec::Conv2d { kernel, .. } => {
+                    let Shape::Spatial([_, _, c]) = shapes[i] else {
+                        return 0;
+                    };
+                    2 * (shapes[i + 1].len() * kernel * kernel * c) as u64
+                }
+                LayerSpec::Dense { units, .. } => 2 * (shapes[i].len() * units) as u64,
+                _ => 0,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_cnn_has_93322_parameters() {
+        assert_eq!(ModelSpec::reference_cnn().param_count().unwrap(), 93_322);
+    }
+
+    #[test]
+    fn shipped_yaml_equals_builtin() {
+        let text = include_str!("../../examples/models/cnn.yaml");
+        assert_eq!(
+            ModelSpec::from_yaml(text).unwrap(),
+            ModelSpec::reference_cnn()
+        );
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let spec = ModelSpec::reference_cnn();
+        let text = serde_yaml::to_string(&spec).unwrap();
+        assert_eq!(ModelSpec::from_yaml(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn unknown_layer_names_its_index() {
+        let text = "input: [8, 8, 1]\nclasses: 2\nlayers:\n  - type: flatten\n  - type: conv3d\n";
+        let err = ModelSpec::from_yaml(text).unwrap_err().to_string();
+        assert!(err.contains("layer 1 (conv3d)"), "{err}");
+    }
+
+    #[test]
+    fn kernel_larger_than_input_is_rejected() {
+        let text = "input: [4, 4, 1]\nclasses: 2\nlayers:\n  - {type: conv2d, filters: 2, kernel: 5}\n  - type: flatten\n  - {type: dense, units: 2}\n";
+        let err = ModelSpec::from_yaml(text).unwrap_err().to_string();
+        assert!(err.contains("layer 0 (conv2d)"), "{err}");
+        assert!(err.contains("larger than its input"), "{err}");
+    }
+
+    #[test]
+    fn dense_on_image_needs_flatten() {
+        let text = "input: [4, 4, 1]\nclasses: 2\nlayers:\n  - {type: dense, units: 2}\n";
+        let err = ModelSpec::from_yaml(text).unwrap_err().to_string();
+        assert!(err.contains("flatten"), "{err}");
+    }
+}

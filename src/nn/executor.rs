@@ -1,0 +1,456 @@
+//! Runs a [`Plan`] on the CPU: forward, backward and loss over a batch split into shards.
+//!
+//! Each shard (one per thread) runs its slice of the batch single-threaded with its own
+//! buffers, then the shards' gradients are summed in shard order. On 2 cores this beats
+//! splitting each small GEMM across threads, and the fixed summation order makes a run
+//! bit-reproducible for a given thread count.
+
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use super::layers;
+use super::plan::{Op, Plan};
+
+/// Per-shard buffers, reused from step to step so the hot loop does not allocate.
+#[derive(Debug, Default)]
+struct Workspace {
+    /// `acts[0]` is the input; `acts[i + 1]` is op `i`'s output.
+    acts: Vec<Vec<f32>>,
+    /// im2col patches of each conv op (kept for the weight gradient).
+    patches: Vec<Vec<f32>>,
+    /// Winning input index of each max-pool output.
+    argmax: Vec<Vec<u32>>,
+    /// Dropout multipliers (0 or 1 / keep).
+    masks: Vec<Vec<f32>>,
+    grad: Vec<f32>,
+    grad_prev: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl Workspace {
+    fn new(ops: usize) -> Self {
+        Workspace {
+            acts: vec![Vec::new(); ops + 1],
+            patches: vec![Vec::new(); ops],
+            argmax: vec![Vec::new(); ops],
+            masks: vec![Vec::new(); ops],
+            ..Default::default()
+        }
+    }
+}
+
+/// Whether dropout is active, and the seed of its masks for this shard and step.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Infer,
+    Train { dropout_seed: u64 },
+}
+
+fn forward(plan: &Plan, params: &[Vec<f32>], batch: usize, ws: &mut Workspace, mode: Mode) {
+    for (i, op) in plan.ops.iter().enumerate() {
+        let (before, after) = ws.acts.split_at_mut(i + 1);
+        let (x, out) = (&before[i], &mut after[0]);
+        match op {
+            Op::Conv(conv) => layers::conv_forward(
+                conv,
+                &params[conv.weight],
+                &params[conv.weight + 1],
+                x,
+                batch,
+                &mut ws.patches[i],
+                out,
+            ),
+            Op::Dense(dense) => layers::dense_forward(
+                dense,
+                &params[dense.weight],
+                &params[dense.weight + 1],
+                x,
+                batch,
+                out,
+            ),
+            Op::MaxPool(pool) => {
+                layers::max_pool_forward(pool, x, batch, out, &mut ws.argmax[i]);
+            }
+            Op::AvgPool(pool) => layers::avg_pool_forward(pool, x, batch, out),
+            Op::Relu { len } => {
+                out.clear();
+                out.extend_from_slice(&x[..batch * len]);
+                layers::relu_in_place(out);
+            }
+            Op::Dropout { rate, len } => {
+                out.clear();
+                out.extend_from_slice(&x[..batch * len]);
+                if let Mode::Train { dropout_seed } = mode {
+                    let keep = 1.0 - rate;
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(dropout_seed ^ i as u64);
+                    let mask = &mut ws.masks[i];
+                    mask.clear();
+                    mask.extend((0..batch * len).map(|_| {
+                        if rng.random::<f32>() < keep {
+                            1.0 / keep
+                        } else {
+                            0.0
+                        }
+                    }));
+                    for (v, m) in out.iter_mut().zip(mask.iter()) {
+                        *v *= m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn backward(
+    plan: &Plan,
+    params: &[Vec<f32>],
+    batch: usize,
+    ws: &mut Workspace,
+    grads: &mut [Vec<f32>],
+) {
+    // On entry ws.grad holds d(loss)/d(logits).
+    for (i, op) in plan.ops.iter().enumerate().rev() {
+        let needs_dx = i > 0;
+        let in_len = if i == 0 {
+            plan.input_len
+        } else {
+            plan.out_lens[i - 1]
+        };
+        ws.grad_prev.resize(batch * in_len, 0.0);
+        let output = &ws.acts[i + 1];
+        let input = &ws.acts[i];
+        let dx = needs_dx.then_some(&mut ws.grad_prev[..]);
+        match op {
+            Op::Conv(conv) => {
+                if conv.relu {
+                    layers::relu_backward(&mut ws.grad, output);
+                }
+                let (dw, db) = grads[conv.weight..].split_at_mut(1);
+                layers::conv_backward(
+                    conv,
+                    &params[conv.weight],
+                    &ws.patches[i],
+                    &ws.grad,
+                    batch,
+                    &mut dw[0],
+                    &mut db[0],
+                    &mut ws.scratch,
+                    dx,
+                );
+            }
+            Op::Dense(dense) => {
+                if dense.relu {
+                    layers::relu_backward(&mut ws.grad, output);
+                }
+                let (dw, db) = grads[dense.weight..].split_at_mut(1);
+                layers::dense_backward(
+                    dense,
+                    &params[dense.weight],
+                    input,
+                    &ws.grad,
+                    batch,
+                    &mut dw[0],
+                    &mut db[0],
+                    dx,
+                );
+            }
+            Op::MaxPool(_) => {
+                if let Some(dx) = dx {
+                    layers::max_pool_backward(&ws.grad, &ws.argmax[i], batch * in_len, dx);
+                }
+            }
+            Op::AvgPool(pool) => {
+                if let Some(dx) = dx {
+                    layers::avg_pool_backward(pool, &ws.grad, batch, dx);
+                }
+            }
+            Op::Relu { .. } => {
+                if let Some(dx) = dx {
+                    dx.copy_from_slice(&ws.grad[..batch * in_len]);
+                    layers::relu_backward(dx, output);
+                }
+            }
+            Op::Dropout { .. } => {
+                if let Some(dx) = dx {
+                    dx.copy_from_slice(&ws.grad[..batch * in_len]);
+                    if !ws.masks[i].is_empty() {
+                        for (d, m) in dx.iter_mut().zip(&ws.masks[i]) {
+                            *d *= m;
+                        }
+                    }
+                }
+            }
+        }
+        if needs_dx {
+            std::mem::swap(&mut ws.grad, &mut ws.grad_prev);
+        }
+    }
+}
+
+/// Softmax cross-entropy over logits: returns (sum of losses, correct count) and writes
+/// d(mean loss)/d(logits) into `dlogits`, where the mean is over `total_batch` images.
+pub fn softmax_cross_entropy(
+    logits: &[f32],
+    labels: &[u8],
+    classes: usize,
+    total_batch: usize,
+    dlogits: Option<&mut Vec<f32>>,
+) -> (f64, usize) {
+    let mut loss = 0.0f64;
+    let mut correct = 0;
+    let mut dl = dlogits;
+    if let Some(d) = dl.as_deref_mut() {
+        d.resize(logits.len(), 0.0);
+    }
+    for (n, row) in logits.chunks_exact(classes).enumerate() {
+        let label = labels[n] as usize;
+        let (mut best, mut best_at) = (f32::NEG_INFINITY, 0);
+        for (c, &v) in row.iter().enumerate() {
+            if v > best {
+                best = v;
+                best_at = c;
+            }
+        }
+        if best_at == label {
+            correct += 1;
+        }
+        let sum: f32 = row.iter().map(|v| (v - best).exp()).sum();
+        let log_sum = sum.ln() + best;
+        loss += (log_sum - row[label]) as f64;
+        if let Some(d) = dl.as_deref_mut() {
+            let scale = 1.0 / total_batch as f32;
+            for (c, &v) in row.iter().enumerate() {
+                let p = (v - log_sum).exp();
+                let target = if c == label { 1.0 } else { 0.0 };
+                d[n * classes + c] = (p - target) * scale;
+            }
+        }
+    }
+    (loss, correct)
+}
+
+struct Shard {
+    ws: Workspace,
+    grads: Vec<Vec<f32>>,
+    loss: f64,
+    correct: usize,
+}
+
+/// Totals of one training or evaluation batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchStats {
+    /// Sum of per-image losses.
+    pub loss_sum: f64,
+    /// Images whose top-1 class was right.
+    pub correct: usize,
+}
+
+/// Runs a plan over batches, one shard per thread.
+pub struct Executor {
+    plan: Plan,
+    shards: Vec<Shard>,
+    /// Summed gradients of the last training step, in parameter order.
+    pub grads: Vec<Vec<f32>>,
+}
+
+impl Executor {
+    /// An executor with `shards` shards (usually the thread count).
+    pub fn new(plan: &Plan, shards: usize) -> Self {
+        let zeros =
+            || -> Vec<Vec<f32>> { plan.params.iter().map(|p| vec![0.0; p.len()]).collect() };
+        Executor {
+            plan: plan.clone(),
+            shards: (0..shards.max(1))
+                .map(|_| Shard {
+                    ws: Workspace::new(plan.ops.len()),
+                    grads: zeros(),
+                    loss: 0.0,
+                    correct: 0,
+                })
+                .collect(),
+            grads: zeros(),
+        }
+    }
+
+    /// The plan it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn ranges(&self, batch: usize) -> Vec<(usize, usize)> {
+        let n = self.shards.len();
+        (0..n)
+            .map(|i| (i * batch / n, (i + 1) * batch / n))
+            .collect()
+    }
+
+    /// Forward + backward on one batch; leaves the summed gradients in `self.grads`.
+    ///
+    /// `x` is `[batch, input_len]` NHWC in `[0, 1]`; `step_seed` drives the dropout masks.
+    pub fn train_step(
+        &mut self,
+        params: &[Vec<f32>],
+        x: &[f32],
+        labels: &[u8],
+        step_seed: u64,
+    ) -> BatchStats {
+        let batch = labels.len();
+        let ranges = self.ranges(batch);
+        let plan = &self.plan;
+        let input_len = plan.input_len;
+        self.shards.par_iter_mut().zip(ranges).enumerate().for_each(
+            |(index, (shard, (start, end)))| {
+                let n = end - start;
+                shard.loss = 0.0;
+                shard.correct = 0;
+                if n == 0 {
+                    shard.grads.iter_mut().for_each(|g| g.fill(0.0));
+                    return;
+                }
+                shard.ws.acts[0].clear();
+                shard.ws.acts[0].extend_from_slice(&x[start * input_len..end * input_len]);
+                let seed = step_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
+                forward(
+                    plan,
+                    params,
+                    n,
+                    &mut shard.ws,
+                    Mode::Train { dropout_seed: seed },
+                );
+                let logits = &shard.ws.acts[plan.ops.len()];
+                let (loss, correct) = softmax_cross_entropy(
+                    logits,
+                    &labels[start..end],
+                    plan.classes,
+                    batch,
+                    Some(&mut shard.ws.grad),
+                );
+                shard.loss = loss;
+                shard.correct = correct;
+                backward(plan, params, n, &mut shard.ws, &mut shard.grads);
+            },
+        );
+        // Sum in shard order: deterministic for a given shard count.
+        let (first, rest) = self.shards.split_first().expect("at least one shard");
+        let mut stats = BatchStats {
+            loss_sum: first.loss,
+            correct: first.correct,
+        };
+        for (total, g) in self.grads.iter_mut().zip(&first.grads) {
+            total.copy_from_slice(g);
+        }
+        for shard in rest {
+            stats.loss_sum += shard.loss;
+            stats.correct += shard.correct;
+            for (total, g) in self.grads.iter_mut().zip(&shard.grads) {
+                for (t, v) in total.iter_mut().zip(g) {
+                    *t += v;
+                }
+            }
+        }
+        stats
+    }
+
+    /// Logits for a batch (`[batch, classes]` into `logits`), dropout off.
+    pub fn predict(&mut self, params: &[Vec<f32>], x: &[f32], batch: usize, logits: &mut Vec<f32>) {
+        let ranges = self.ranges(batch);
+        let plan = &self.plan;
+        let input_len = plan.input_len;
+        self.shards
+            .par_iter_mut()
+            .zip(ranges.clone())
+            .for_each(|(shard, (start, end))| {
+                if end > start {
+                    shard.ws.acts[0].clear();
+                    shard.ws.acts[0].extend_from_slice(&x[start * input_len..end * input_len]);
+                    forward(plan, params, end - start, &mut shard.ws, Mode::Infer);
+                }
+            });
+        logits.clear();
+        for (shard, (start, end)) in self.shards.iter().zip(ranges) {
+            if end > start {
+                let out = &shard.ws.acts[plan.ops.len()];
+                logits.extend_from_slice(&out[..(end - start) * plan.classes]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelSpec;
+
+    fn tiny_spec() -> ModelSpec {
+        ModelSpec::from_yaml(
+            "input: [6, 6, 2]\nclasses: 3\nlayers:\n\
+             - {type: conv2d, filters: 3, kernel: 3, padding: same, activation: relu}\n\
+             - {type: avg_pool2d, size: 2}\n\
+             - {type: conv2d, filters: 4, kernel: 2, stride: 1, activation: relu}\n\
+             - {type: max_pool2d, size: 2}\n\
+             - {type: flatten}\n\
+             - {type: dense, units: 5}\n\
+             - {type: relu}\n\
+             - {type: dense, units: 3}\n",
+        )
+        .unwrap()
+    }
+
+    fn loss_of(plan: &Plan, params: &[Vec<f32>], x: &[f32], labels: &[u8]) -> f64 {
+        let mut exec = Executor::new(plan, 1);
+        let mut logits = Vec::new();
+        exec.predict(params, x, labels.len(), &mut logits);
+        softmax_cross_entropy(&logits, labels, plan.classes, labels.len(), None).0
+            / labels.len() as f64
+    }
+
+    /// Every analytic gradient agrees with a central finite difference.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let plan = Plan::compile(&tiny_spec()).unwrap();
+        let params = plan.init_params(3);
+        let batch = 4;
+        let x: Vec<f32> = (0..batch * plan.input_len)
+            .map(|i| ((i * 37 % 101) as f32) / 101.0)
+            .collect();
+        let labels = [0u8, 1, 2, 1];
+        let mut exec = Executor::new(&plan, 2);
+        exec.train_step(&params, &x, &labels, 0);
+        let eps = 1e-2f32;
+        for (p, param) in params.iter().enumerate() {
+            for j in (0..param.len()).step_by(7) {
+                let mut plus = params.clone();
+                plus[p][j] += eps;
+                let mut minus = params.clone();
+                minus[p][j] -= eps;
+                let numeric = (loss_of(&plan, &plus, &x, &labels)
+                    - loss_of(&plan, &minus, &x, &labels))
+                    / (2.0 * eps as f64);
+                let analytic = exec.grads[p][j] as f64;
+                assert!(
+                    (numeric - analytic).abs() < 2e-3 + 0.05 * analytic.abs(),
+                    "{} [{j}]: numeric {numeric} analytic {analytic}",
+                    plan.params[p].name
+                );
+            }
+        }
+    }
+
+    /// Splitting a batch into shards gives the same logits as one shard (up to GEMM
+    /// blocking, which differs with the row count).
+    #[test]
+    fn shards_agree_with_single_shard() {
+        let plan = Plan::compile(&tiny_spec()).unwrap();
+        let params = plan.init_params(1);
+        let x: Vec<f32> = (0..5 * plan.input_len)
+            .map(|i| (i % 13) as f32 / 13.0)
+            .collect();
+        let (mut one, mut three) = (Vec::new(), Vec::new());
+        Executor::new(&plan, 1).predict(&params, &x, 5, &mut one);
+        Executor::new(&plan, 3).predict(&params, &x, 5, &mut three);
+        assert_eq!(one.len(), three.len());
+        for (a, b) in one.iter().zip(&three) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+    }
+}

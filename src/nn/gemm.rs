@@ -1,0 +1,140 @@
+//! A safe, bounds-checked face on the `gemm` crate (the f32 GEMM candle uses on CPU).
+//!
+//! Views carry explicit strides so transposes cost nothing; every call is single-threaded
+//! because parallelism comes from splitting the batch across threads (see `nn::executor`).
+
+/// A read-only matrix view over a slice with arbitrary strides.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows x cols` view.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` row-major `a.rows x b.cols`.
+///
+/// # Panics
+/// When the shapes disagree or a view runs past its slice: both are programming errors.
+pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(dst.len() >= m * n, "destination too small");
+    a.check();
+    b.check();
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index the kernel touches inside the slices:
+    // dst is m x n row-major, and a / b were checked against their strides and lengths.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_product_including_transposes() {
+        let (m, n, k) = (7, 5, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 4) as f32 - 1.0).collect();
+        let want = naive(&a, &b, m, n, k);
+        let mut got = vec![0.0; m * n];
+        matmul(
+            &mut got,
+            MatRef::new(&a, m, k),
+            MatRef::new(&b, k, n),
+            false,
+        );
+        assert_eq!(got, want);
+        // b stored transposed (n x k) and viewed through .t()
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut got_t = vec![0.0; m * n];
+        matmul(
+            &mut got_t,
+            MatRef::new(&a, m, k),
+            MatRef::new(&bt, n, k).t(),
+            false,
+        );
+        assert_eq!(got_t, want);
+        matmul(
+            &mut got_t,
+            MatRef::new(&a, m, k),
+            MatRef::new(&b, k, n),
+            true,
+        );
+        let doubled: Vec<f32> = want.iter().map(|v| v * 2.0).collect();
+        assert_eq!(got_t, doubled);
+    }
+}

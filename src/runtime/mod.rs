@@ -1,0 +1,129 @@
+//! Running artifacts: a [`Session`] holds an artifact's plan and f32 weights and predicts.
+//!
+//! fp16 and bf16 artifacts are widened to f32 at load (as TFLite does for fp16 weights);
+//! [`evaluate`] measures accuracy, loss, per-class accuracy and the confusion matrix.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::artifact::Artifact;
+use crate::data::Split;
+use crate::nn::{softmax_cross_entropy, Executor, Plan};
+use crate::Result;
+
+/// A loaded model ready to predict on the CPU.
+pub struct Session {
+    executor: Executor,
+    params: Vec<Vec<f32>>,
+}
+
+impl Session {
+    /// Compiles the artifact's spec and widens its weights to f32.
+    pub fn new(artifact: &Artifact, threads: usize) -> Result<Self> {
+        Self::from_params(
+            &Plan::compile(&artifact.spec)?,
+            artifact.params_f32(),
+            threads,
+        )
+    }
+
+    /// A session over parameters already in memory (used while training).
+    pub fn from_params(plan: &Plan, params: Vec<Vec<f32>>, threads: usize) -> Result<Self> {
+        Ok(Session {
+            executor: Executor::new(plan, threads),
+            params,
+        })
+    }
+
+    /// The compiled plan.
+    pub fn plan(&self) -> &Plan {
+        self.executor.plan()
+    }
+
+    /// Logits `[batch, classes]` for `x` (`[batch, h, w, c]`, already scaled).
+    pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
+        self.executor.predict(&self.params, x, batch, logits);
+    }
+}
+
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Top-1 accuracy in `[0, 1]`.
+    pub accuracy: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Images evaluated.
+    pub images: usize,
+    /// Accuracy per true class (NaN-free: a class with no image gets `null`).
+    pub per_class_accuracy: Vec<Option<f64>>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+    /// Images per second of the forward passes (data preparation excluded).
+    pub images_per_s: f64,
+}
+
+/// Runs the whole split through the session in batches of `batch_size`.
+pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> EvalReport {
+    let classes = session.plan().classes;
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
+    let mut loss_sum = 0.0;
+    let mut compute = 0.0;
+    let indices: Vec<usize> = (0..split.count).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        split.gather(chunk, &mut x, &mut labels);
+        let started = Instant::now();
+        session.predict(&x, chunk.len(), &mut logits);
+        compute += started.elapsed().as_secs_f64();
+        loss_sum += softmax_cross_entropy(&logits, &labels, classes, chunk.len(), None).0;
+        for (row, &label) in logits.chunks_exact(classes).zip(&labels) {
+            let predicted = argmax(row);
+            if (label as usize) < classes {
+                confusion[label as usize][predicted] += 1;
+            }
+        }
+    }
+    let correct: u64 = (0..classes).map(|c| confusion[c][c]).sum();
+    let per_class_accuracy = confusion
+        .iter()
+        .enumerate()
+        .map(|(c, row)| {
+            let total: u64 = row.iter().sum();
+            (total > 0).then(|| row[c] as f64 / total as f64)
+        })
+        .collect();
+    let images = split.count;
+    EvalReport {
+        accuracy: if images > 0 {
+            correct as f64 / images as f64
+        } else {
+            0.0
+        },
+        loss: if images > 0 {
+            loss_sum / images as f64
+        } else {
+            0.0
+        },
+        images,
+        per_class_accuracy,
+        confusion,
+        images_per_s: if compute > 0.0 {
+            images as f64 / compute
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Index of the largest value (first one on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}

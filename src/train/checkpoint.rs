@@ -1,0 +1,129 @@
+//! Training checkpoints: weights, Adam moments and where the run stood, in one
+//! safetensors file written atomically after every epoch, so `--resume` continues
+//! exactly where an interrupted run left off.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::adam::Adam;
+use crate::artifact::safetensors::{decode, encode, NamedTensor, TensorData};
+use crate::artifact::write_atomically;
+use crate::model::ModelSpec;
+use crate::{Error, Result};
+
+/// Everything besides tensors that a resumed run must agree with or restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// The architecture.
+    pub spec: ModelSpec,
+    /// Settings that change the result; a resumed run must use the same ones.
+    pub settings: BTreeMap<String, serde_json::Value>,
+    /// The random streams: ChaCha8 seeded from `seed` and the epoch (shuffle) or step
+    /// (dropout), so (seed, epoch, Adam step) is the whole RNG state.
+    pub rng: serde_json::Value,
+}
+
+/// A checkpoint in memory.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Run state.
+    pub state: CheckpointState,
+    /// Parameters, spec order.
+    pub params: Vec<Vec<f32>>,
+    /// Optimizer moments and step.
+    pub adam: Adam,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let infos = self.state.spec.params()?;
+        let mut tensors = Vec::new();
+        for (prefix, values) in [
+            ("", &self.params),
+            ("adam.m.", &self.adam.m),
+            ("adam.v.", &self.adam.v),
+        ] {
+            for (info, v) in infos.iter().zip(values.iter()) {
+                tensors.push(NamedTensor {
+                    name: format!("{prefix}{}", info.name),
+                    shape: info.shape.clone(),
+                    data: TensorData::F32(v.clone()),
+                });
+            }
+        }
+        tensors.push(NamedTensor {
+            name: "adam.step".into(),
+            shape: vec![1],
+            data: TensorData::U64(vec![self.adam.step]),
+        });
+        let mut metadata = BTreeMap::new();
+        metadata.insert(
+            "mlops.checkpoint".to_string(),
+            serde_json::to_string(&self.state).expect("state serializes"),
+        );
+        write_atomically(path, &encode(&tensors, &metadata)?)
+    }
+
+    /// Reads a checkpoint, checking every tensor against the spec inside it.
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Config(format!(
+                "`--resume` needs a checkpoint but `{}` does not exist; run without `--resume` to start fresh",
+                path.display()
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let (tensors, metadata) = decode(path, &bytes)?;
+        let state: CheckpointState = metadata
+            .get("mlops.checkpoint")
+            .ok_or_else(|| {
+                Error::artifact(
+                    path,
+                    "not an mlops checkpoint (no `mlops.checkpoint` metadata)",
+                )
+            })
+            .and_then(|t| {
+                serde_json::from_str(t)
+                    .map_err(|e| Error::artifact(path, format!("bad `mlops.checkpoint`: {e}")))
+            })?;
+        let mut by_name: BTreeMap<String, NamedTensor> =
+            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let mut take = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
+            match by_name.remove(&name) {
+                Some(NamedTensor {
+                    shape: s,
+                    data: TensorData::F32(v),
+                    ..
+                }) if s == shape => Ok(v),
+                _ => Err(Error::artifact(
+                    path,
+                    format!("tensor `{name}` is missing or has the wrong shape or dtype"),
+                )),
+            }
+        };
+        let infos = state.spec.params()?;
+        let mut params = Vec::new();
+        let mut adam = Adam::new(&[]);
+        for info in &infos {
+            params.push(take(info.name.clone(), &info.shape)?);
+            adam.m
+                .push(take(format!("adam.m.{}", info.name), &info.shape)?);
+            adam.v
+                .push(take(format!("adam.v.{}", info.name), &info.shape)?);
+        }
+        adam.step = match by_name.remove("adam.step").map(|t| t.data) {
+            Some(TensorData::U64(v)) if v.len() == 1 => v[0],
+            _ => return Err(Error::artifact(path, "tensor `adam.step` is missing")),
+        };
+        Ok(Checkpoint {
+            state,
+            params,
+            adam,
+        })
+    }
+}

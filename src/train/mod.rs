@@ -1,0 +1,335 @@
+//! Training: minibatch Adam on softmax cross-entropy, one epoch at a time.
+//!
+//! [`fit`] shuffles with a seeded ChaCha8 stream per epoch, runs the CPU executor, evaluates
+//! on the test split after each epoch and hands a [`Checkpoint`] to the caller, who saves
+//! it. Everything random derives from the seed, so the same seed, data and thread count
+//! give bit-identical weights, and a resumed run equals an uninterrupted one.
+
+pub mod adam;
+pub mod checkpoint;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+pub use adam::Adam;
+pub use checkpoint::{Checkpoint, CheckpointState};
+
+use crate::artifact::combined_sha256;
+use crate::data::Dataset;
+use crate::model::ModelSpec;
+use crate::nn::{Executor, Plan};
+use crate::progress::Progress;
+use crate::runtime::{evaluate, EvalReport, Session};
+use crate::{Error, Result};
+
+/// How the learning rate moves over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The same rate throughout (Keras' default).
+    Constant,
+    /// Half-cosine from the rate down to zero over all planned steps.
+    Cosine,
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Epochs in the whole run (a resumed run continues up to this).
+    pub epochs: usize,
+    /// Images per optimizer step.
+    pub batch_size: usize,
+    /// Peak Adam learning rate.
+    pub learning_rate: f32,
+    /// Learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Seed of initialization, shuffling and dropout.
+    pub seed: u64,
+    /// Batch shards run in parallel (one per thread).
+    pub threads: usize,
+    /// Stop after this many epochs of this invocation, leaving a checkpoint to resume.
+    pub stop_after: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The learning rate of update `step` (0-based) out of `total_steps`.
+    pub fn learning_rate_at(&self, step: u64, total_steps: u64) -> f32 {
+        match self.schedule {
+            LrSchedule::Constant => self.learning_rate,
+            LrSchedule::Cosine => {
+                let progress = (step as f64 / total_steps.max(1) as f64).min(1.0);
+                (self.learning_rate as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+                    as f32
+            }
+        }
+    }
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochReport {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Learning rate of the epoch's last update.
+    pub learning_rate: f32,
+    /// Mean training loss over the epoch's batches.
+    pub train_loss: f64,
+    /// Training accuracy over the epoch (weights changing as it goes).
+    pub train_accuracy: f64,
+    /// Loss on the test split after the epoch.
+    pub test_loss: f64,
+    /// Accuracy on the test split after the epoch.
+    pub test_accuracy: f64,
+    /// Wall time of the training batches (evaluation excluded).
+    pub train_seconds: f64,
+    /// Training images per second (forward + backward + update).
+    pub images_per_s: f64,
+}
+
+/// What a training run did and measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// The spec's name.
+    pub model: String,
+    /// Trainable values.
+    pub params: usize,
+    /// Training images per epoch.
+    pub train_images: usize,
+    /// Test images evaluated after each epoch.
+    pub test_images: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Threads (batch shards).
+    pub threads: usize,
+    /// Planned epochs.
+    pub epochs: usize,
+    /// Epochs already done when this run started (resume).
+    pub resumed_from_epoch: Option<usize>,
+    /// The epochs run by this invocation.
+    pub epoch_reports: Vec<EpochReport>,
+    /// Median of the epochs' training images/s.
+    pub images_per_s: f64,
+    /// Test accuracy after the last epoch.
+    pub test_accuracy: f64,
+    /// Test loss after the last epoch.
+    pub test_loss: f64,
+    /// The last test evaluation in full.
+    #[serde(skip)]
+    pub last_eval: Option<EvalReport>,
+}
+
+/// Settings a resumed run must share with its checkpoint, as recorded in it.
+pub fn resume_settings(
+    config: &TrainConfig,
+    data: &Dataset,
+) -> BTreeMap<String, serde_json::Value> {
+    let mut s = BTreeMap::new();
+    s.insert("batch_size".into(), config.batch_size.into());
+    s.insert("learning_rate".into(), (config.learning_rate as f64).into());
+    s.insert(
+        "schedule".into(),
+        serde_json::to_value(config.schedule).expect("enum serializes"),
+    );
+    s.insert("seed".into(), config.seed.into());
+    s.insert("threads".into(), config.threads.into());
+    s.insert("train_images".into(), data.train.count.into());
+    s.insert(
+        "train_data_sha256".into(),
+        combined_sha256(&data.train.files).into(),
+    );
+    s
+}
+
+fn shuffle_seed(seed: u64, epoch: usize) -> u64 {
+    seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Median of sorted values (mean of the middle two for an even count; 0 when empty).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Trains `spec` on `data`, calling `on_epoch` with a checkpoint after every epoch.
+pub fn fit(
+    spec: &ModelSpec,
+    data: &Dataset,
+    config: &TrainConfig,
+    resume: Option<Checkpoint>,
+    progress: &dyn Progress,
+    mut on_epoch: impl FnMut(&Checkpoint, &EpochReport) -> Result<()>,
+) -> Result<(Vec<Vec<f32>>, TrainReport)> {
+    if config.batch_size == 0 || config.epochs == 0 {
+        return Err(Error::Config(
+            "`--epochs` and `--batch-size` must be at least 1".into(),
+        ));
+    }
+    let plan = Plan::compile(spec)?;
+    let settings = resume_settings(config, data);
+    let (mut params, mut adam, start_epoch) = match resume {
+        Some(ck) => {
+            if ck.state.spec != *spec {
+                return Err(Error::Config(
+                    "the checkpoint was made for another model spec; pass the same `--model`"
+                        .into(),
+                ));
+            }
+            for (key, value) in &ck.state.settings {
+                if settings.get(key) != Some(value) {
+                    return Err(Error::Config(format!(
+                        "the checkpoint was made with {key} = {value}, this run has {}; resume with the same settings",
+                        settings.get(key).map_or("nothing".into(), |v| v.to_string())
+                    )));
+                }
+            }
+            if ck.state.epoch >= config.epochs {
+                return Err(Error::Config(format!(
+                    "the checkpoint has already trained {} epochs; raise `--epochs` to train further",
+                    ck.state.epoch
+                )));
+            }
+            (ck.params, ck.adam, ck.state.epoch)
+        }
+        None => {
+            let params = plan.init_params(config.seed);
+            let adam = Adam::new(&params);
+            (params, adam, 0)
+        }
+    };
+    let train = &data.train;
+    let batches_per_epoch = train.count.div_ceil(config.batch_size) as u64;
+    let total_steps = batches_per_epoch * config.epochs as u64;
+    let mut executor = Executor::new(&plan, config.threads);
+    let (mut x, mut labels) = (Vec::new(), Vec::new());
+    let mut epoch_reports = Vec::new();
+    let mut last_eval = None;
+    let end_epoch = match config.stop_after {
+        Some(n) => (start_epoch + n).min(config.epochs),
+        None => config.epochs,
+    };
+    for epoch in start_epoch..end_epoch {
+        let mut order: Vec<usize> = (0..train.count).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(shuffle_seed(
+            config.seed,
+            epoch,
+        )));
+        progress.start(
+            &format!("epoch {}/{}", epoch + 1, config.epochs),
+            batches_per_epoch,
+        );
+        let started = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        let mut learning_rate = config.learning_rate;
+        for (b, chunk) in order.chunks(config.batch_size).enumerate() {
+            train.gather(chunk, &mut x, &mut labels);
+            let stats = executor.train_step(&params, &x, &labels, config.seed ^ adam.step);
+            learning_rate = config.learning_rate_at(adam.step, total_steps);
+            adam.update(&mut params, &executor.grads, learning_rate);
+            loss_sum += stats.loss_sum;
+            correct += stats.correct;
+            seen += chunk.len();
+            if b % 8 == 7 || b as u64 + 1 == batches_per_epoch {
+                let rate = seen as f64 / started.elapsed().as_secs_f64();
+                progress.update(
+                    b as u64 + 1,
+                    &format!(
+                        "loss {:.4} acc {:.2}% {:.0} img/s",
+                        loss_sum / seen as f64,
+                        100.0 * correct as f64 / seen as f64,
+                        rate
+                    ),
+                );
+            }
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        progress.finish();
+        let mut session = Session::from_params(&plan, params.clone(), config.threads)?;
+        let eval = evaluate(&mut session, &data.test, 256);
+        let report = EpochReport {
+            epoch: epoch + 1,
+            learning_rate,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            test_loss: eval.loss,
+            test_accuracy: eval.accuracy,
+            train_seconds,
+            images_per_s: seen as f64 / train_seconds,
+        };
+        progress.line(&format!(
+            "epoch {:>3}/{}  train loss {:.4}  acc {:6.2}%  |  test loss {:.4}  acc {:6.2}%  |  {:.0} img/s, {:.1} s",
+            report.epoch,
+            config.epochs,
+            report.train_loss,
+            100.0 * report.train_accuracy,
+            report.test_loss,
+            100.0 * report.test_accuracy,
+            report.images_per_s,
+            report.train_seconds
+        ));
+        let checkpoint = Checkpoint {
+            state: CheckpointState {
+                epoch: epoch + 1,
+                spec: spec.clone(),
+                settings: settings.clone(),
+                rng: serde_json::json!({
+                    "algorithm": "chacha8",
+                    "seed": config.seed,
+                    "next_shuffle_epoch": epoch + 1,
+                    "dropout_step": adam.step,
+                }),
+            },
+            params: params.clone(),
+            adam: adam.clone(),
+        };
+        on_epoch(&checkpoint, &report)?;
+        epoch_reports.push(report);
+        last_eval = Some(eval);
+    }
+    let mut rates: Vec<f64> = epoch_reports.iter().map(|e| e.images_per_s).collect();
+    rates.sort_by(f64::total_cmp);
+    let last = epoch_reports.last();
+    let report = TrainReport {
+        model: spec.name.clone(),
+        params: spec.param_count()?,
+        train_images: train.count,
+        test_images: data.test.count,
+        batch_size: config.batch_size,
+        threads: config.threads,
+        epochs: config.epochs,
+        resumed_from_epoch: (start_epoch > 0).then_some(start_epoch),
+        images_per_s: median(&rates),
+        test_accuracy: last.map_or(0.0, |e| e.test_accuracy),
+        test_loss: last.map_or(0.0, |e| e.test_loss),
+        epoch_reports,
+        last_eval,
+    };
+    Ok((params, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_starts_at_rate_and_ends_at_zero() {
+        let config = TrainConfig {
+            epochs: 1,
+            batch_size: 1,
+            learning_rate: 0.01,
+            schedule: LrSchedule::Cosine,
+            seed: 0,
+            threads: 1,
+            stop_after: None,
+        };
+        assert_eq!(config.learning_rate_at(0, 100), 0.01);
+        assert!((config.learning_rate_at(50, 100) - 0.005).abs() < 1e-7);
+        assert!(config.learning_rate_at(100, 100).abs() < 1e-9);
+    }
+}

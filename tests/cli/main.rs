@@ -1,0 +1,9 @@
+//! Integration tests: the real `mlops` binary on the committed fixtures.
+
+mod errors;
+mod eval;
+mod export;
+mod inspect;
+mod pipeline;
+mod train;
+mod util;

@@ -1,0 +1,55 @@
+use crate::util::{mlops, tiny_data};
+
+#[test]
+fn pipeline_runs_every_step_into_one_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "data: {}\nout: tiny\nsteps:\n  - {{run: train, epochs: 1, batch_size: 32}}\n  - {{run: export, precision: fp16}}\n  - {{run: eval, artifact: model.safetensors}}\n  - {{run: eval, artifact: model.fp16.safetensors}}\n",
+        tiny_data().display()
+    );
+    std::fs::write(dir.path().join("p.yaml"), config).unwrap();
+    let output = mlops(dir.path())
+        .args(["pipeline", "p.yaml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("== summary"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tiny/report.json")).unwrap(),
+    )
+    .unwrap();
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["train", "export", "eval", "eval"]);
+    assert!(dir.path().join("tiny/model.fp16.safetensors").is_file());
+}
+
+#[test]
+fn pipeline_rejects_an_unknown_flag_before_running_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "out: x\nsteps:\n  - {run: train, epochs: 1}\n  - {run: export, precison: fp16}\n",
+    )
+    .unwrap();
+    let output = mlops(dir.path())
+        .args(["pipeline", "p.yaml"])
+        .output()
+        .unwrap();
+    crate::util::assert_user_error(&output, "step 2");
+    assert!(!dir.path().join("x/model.safetensors").exists());
+}
+
+#[test]
+fn default_pipeline_config_is_the_shipped_example() {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/pipeline.yaml"),
+    )
+    .unwrap();
+    assert!(shipped.contains("run: train"));
+}

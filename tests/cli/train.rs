@@ -1,0 +1,209 @@
+use crate::util::{assert_user_error, fixture, json_of, mlops, tiny_data};
+
+fn train_args(out: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--threads", "2", "--out", out]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push("--data".into());
+    args.push(tiny_data().display().to_string());
+    args
+}
+
+#[test]
+fn train_end_to_end_learns_well_above_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    // 512 images / batch 16 = 32 steps per epoch, 8 epochs = 256 steps.
+    let output = mlops(dir.path())
+        .args(train_args("run"))
+        .args([
+            "--batch-size",
+            "16",
+            "--epochs",
+            "8",
+            "--lr",
+            "0.002",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json_of(&output);
+    assert_eq!(report["step"], "train");
+    let accuracy = report["metrics"]["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.6, "test accuracy {accuracy} (chance is 0.1)");
+    assert!(report["metrics"]["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["outputs"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn train_same_seed_gives_bit_identical_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    for out in ["a", "b"] {
+        mlops(dir.path())
+            .args(train_args(out))
+            .args(["--limit", "128", "--epochs", "1", "--batch-size", "32"])
+            .assert()
+            .success();
+    }
+    let a = std::fs::read(dir.path().join("a/model.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("b/model.safetensors")).unwrap();
+    assert!(a == b, "two runs with the same seed differ");
+    mlops(dir.path())
+        .args(train_args("c"))
+        .args(["--limit", "128", "--epochs", "1", "--seed", "7"])
+        .assert()
+        .success();
+    let c = std::fs::read(dir.path().join("c/model.safetensors")).unwrap();
+    assert!(a != c, "another seed gave the same weights");
+}
+
+#[test]
+fn train_resume_matches_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    mlops(dir.path())
+        .args(train_args("full"))
+        .args(["--limit", "256", "--epochs", "2"])
+        .assert()
+        .success();
+    mlops(dir.path())
+        .args(train_args("parts"))
+        .args(["--limit", "256", "--epochs", "2", "--stop-after", "1"])
+        .assert()
+        .success();
+    mlops(dir.path())
+        .args(train_args("parts"))
+        .args(["--limit", "256", "--epochs", "2", "--resume"])
+        .assert()
+        .success();
+    let full = std::fs::read(dir.path().join("full/model.safetensors")).unwrap();
+    let parts = std::fs::read(dir.path().join("parts/model.safetensors")).unwrap();
+    assert!(
+        full == parts,
+        "resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn train_resume_with_other_settings_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    mlops(dir.path())
+        .args(train_args("run"))
+        .args(["--limit", "64", "--epochs", "2", "--stop-after", "1"])
+        .assert()
+        .success();
+    let output = mlops(dir.path())
+        .args(train_args("run"))
+        .args(["--limit", "64", "--epochs", "2", "--resume", "--seed", "9"])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "seed");
+}
+
+#[test]
+fn train_report_file_collects_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        mlops(dir.path())
+            .args(train_args("run"))
+            .args(["--limit", "64", "--epochs", "1", "--report", "r.json"])
+            .assert()
+            .success();
+    }
+    let text = std::fs::read_to_string(dir.path().join("r.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(report["mlops_version"].is_string());
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for step in steps {
+        for key in [
+            "step",
+            "started_at",
+            "duration_s",
+            "device",
+            "inputs",
+            "outputs",
+            "metrics",
+            "gates",
+            "warnings",
+        ] {
+            assert!(step.get(key).is_some(), "missing `{key}`");
+        }
+        assert_eq!(step["inputs"][0]["sha256"].as_str().unwrap().len(), 64);
+    }
+}
+
+#[test]
+fn train_min_accuracy_gate_exits_3_and_keeps_the_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args(train_args("run"))
+        .args([
+            "--limit",
+            "64",
+            "--epochs",
+            "1",
+            "--min-accuracy",
+            "0.999",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let report = json_of(&output);
+    assert_eq!(report["gates"][0]["name"], "min_accuracy");
+    assert_eq!(report["gates"][0]["passed"], false);
+    assert!(dir.path().join("run/model.safetensors").is_file());
+}
+
+#[test]
+fn train_accepts_a_yaml_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args(train_args("mlp"))
+        .args(["--epochs", "2", "--json", "--model"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/mlp.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json_of(&output);
+    assert_eq!(report["metrics"]["model"], "mlp-128");
+    assert!(report["metrics"]["test_accuracy"].as_f64().unwrap() > 0.5);
+}
+
+#[test]
+fn train_on_cuda_without_the_feature_says_how_to_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args(train_args("run"))
+        .args(["--device", "cuda"])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "--features cuda");
+}
+
+#[test]
+fn train_quiet_json_prints_only_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args(train_args("run"))
+        .args(["--limit", "32", "--epochs", "1", "--json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    json_of(&output);
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = fixture("mnist-tiny");
+}
