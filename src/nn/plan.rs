@@ -23,6 +23,8 @@ pub struct ConvOp {
     pub relu: bool,
     /// Index of the weight in the parameter list; the bias follows it.
     pub weight: usize,
+    /// The network's first op: its input gradient is never needed.
+    pub first: bool,
 }
 
 impl ConvOp {
@@ -140,6 +142,7 @@ impl Plan {
                         pad,
                         relu: *activation == Activation::Relu,
                         weight: next_param,
+                        first: ops.is_empty(),
                     });
                     next_param += 2;
                     op

@@ -3,6 +3,8 @@
 //! fp16 and bf16 artifacts are widened to f32 at load (as TFLite does for fp16 weights);
 //! [`evaluate`] measures accuracy, loss, per-class accuracy and the confusion matrix.
 
+pub mod reference;
+
 use std::time::Instant;
 
 use serde::Serialize;

@@ -1,0 +1,133 @@
+//! A second, independent forward pass written with candle's tensor ops.
+//!
+//! It exists to check the hand-written kernels in `nn` against a well-kept library
+//! (see the tests below), and is the starting point for the CUDA path. It supports
+//! every layer type, with `same` padding for odd kernels (candle pads symmetrically).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{Activation, LayerSpec, ModelSpec, Padding, Shape};
+use crate::{Error, Result};
+
+/// Logits `[batch, classes]` for NHWC input `x`, computed by candle on `device`.
+pub fn forward(
+    spec: &ModelSpec,
+    params: &[Vec<f32>],
+    x: &[f32],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let shapes = spec.shapes()?;
+    let [h, w, c] = spec.input;
+    // Candle convolves NCHW tensors with [out, in, kh, kw] kernels.
+    let mut xs = Tensor::from_slice(x, (batch, h, w, c), device)?.permute((0, 3, 1, 2))?;
+    let mut next = 0;
+    for (index, layer) in spec.layers.iter().enumerate() {
+        xs = match layer {
+            LayerSpec::Conv2d {
+                filters,
+                kernel,
+                stride,
+                padding,
+                activation,
+            } => {
+                let Shape::Spatial([_, _, in_c]) = shapes[index] else {
+                    unreachable!("validated spec")
+                };
+                let pad = match padding {
+                    Padding::Valid => 0,
+                    Padding::Same if kernel % 2 == 1 && *stride == 1 => kernel / 2,
+                    Padding::Same => {
+                        return Err(Error::Config(
+                            "the candle reference handles `same` padding only for odd kernels, stride 1".into(),
+                        ))
+                    }
+                };
+                let weight =
+                    Tensor::from_slice(&params[next], (*filters, *kernel, *kernel, in_c), device)?
+                        .permute((0, 3, 1, 2))?
+                        .contiguous()?;
+                let bias = Tensor::from_slice(&params[next + 1], (1, *filters, 1, 1), device)?;
+                next += 2;
+                let ys = xs
+                    .conv2d(&weight, pad, *stride, 1, 1)?
+                    .broadcast_add(&bias)?;
+                activate(ys, *activation)?
+            }
+            LayerSpec::MaxPool2d { size, stride } => {
+                xs.max_pool2d_with_stride(*size, stride.unwrap_or(*size))?
+            }
+            LayerSpec::AvgPool2d { size, stride } => {
+                xs.avg_pool2d_with_stride(*size, stride.unwrap_or(*size))?
+            }
+            LayerSpec::Flatten => {
+                // Back to NHWC so the flattened order is (h, w, c), as in our artifacts.
+                xs.permute((0, 2, 3, 1))?.contiguous()?.flatten_from(1)?
+            }
+            LayerSpec::Dense { units, activation } => {
+                let inputs = shapes[index].len();
+                let weight = Tensor::from_slice(&params[next], (*units, inputs), device)?;
+                let bias = Tensor::from_slice(&params[next + 1], *units, device)?;
+                next += 2;
+                let ys = xs.matmul(&weight.t()?)?.broadcast_add(&bias)?;
+                activate(ys, *activation)?
+            }
+            LayerSpec::Dropout { .. } => xs,
+            LayerSpec::Relu => xs.relu()?,
+        };
+    }
+    Ok(xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn activate(xs: Tensor, activation: Activation) -> Result<Tensor> {
+    Ok(match activation {
+        Activation::Relu => xs.relu()?,
+        // Logits: softmax is applied by whoever wants probabilities.
+        Activation::None | Activation::Softmax => xs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{Executor, Plan};
+
+    fn agree(spec: &ModelSpec, batch: usize) {
+        let plan = Plan::compile(spec).unwrap();
+        let params = plan.init_params(5);
+        let x: Vec<f32> = (0..batch * plan.input_len)
+            .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+            .collect();
+        let mut ours = Vec::new();
+        Executor::new(&plan, 2).predict(&params, &x, batch, &mut ours);
+        let theirs = forward(spec, &params, &x, batch, &Device::Cpu).unwrap();
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "ours {a} candle {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn reference_cnn_matches_candle() {
+        agree(&ModelSpec::reference_cnn(), 5);
+    }
+
+    #[test]
+    fn same_padding_strides_and_avg_pool_match_candle() {
+        let spec = ModelSpec::from_yaml(
+            "input: [9, 9, 3]\nclasses: 4\nlayers:\n\
+             - {type: conv2d, filters: 5, kernel: 3, padding: same, activation: relu}\n\
+             - {type: avg_pool2d, size: 2, stride: 1}\n\
+             - {type: conv2d, filters: 6, kernel: 3, stride: 2}\n\
+             - {type: relu}\n\
+             - {type: flatten}\n\
+             - {type: dropout, rate: 0.5}\n\
+             - {type: dense, units: 4}\n",
+        )
+        .unwrap();
+        agree(&spec, 3);
+    }
+}
