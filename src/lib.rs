@@ -8,11 +8,13 @@
 //! - [`artifact`]: self-describing `.safetensors` artifacts (fp32, fp16, bf16).
 //! - [`runtime`]: loading artifacts into sessions; evaluation.
 //! - [`device`]: `cpu` / `cuda[:N]` selection.
+//! - [`bench`]: latency percentiles and throughput of loaded models.
 //! - [`report`]: per-step reports (JSON for CI, tables for people).
 //! - [`progress`]: the callback through which long work reports progress.
 #![warn(missing_docs)]
 
 pub mod artifact;
+pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -3,6 +3,7 @@
 //! Each subcommand turns its args into library calls, builds a `StepReport` and hands it
 //! to the [`printer::Printer`]; nothing here computes figures of its own.
 
+mod bench;
 mod eval;
 mod export;
 mod inspect;
@@ -46,6 +47,8 @@ pub(crate) enum Command {
     Eval(eval::EvalArgs),
     /// Write a copy of an artifact at another precision (fp16, bf16)
     Export(export::ExportArgs),
+    /// Measure latency percentiles and throughput of artifacts side by side
+    Bench(bench::BenchArgs),
     /// Show an artifact's metadata, lineage, layers and tensors
     Inspect(inspect::InspectArgs),
     /// Run the steps of a pipeline config (default: train, export fp16/bf16, eval each)
@@ -96,12 +99,18 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
         .build_global();
     mlops::nn::denormals::flush_denormals_on_this_thread();
     let printer = printer::Printer::new(cli.global.quiet);
-    let context = Context { threads, printer };
+    let in_pipeline = matches!(cli.command, Command::Pipeline(_));
+    let context = Context {
+        threads,
+        printer,
+        in_pipeline,
+    };
     let report = match &cli.command {
         Command::Train(args) => train::run(args, &context)?,
         Command::Eval(args) => eval::run(args, &context)?,
         Command::Export(args) => export::run(args, &context)?,
         Command::Inspect(args) => inspect::run(args, &context)?,
+        Command::Bench(args) => bench::run(args, &context)?,
         Command::Pipeline(args) => return pipeline::run(args, &context),
     };
     Ok(Outcome::of(&report))
@@ -111,6 +120,9 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
 pub(crate) struct Context {
     pub threads: usize,
     pub printer: printer::Printer,
+    /// Steps run inside `mlops pipeline` print their tables to stderr, keeping stdout
+    /// for the pipeline's own `--json`.
+    pub in_pipeline: bool,
 }
 
 /// Parses `--device` and checks it can run in this build.

@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser};
 use serde::Deserialize;
 
+use mlops::bench::{BenchDoc, BenchRow};
 use mlops::report::table::Table;
 use mlops::report::{ReportFile, StepReport};
 
@@ -72,6 +73,14 @@ fn step_argv(
     let mut argv = vec!["mlops".to_string(), name.to_string()];
     let in_out = |p: &str| out.join(p).display().to_string();
     let takes_artifact = matches!(name, "eval" | "export" | "inspect");
+    if name == "bench" {
+        let list = match step.get("artifacts") {
+            Some(serde_yaml::Value::Sequence(items)) => items.iter().filter_map(scalar).collect(),
+            Some(other) => vec![scalar(other).unwrap_or_default()],
+            None => vec!["model.safetensors".to_string()],
+        };
+        argv.extend(list.iter().map(|a| in_out(a)));
+    }
     if takes_artifact {
         let artifact = step
             .get("artifact")
@@ -80,7 +89,10 @@ fn step_argv(
         argv.push(in_out(&artifact));
     }
     for (key, value) in step {
-        if key == "run" || (takes_artifact && key == "artifact") {
+        if key == "run"
+            || (takes_artifact && key == "artifact")
+            || (name == "bench" && key == "artifacts")
+        {
             continue;
         }
         let flag = format!("--{}", key.replace('_', "-"));
@@ -166,6 +178,7 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             Command::Eval(a) => super::eval::run(a, ctx)?,
             Command::Export(a) => super::export::run(a, ctx)?,
             Command::Inspect(a) => super::inspect::run(a, ctx)?,
+            Command::Bench(a) => super::bench::run(a, ctx)?,
             Command::Pipeline(_) => bail!(
                 "pipeline step {}: a pipeline cannot run a pipeline",
                 index + 1
@@ -191,8 +204,22 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
     Ok(Outcome::Success)
 }
 
-/// One row per evaluated artifact: size and accuracy against the first fp32 one.
+/// One row per evaluated artifact: size and accuracy against the first fp32 one, and the
+/// bench step's batch-1 latency and batch-64 throughput where the pipeline has one.
 fn summary(reports: &[StepReport]) -> String {
+    let bench_rows: Vec<BenchRow> = reports
+        .iter()
+        .filter(|r| r.step == "bench")
+        .filter_map(|r| serde_json::from_value::<BenchDoc>(r.metrics.clone()).ok())
+        .flat_map(|d| d.rows)
+        .filter(|r| r.mode == "infer")
+        .collect();
+    let bench_cell = |artifact: &str, batch: usize, f: &dyn Fn(&BenchRow) -> String| {
+        bench_rows
+            .iter()
+            .find(|r| r.artifact == artifact && r.batch == batch)
+            .map_or("-".to_string(), f)
+    };
     let mut table = Table::new([
         "artifact",
         "precision",
@@ -200,6 +227,9 @@ fn summary(reports: &[StepReport]) -> String {
         "size vs fp32",
         "accuracy",
         "vs fp32",
+        "p50 us b1",
+        "p99 us b1",
+        "images/s b64",
     ]);
     let evals: Vec<&StepReport> = reports.iter().filter(|r| r.step == "eval").collect();
     let baseline = evals
@@ -221,13 +251,17 @@ fn summary(reports: &[StepReport]) -> String {
             ),
             None => ("-".into(), "-".into()),
         };
+        let path = r.inputs[0].path.clone();
         table.row([
-            r.inputs[0].path.clone(),
+            path.clone(),
             r.metrics["precision"].as_str().unwrap_or("?").to_string(),
             format!("{}", bytes as u64),
             size,
             format!("{:.2}%", 100.0 * accuracy),
             delta,
+            bench_cell(&path, 1, &|b| format!("{:.1}", b.latency_us.p50)),
+            bench_cell(&path, 1, &|b| format!("{:.1}", b.latency_us.p99)),
+            bench_cell(&path, 64, &|b| format!("{:.0}", b.throughput_images_per_s)),
         ]);
     }
     let train = reports.iter().find(|r| r.step == "train").map(|r| {

@@ -348,9 +348,19 @@ impl Executor {
 
     /// Logits for a batch (`[batch, classes]` into `logits`), dropout off.
     pub fn predict(&mut self, params: &[Vec<f32>], x: &[f32], batch: usize, logits: &mut Vec<f32>) {
-        let ranges = self.ranges(batch);
         let plan = &self.plan;
         let input_len = plan.input_len;
+        if batch <= 1 || self.shards.len() == 1 {
+            // Too small to split: run inline, sparing the thread hand-off (batch-1 latency).
+            let ws = &mut self.shards[0].ws;
+            ws.acts[0].clear();
+            ws.acts[0].extend_from_slice(&x[..batch * input_len]);
+            forward(plan, params, batch, ws, Mode::Infer);
+            logits.clear();
+            logits.extend_from_slice(&ws.acts[plan.ops.len()][..batch * plan.classes]);
+            return;
+        }
+        let ranges = self.ranges(batch);
         self.shards
             .par_iter_mut()
             .zip(ranges.clone())

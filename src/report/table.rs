@@ -22,6 +22,19 @@ impl Table {
     }
 }
 
+impl Table {
+    /// The same table as GitHub-flavoured markdown.
+    pub fn to_markdown(&self) -> String {
+        let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+        let mut out = line(&self.header);
+        out.push_str(&format!("|{}\n", "---|".repeat(self.header.len())));
+        for row in &self.rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
+}
+
 impl std::fmt::Display for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let columns = self
@@ -65,5 +78,6 @@ mod tests {
         let mut t = Table::new(["a", "bbb"]);
         t.row(["xxxx", "y"]);
         assert_eq!(t.to_string(), "a     bbb\n----  ---\nxxxx  y\n");
+        assert_eq!(t.to_markdown(), "| a | bbb |\n|---|---|\n| xxxx | y |\n");
     }
 }

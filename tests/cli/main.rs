@@ -1,5 +1,6 @@
 //! Integration tests: the real `mlops` binary on the committed fixtures.
 
+mod bench;
 mod errors;
 mod eval;
 mod export;

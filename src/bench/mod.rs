@@ -1,0 +1,217 @@
+//! End-to-end latency and throughput measurement of a loaded model (not criterion:
+//! this is what `mlops bench` reports for whole artifacts, batch sizes and devices).
+//!
+//! One sample is one call: host batch in, logits out. [`measure`] warms up, then times
+//! calls until the iteration count or duration is reached; [`LatencyStats`] summarizes
+//! the samples with nearest-rank percentiles.
+
+pub mod machine;
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How long to warm up and how long to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchConfig {
+    /// Warm-up calls (at least this many).
+    pub warmup_iters: usize,
+    /// Keep warming up until this much time has passed too.
+    pub warmup_time: Duration,
+    /// Timed calls (at least this many).
+    pub iters: usize,
+    /// Keep timing until this much time has passed too.
+    pub duration: Duration,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            warmup_iters: 10,
+            warmup_time: Duration::from_millis(200),
+            iters: 20,
+            duration: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Latency summary in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Fastest call.
+    pub min: f64,
+    /// Mean call.
+    pub mean: f64,
+    /// Standard deviation (population).
+    pub std: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest call.
+    pub max: f64,
+}
+
+impl LatencyStats {
+    /// Summarizes samples (microseconds); `None` when there are none.
+    pub fn of(samples: &[f64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len() as f64;
+        let mean = sorted.iter().sum::<f64>() / n;
+        let var = sorted.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n;
+        // Nearest rank: the smallest sample with at least p% of samples at or below it.
+        let rank = |p: f64| sorted[((p / 100.0 * n).ceil() as usize).clamp(1, sorted.len()) - 1];
+        Some(LatencyStats {
+            min: sorted[0],
+            mean,
+            std: var.sqrt(),
+            p50: rank(50.0),
+            p90: rank(90.0),
+            p95: rank(95.0),
+            p99: rank(99.0),
+            max: sorted[sorted.len() - 1],
+        })
+    }
+
+    /// Coefficient of variation (std / mean): above ~0.1 the run is unstable.
+    pub fn cv(&self) -> f64 {
+        if self.mean > 0.0 {
+            self.std / self.mean
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Times `call` per `config`; returns the first (cold) call's time and the timed samples,
+/// both in microseconds.
+pub fn measure(config: &BenchConfig, mut call: impl FnMut()) -> (f64, Vec<f64>) {
+    let cold = Instant::now();
+    call();
+    let cold_us = cold.elapsed().as_secs_f64() * 1e6;
+    let warm = Instant::now();
+    let mut done = 0;
+    while done < config.warmup_iters || warm.elapsed() < config.warmup_time {
+        call();
+        done += 1;
+    }
+    let mut samples = Vec::new();
+    let timed = Instant::now();
+    while samples.len() < config.iters || timed.elapsed() < config.duration {
+        let t = Instant::now();
+        call();
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    (cold_us, samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let s = LatencyStats::of(&samples).unwrap();
+        assert_eq!(
+            (s.min, s.p50, s.p90, s.p99, s.max),
+            (1.0, 50.0, 90.0, 99.0, 100.0)
+        );
+        assert!((s.mean - 50.5).abs() < 1e-12);
+        let one = LatencyStats::of(&[7.0]).unwrap();
+        assert_eq!((one.p50, one.p99, one.std), (7.0, 7.0, 0.0));
+        assert!(LatencyStats::of(&[]).is_none());
+    }
+
+    #[test]
+    fn measure_honours_iteration_count() {
+        let config = BenchConfig {
+            warmup_iters: 2,
+            warmup_time: Duration::ZERO,
+            iters: 5,
+            duration: Duration::ZERO,
+        };
+        let mut calls = 0;
+        let (_, samples) = measure(&config, || calls += 1);
+        assert_eq!(samples.len(), 5);
+        assert_eq!(calls, 1 + 2 + 5);
+    }
+}
+
+/// The commit this binary was built from (`-dirty` when it had local changes).
+pub const GIT_COMMIT: &str = env!("MLOPS_GIT_COMMIT");
+
+/// Coefficient of variation above which a row is flagged unstable (as trtexec warns).
+pub const UNSTABLE_CV: f64 = 0.10;
+
+/// One artifact x batch size x mode measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchRow {
+    /// Artifact path as given.
+    pub artifact: String,
+    /// sha256 of the artifact file.
+    pub sha256: String,
+    /// `fp32`, `fp16`, `bf16`.
+    pub precision: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `infer` (forward pass) or `train` (forward + backward + Adam update).
+    pub mode: String,
+    /// Images per call.
+    pub batch: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Per-call latency.
+    pub latency_us: LatencyStats,
+    /// `batch * calls / total time`.
+    pub throughput_images_per_s: f64,
+    /// The first call after loading.
+    pub cold_first_us: f64,
+    /// Reading, checking and preparing the artifact.
+    pub load_ms: f64,
+    /// Peak resident memory of the process after this row.
+    pub peak_rss_bytes: u64,
+    /// CPU time / wall time while timing (2.0 = two cores busy).
+    pub cpu_utilization: f64,
+    /// Throughput relative to the first artifact's row at the same batch and mode.
+    pub speedup_vs_first: f64,
+    /// Top-1 accuracy on `--eval-data`, when given.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub accuracy: Option<f64>,
+    /// First artifact's accuracy minus this one's.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub accuracy_drop: Option<f64>,
+    /// Throughput of the matching row in `--baseline`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub baseline_throughput: Option<f64>,
+    /// `throughput / baseline_throughput - 1`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub change_vs_baseline: Option<f64>,
+    /// std / mean of the samples.
+    pub cv: f64,
+    /// `cv` above [`UNSTABLE_CV`].
+    pub unstable: bool,
+    /// Every timed call, in order.
+    pub samples_us: Vec<f64>,
+}
+
+/// The document `mlops bench --format json` prints and `--baseline` reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchDoc {
+    /// mlops version.
+    pub mlops_version: String,
+    /// Commit the binary was built from.
+    pub git_commit: String,
+    /// Where it ran.
+    pub machine: machine::Machine,
+    /// One row per artifact x batch x mode.
+    pub rows: Vec<BenchRow>,
+}
