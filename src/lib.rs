@@ -6,6 +6,7 @@
 //! - [`nn`]: the CPU numerics (im2col + GEMM conv, pooling, dense, loss, gradients).
 //! - [`train`]: Adam training with checkpoints and resume.
 //! - [`artifact`]: self-describing `.safetensors` artifacts (fp32, fp16, bf16).
+//! - [`quantize`]: static int8 quantization with calibration.
 //! - [`runtime`]: loading artifacts into sessions; evaluation.
 //! - [`device`]: `cpu` / `cuda[:N]` selection.
 //! - [`bench`]: latency percentiles and throughput of loaded models.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod model;
 pub mod nn;
 pub mod progress;
+pub mod quantize;
 pub mod report;
 pub mod runtime;
 pub mod train;

@@ -32,6 +32,8 @@ pub enum Precision {
     Fp16,
     /// bfloat16: half the bytes, fp32's range, ~2 decimal digits.
     Bf16,
+    /// int8 weights (per output channel) and uint8 activations, run in integer arithmetic.
+    Int8,
 }
 
 impl Precision {
@@ -41,6 +43,7 @@ impl Precision {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 
@@ -49,6 +52,7 @@ impl Precision {
             "fp32" => Some(Precision::Fp32),
             "fp16" => Some(Precision::Fp16),
             "bf16" => Some(Precision::Bf16),
+            "int8" => Some(Precision::Int8),
             _ => None,
         }
     }
@@ -58,6 +62,7 @@ impl Precision {
             Precision::Fp32 => "F32",
             Precision::Fp16 => "F16",
             Precision::Bf16 => "BF16",
+            Precision::Int8 => "I8",
         }
     }
 }
@@ -139,6 +144,8 @@ pub struct Artifact {
     pub lineage: Vec<LineageEntry>,
     /// Last measured accuracy, if any.
     pub metrics: Option<EvalMetrics>,
+    /// How an int8 artifact was quantized (`mlops.quantization`).
+    pub quantization: Option<serde_json::Value>,
     /// Parameters in spec order.
     pub tensors: Vec<NamedTensor>,
 }
@@ -166,35 +173,65 @@ impl Artifact {
             labels: (0..spec.classes).map(|c| c.to_string()).collect(),
             lineage: Vec::new(),
             metrics: None,
+            quantization: None,
             tensors,
         })
     }
 
-    /// The parameters widened to f32, in spec order (what the runtime computes with).
+    /// A tensor by name.
+    pub fn tensor(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The parameters as f32 in spec order: widened from fp16/bf16, or dequantized from
+    /// int8 (`q * weight_scale`; the fp32 reference of an int8 model, not its runtime).
     pub fn params_f32(&self) -> Vec<Vec<f32>> {
-        self.tensors
+        let infos = self.spec.params().expect("validated spec");
+        infos
             .iter()
-            .map(|t| t.data.to_f32().expect("validated float tensors"))
+            .map(|info| {
+                let t = self.tensor(&info.name).expect("validated tensors");
+                match &t.data {
+                    TensorData::I8(q) => {
+                        let scale_name = format!("{}_scale", info.name);
+                        let scales = self
+                            .tensor(&scale_name)
+                            .and_then(|s| s.data.to_f32())
+                            .expect("validated scales");
+                        let per_channel = q.len() / scales.len();
+                        q.iter()
+                            .enumerate()
+                            .map(|(i, &v)| v as f32 * scales[i / per_channel])
+                            .collect()
+                    }
+                    other => other.to_f32().expect("validated float tensors"),
+                }
+            })
             .collect()
     }
 
-    /// A copy with the weights cast to `precision` (round to nearest even).
-    pub fn cast(&self, precision: Precision) -> Artifact {
+    /// A copy with the weights cast to a float `precision` (round to nearest even).
+    pub fn cast(&self, precision: Precision) -> Result<Artifact> {
+        if self.precision == Precision::Int8 || precision == Precision::Int8 {
+            return Err(Error::Config(
+                "an int8 artifact cannot be cast: it is already int8; export from the fp32 artifact, and make int8 with `mlops quantize --int8`".into(),
+            ));
+        }
         let mut out = self.clone();
         out.precision = precision;
         for t in &mut out.tensors {
             let values = t.data.to_f32().expect("validated float tensors");
             t.data = match precision {
-                Precision::Fp32 => TensorData::F32(values),
                 Precision::Fp16 => {
                     TensorData::F16(values.iter().map(|&v| f16::from_f32(v)).collect())
                 }
                 Precision::Bf16 => {
                     TensorData::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect())
                 }
+                _ => TensorData::F32(values),
             };
         }
-        out
+        Ok(out)
     }
 
     /// The safetensors bytes of this artifact (deterministic).
@@ -210,6 +247,9 @@ impl Artifact {
         metadata.insert("mlops.layout".into(), LAYOUT.into());
         if let Some(m) = &self.metrics {
             metadata.insert("mlops.metrics".into(), json(m));
+        }
+        if let Some(q) = &self.quantization {
+            metadata.insert("mlops.quantization".into(), json(q));
         }
         safetensors::encode(&self.tensors, &metadata)
     }
@@ -266,7 +306,7 @@ impl Artifact {
         let precision = Precision::parse(precision_name).ok_or_else(|| {
             Error::artifact(
                 path,
-                format!("precision `{precision_name}` is not supported (fp32, fp16, bf16)"),
+                format!("precision `{precision_name}` is not supported (fp32, fp16, bf16, int8)"),
             )
         })?;
         let input: InputSpec = parse(path, "mlops.input", get("mlops.input")?)?;
@@ -276,34 +316,34 @@ impl Artifact {
             .get("mlops.metrics")
             .map(|t| parse(path, "mlops.metrics", t))
             .transpose()?;
+        let quantization: Option<serde_json::Value> = metadata
+            .get("mlops.quantization")
+            .map(|t| parse(path, "mlops.quantization", t))
+            .transpose()?;
         let mut by_name: BTreeMap<String, NamedTensor> =
             tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
         let mut ordered = Vec::new();
-        for info in spec.params()? {
-            let t = by_name.remove(&info.name).ok_or_else(|| {
+        for (name, shape, dtype) in expected_tensors(&spec, precision)? {
+            let t = by_name.remove(&name).ok_or_else(|| {
                 Error::artifact(
                     path,
-                    format!(
-                        "tensor `{}` required by the model spec is missing",
-                        info.name
-                    ),
+                    format!("tensor `{name}` required by the model spec ({precision}) is missing"),
                 )
             })?;
-            if t.shape != info.shape {
+            if t.shape != shape {
                 return Err(Error::artifact(
                     path,
                     format!(
-                        "tensor `{}` has shape {:?}, the spec needs {:?}",
-                        info.name, t.shape, info.shape
+                        "tensor `{name}` has shape {:?}, the spec needs {shape:?}",
+                        t.shape
                     ),
                 ));
             }
-            if t.data.dtype_name() != precision.dtype_name() {
+            if t.data.dtype_name() != dtype {
                 return Err(Error::artifact(
                     path,
                     format!(
-                        "tensor `{}` is {} but the artifact says {precision}",
-                        info.name,
+                        "tensor `{name}` is {} but a {precision} artifact stores it as {dtype}",
                         t.data.dtype_name()
                     ),
                 ));
@@ -323,6 +363,7 @@ impl Artifact {
             labels,
             lineage,
             metrics,
+            quantization,
             tensors: ordered,
         })
     }
@@ -334,6 +375,36 @@ impl Artifact {
             .map(|t| t.data.to_le_bytes().len())
             .sum()
     }
+}
+
+/// The tensors an artifact of `precision` must hold: name, shape, dtype, in order.
+///
+/// int8 adds, per conv/dense layer, `weight_scale` (one per output channel) and the
+/// input activation's `input_scale` and `input_zero_point`; biases stay f32.
+pub fn expected_tensors(
+    spec: &ModelSpec,
+    precision: Precision,
+) -> Result<Vec<(String, Vec<usize>, &'static str)>> {
+    let mut out = Vec::new();
+    for info in spec.params()? {
+        let is_weight = info.name.ends_with(".weight");
+        match precision {
+            Precision::Int8 if is_weight => {
+                let prefix = info.name.trim_end_matches("weight");
+                out.push((info.name.clone(), info.shape.clone(), "I8"));
+                out.push((format!("{}_scale", info.name), vec![info.shape[0]], "F32"));
+                out.push((format!("{prefix}input_scale"), vec![1], "F32"));
+                out.push((format!("{prefix}input_zero_point"), vec![1], "U8"));
+            }
+            Precision::Int8 => out.push((info.name.clone(), info.shape.clone(), "F32")),
+            _ => out.push((
+                info.name.clone(),
+                info.shape.clone(),
+                precision.dtype_name(),
+            )),
+        }
+    }
+    Ok(out)
 }
 
 /// A metadata value: compact JSON (every `mlops.*` key holds one).
@@ -402,7 +473,7 @@ mod tests {
     #[test]
     fn fp16_is_about_half_and_close() {
         let a = tiny();
-        let h = a.cast(Precision::Fp16);
+        let h = a.cast(Precision::Fp16).unwrap();
         let ratio = h.to_bytes().unwrap().len() as f64 / a.to_bytes().unwrap().len() as f64;
         assert!((0.45..0.56).contains(&ratio), "{ratio}");
         for (x, y) in a.params_f32().iter().zip(h.params_f32()) {

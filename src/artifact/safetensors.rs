@@ -23,6 +23,10 @@ pub enum TensorData {
     BF16(Vec<bf16>),
     /// 64-bit unsigned (checkpoint counters).
     U64(Vec<u64>),
+    /// Signed bytes (int8 weights).
+    I8(Vec<i8>),
+    /// Unsigned bytes (int8 activation zero points).
+    U8(Vec<u8>),
 }
 
 impl TensorData {
@@ -32,6 +36,8 @@ impl TensorData {
             TensorData::F16(_) => Dtype::F16,
             TensorData::BF16(_) => Dtype::BF16,
             TensorData::U64(_) => Dtype::U64,
+            TensorData::I8(_) => Dtype::I8,
+            TensorData::U8(_) => Dtype::U8,
         }
     }
 
@@ -42,6 +48,8 @@ impl TensorData {
             TensorData::F16(_) => "F16",
             TensorData::BF16(_) => "BF16",
             TensorData::U64(_) => "U64",
+            TensorData::I8(_) => "I8",
+            TensorData::U8(_) => "U8",
         }
     }
 
@@ -52,6 +60,8 @@ impl TensorData {
             TensorData::F16(v) => v.len(),
             TensorData::BF16(v) => v.len(),
             TensorData::U64(v) => v.len(),
+            TensorData::I8(v) => v.len(),
+            TensorData::U8(v) => v.len(),
         }
     }
 
@@ -67,6 +77,8 @@ impl TensorData {
             TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::U64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I8(v) => v.iter().map(|&x| x as u8).collect(),
+            TensorData::U8(v) => v.clone(),
         }
     }
 
@@ -76,7 +88,7 @@ impl TensorData {
             TensorData::F32(v) => Some(v.clone()),
             TensorData::F16(v) => Some(v.iter().map(|x| x.to_f32()).collect()),
             TensorData::BF16(v) => Some(v.iter().map(|x| x.to_f32()).collect()),
-            TensorData::U64(_) => None,
+            TensorData::U64(_) | TensorData::I8(_) | TensorData::U8(_) => None,
         }
     }
 
@@ -106,6 +118,8 @@ impl TensorData {
                     .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                     .collect(),
             ),
+            Dtype::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
+            Dtype::U8 => TensorData::U8(bytes.to_vec()),
             _ => return None,
         })
     }

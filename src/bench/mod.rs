@@ -159,8 +159,11 @@ pub struct BenchRow {
     pub artifact: String,
     /// sha256 of the artifact file.
     pub sha256: String,
-    /// `fp32`, `fp16`, `bf16`.
+    /// `fp32`, `fp16`, `bf16`, `int8`.
     pub precision: String,
+    /// What computed it: `fp32` or `int8 (avx512-vnni)` / `int8 (portable)`.
+    #[serde(default)]
+    pub compute: String,
     /// `cpu` or `cuda:N`.
     pub device: String,
     /// `infer` (forward pass) or `train` (forward + backward + Adam update).

@@ -163,6 +163,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
                 artifact: path.display().to_string(),
                 sha256: record.sha256.clone(),
                 precision: artifact.precision.as_str().into(),
+                compute: session.compute(),
                 device: device.to_string(),
                 mode: mode.into(),
                 batch,

@@ -64,6 +64,7 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
     step.inputs.extend(split.files.iter().cloned());
     let mut metrics = serde_json::to_value(&report)?;
     metrics["precision"] = artifact.precision.as_str().into();
+    metrics["compute"] = session.compute().into();
     metrics["data"] = data_dir.display().to_string().into();
     step.metrics = metrics;
     if let Some(min) = args.min_accuracy {

@@ -57,7 +57,7 @@ pub(crate) fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<StepReport
         .out
         .clone()
         .unwrap_or_else(|| default_out(&args.artifact, precision));
-    let mut exported = artifact.cast(precision);
+    let mut exported = artifact.cast(precision)?;
     exported.metrics = None; // measured on the parent's weights, not these
     let mut lineage_args = BTreeMap::new();
     lineage_args.insert("precision".to_string(), precision.as_str().into());

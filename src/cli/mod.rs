@@ -9,6 +9,7 @@ mod export;
 mod inspect;
 mod pipeline;
 mod printer;
+mod quantize;
 mod train;
 
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub(crate) enum Command {
     Eval(eval::EvalArgs),
     /// Write a copy of an artifact at another precision (fp16, bf16)
     Export(export::ExportArgs),
+    /// Quantize an artifact to int8 with a calibration set (or to fp16 / bf16)
+    Quantize(quantize::QuantizeArgs),
     /// Measure latency percentiles and throughput of artifacts side by side
     Bench(bench::BenchArgs),
     /// Show an artifact's metadata, lineage, layers and tensors
@@ -111,6 +114,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Export(args) => export::run(args, &context)?,
         Command::Inspect(args) => inspect::run(args, &context)?,
         Command::Bench(args) => bench::run(args, &context)?,
+        Command::Quantize(args) => quantize::run(args, &context)?,
         Command::Pipeline(args) => return pipeline::run(args, &context),
     };
     Ok(Outcome::of(&report))

@@ -90,7 +90,8 @@ pub(crate) fn load_data(
     limit: Option<usize>,
     val_limit: Option<usize>,
 ) -> anyhow::Result<Dataset> {
-    let mut data = Dataset::load(dir).context("cannot load the data set")?;
+    let mut data = Dataset::load(dir)
+        .with_context(|| format!("cannot load the data set `{}`", dir.display()))?;
     if let Some(n) = limit {
         data.train.truncate(n);
     }

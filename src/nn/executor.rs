@@ -346,6 +346,17 @@ impl Executor {
         stats
     }
 
+    /// The fp32 activations of one batch: `[0]` is the input, `[i + 1]` op `i`'s output
+    /// (what int8 calibration measures).
+    pub fn activations(&mut self, params: &[Vec<f32>], x: &[f32], batch: usize) -> Vec<Vec<f32>> {
+        let plan = &self.plan;
+        let ws = &mut self.shards[0].ws;
+        ws.acts[0].clear();
+        ws.acts[0].extend_from_slice(&x[..batch * plan.input_len]);
+        forward(plan, params, batch, ws, Mode::Infer);
+        ws.acts.clone()
+    }
+
     /// Logits for a batch (`[batch, classes]` into `logits`), dropout off.
     pub fn predict(&mut self, params: &[Vec<f32>], x: &[f32], batch: usize, logits: &mut Vec<f32>) {
         let plan = &self.plan;

@@ -3,6 +3,7 @@
 //! fp16 and bf16 artifacts are widened to f32 at load (as TFLite does for fp16 weights);
 //! [`evaluate`] measures accuracy, loss, per-class accuracy and the confusion matrix.
 
+pub mod int8;
 pub mod reference;
 
 use std::time::Instant;
@@ -16,13 +17,29 @@ use crate::Result;
 
 /// A loaded model ready to predict on the CPU.
 pub struct Session {
-    executor: Executor,
-    params: Vec<Vec<f32>>,
+    engine: Engine,
+}
+
+enum Engine {
+    /// fp32 (fp16 / bf16 widened at load).
+    Float {
+        executor: Executor,
+        params: Vec<Vec<f32>>,
+    },
+    /// int8 artifacts: integer kernels.
+    Int8(int8::Int8Model),
 }
 
 impl Session {
-    /// Compiles the artifact's spec and widens its weights to f32.
+    /// Compiles the artifact for the CPU: int8 artifacts run in the integer runtime,
+    /// float ones in fp32.
     pub fn new(artifact: &Artifact, threads: usize) -> Result<Self> {
+        if artifact.precision == crate::artifact::Precision::Int8 {
+            let model = int8::Int8Model::new(artifact, threads, int8::gemm::Kernel::detect())?;
+            return Ok(Session {
+                engine: Engine::Int8(model),
+            });
+        }
         Self::from_params(
             &Plan::compile(&artifact.spec)?,
             artifact.params_f32(),
@@ -33,19 +50,35 @@ impl Session {
     /// A session over parameters already in memory (used while training).
     pub fn from_params(plan: &Plan, params: Vec<Vec<f32>>, threads: usize) -> Result<Self> {
         Ok(Session {
-            executor: Executor::new(plan, threads),
-            params,
+            engine: Engine::Float {
+                executor: Executor::new(plan, threads),
+                params,
+            },
         })
     }
 
     /// The compiled plan.
     pub fn plan(&self) -> &Plan {
-        self.executor.plan()
+        match &self.engine {
+            Engine::Float { executor, .. } => executor.plan(),
+            Engine::Int8(model) => model.plan(),
+        }
+    }
+
+    /// What computes the conv and dense layers, for reports: `fp32` or `int8 (KERNEL)`.
+    pub fn compute(&self) -> String {
+        match &self.engine {
+            Engine::Float { .. } => "fp32".into(),
+            Engine::Int8(model) => format!("int8 ({})", model.kernel().name()),
+        }
     }
 
     /// Logits `[batch, classes]` for `x` (`[batch, h, w, c]`, already scaled).
     pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
-        self.executor.predict(&self.params, x, batch, logits);
+        match &mut self.engine {
+            Engine::Float { executor, params } => executor.predict(params, x, batch, logits),
+            Engine::Int8(model) => model.predict(x, batch, logits),
+        }
     }
 }
 

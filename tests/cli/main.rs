@@ -6,5 +6,6 @@ mod eval;
 mod export;
 mod inspect;
 mod pipeline;
+mod quantize;
 mod train;
 mod util;

@@ -4,7 +4,7 @@ use crate::util::{mlops, tiny_data};
 fn pipeline_runs_every_step_into_one_report() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "data: {}\nout: tiny\nsteps:\n  - {{run: train, epochs: 1, batch_size: 32}}\n  - {{run: export, precision: fp16}}\n  - {{run: eval, artifact: model.safetensors}}\n  - {{run: eval, artifact: model.fp16.safetensors}}\n  - {{run: bench, artifacts: [model.safetensors, model.fp16.safetensors], batch: [1, 4], duration: 0, iters: 2}}\n",
+        "data: {}\nout: tiny\nsteps:\n  - {{run: train, epochs: 1, batch_size: 32}}\n  - {{run: export, precision: fp16}}\n  - {{run: eval, artifact: model.safetensors}}\n  - {{run: eval, artifact: model.fp16.safetensors}}\n  - {{run: quantize, int8: true, calib_samples: 64}}\n  - {{run: eval, artifact: model.int8.safetensors}}\n  - {{run: bench, artifacts: [model.safetensors, model.fp16.safetensors, model.int8.safetensors], batch: [1, 4], duration: 0, iters: 2}}\n",
         tiny_data().display()
     );
     std::fs::write(dir.path().join("p.yaml"), config).unwrap();
@@ -25,7 +25,10 @@ fn pipeline_runs_every_step_into_one_report() {
         .iter()
         .map(|s| s["step"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["train", "export", "eval", "eval", "bench"]);
+    assert_eq!(
+        steps,
+        ["train", "export", "eval", "eval", "quantize", "eval", "bench"]
+    );
     assert!(stderr.contains("p50 us b1"), "{stderr}");
     assert!(output.stdout.is_empty(), "pipeline steps keep stdout clean");
     assert!(dir.path().join("tiny/model.fp16.safetensors").is_file());
@@ -59,7 +62,7 @@ fn default_pipeline_parses_and_starts() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("pipeline (built-in default): 7 steps"),
+        stderr.contains("pipeline (built-in default): 9 steps"),
         "{stderr}"
     );
     crate::util::assert_user_error(&output, "fixtures/mnist");

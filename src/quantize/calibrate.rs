@@ -1,0 +1,174 @@
+//! Calibration: the range of each conv/dense input over sample images, and the choice of
+//! a uint8 scale for it (min/max, a percentile, or the clip that minimizes squared error).
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::QuantConfig;
+use crate::data::Split;
+use crate::nn::plan::Op;
+use crate::nn::{Executor, Plan};
+use crate::runtime::int8::ActQuant;
+use crate::Result;
+
+/// How an activation range becomes a scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CalibMethod {
+    /// The observed minimum and maximum.
+    MinMax,
+    /// Clip at this percentile of the observed values (e.g. 99.99).
+    Percentile(f32),
+    /// The clip (searched over 100 candidates) minimizing the squared rounding error.
+    Mse,
+}
+
+impl CalibMethod {
+    /// Name for reports.
+    pub fn name(self) -> String {
+        match self {
+            CalibMethod::MinMax => "minmax".into(),
+            CalibMethod::Percentile(p) => format!("percentile {p}"),
+            CalibMethod::Mse => "mse".into(),
+        }
+    }
+}
+
+/// What calibration saw at one layer input.
+#[derive(Debug, Clone, Default)]
+pub struct Range {
+    /// Smallest value.
+    pub min: f32,
+    /// Largest value.
+    pub max: f32,
+    /// A sample of the values (at most [`KEEP`]), for percentile and mse.
+    kept: Vec<f32>,
+    seen: usize,
+}
+
+/// Values kept per layer for percentile / mse (a deterministic stride sample).
+const KEEP: usize = 1 << 20;
+
+impl Range {
+    /// The kept values.
+    pub fn values(&self) -> &[f32] {
+        &self.kept
+    }
+}
+
+/// Runs `config.samples` calibration images through the fp32 model; one range per
+/// conv/dense layer, in op order.
+pub fn collect_ranges(
+    plan: &Plan,
+    params: &[Vec<f32>],
+    calib: &Split,
+    config: &QuantConfig,
+) -> Result<Vec<Range>> {
+    let mut order: Vec<usize> = (0..calib.count).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(config.seed));
+    order.truncate(config.samples);
+    let layer_ops: Vec<usize> = plan
+        .ops
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| matches!(op, Op::Conv(_) | Op::Dense(_)))
+        .map(|(i, _)| i)
+        .collect();
+    let mut ranges = vec![
+        Range {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            ..Default::default()
+        };
+        layer_ops.len()
+    ];
+    let mut executor = Executor::new(plan, 1);
+    let (mut x, mut labels) = (Vec::new(), Vec::new());
+    for chunk in order.chunks(100) {
+        calib.gather(chunk, &mut x, &mut labels);
+        let acts = executor.activations(params, &x, chunk.len());
+        for (range, &op) in ranges.iter_mut().zip(&layer_ops) {
+            let values = &acts[op][..chunk.len()
+                * if op == 0 {
+                    plan.input_len
+                } else {
+                    plan.out_lens[op - 1]
+                }];
+            for &v in values {
+                range.min = range.min.min(v);
+                range.max = range.max.max(v);
+                range.seen += 1;
+            }
+            let stride = (values.len() * order.len() / chunk.len())
+                .div_ceil(KEEP)
+                .max(1);
+            range.kept.extend(values.iter().step_by(stride));
+        }
+    }
+    Ok(ranges)
+}
+
+/// Picks the uint8 mapping for one tensor.
+pub fn choose(values: &[f32], min: f32, max: f32, method: CalibMethod) -> ActQuant {
+    match method {
+        CalibMethod::MinMax => ActQuant::from_range(min, max),
+        CalibMethod::Percentile(p) => {
+            let mut sorted = values.to_vec();
+            sorted.sort_by(f32::total_cmp);
+            if sorted.is_empty() {
+                return ActQuant::from_range(min, max);
+            }
+            let at = |q: f32| {
+                let i = ((q / 100.0) * (sorted.len() - 1) as f32).round() as usize;
+                sorted[i.min(sorted.len() - 1)]
+            };
+            ActQuant::from_range(at(100.0 - p), at(p))
+        }
+        CalibMethod::Mse => {
+            let mut best = (f64::INFINITY, ActQuant::from_range(min, max));
+            for i in 1..=100 {
+                let f = i as f32 / 100.0;
+                let q = ActQuant::from_range(min * f, max * f);
+                let err: f64 = values
+                    .iter()
+                    .map(|&v| {
+                        let back = (q.quantize(v) as f32 - q.zero_point as f32) * q.scale;
+                        ((v - back) as f64).powi(2)
+                    })
+                    .sum();
+                if err < best.0 {
+                    best = (err, q);
+                }
+            }
+            best.1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Round-trip error of a calibrated mapping is at most half a step inside its range.
+    #[test]
+    fn quantize_dequantize_round_trip_within_half_a_step() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 / 100.0 - 2.0).collect();
+        let q = choose(&values, -2.0, 7.99, CalibMethod::MinMax);
+        for &v in &values {
+            let back = (q.quantize(v) as f32 - q.zero_point as f32) * q.scale;
+            assert!((v - back).abs() <= 0.5 * q.scale + 1e-6, "{v} -> {back}");
+        }
+        // 0.0 is exactly representable (zero padding and ReLU depend on it).
+        assert_eq!(
+            (q.quantize(0.0) as f32 - q.zero_point as f32) * q.scale,
+            0.0
+        );
+    }
+
+    #[test]
+    fn percentile_clips_outliers() {
+        let mut values = vec![1.0f32; 10_000];
+        values[0] = 1000.0;
+        let q = choose(&values, 0.0, 1000.0, CalibMethod::Percentile(99.9));
+        assert!(q.scale < 0.01, "{q:?}");
+    }
+}

@@ -1,0 +1,177 @@
+use std::path::Path;
+
+use crate::util::{assert_user_error, json_of, mlops, tiny_data, trained_model};
+
+fn quantize(dir: &Path, extra: &[&str]) -> std::process::Output {
+    std::fs::copy(trained_model(), dir.join("model.safetensors")).unwrap();
+    mlops(dir)
+        .args(["quantize", "model.safetensors", "--int8", "--calib"])
+        .arg(tiny_data())
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn quantize_int8_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval_data = tiny_data().display().to_string();
+    let output = quantize(dir.path(), &["--eval-data", &eval_data, "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json_of(&output);
+    let m = &report["metrics"];
+    assert_eq!(m["layers"].as_array().unwrap().len(), 5);
+    assert!(
+        m["compute"].as_str().unwrap().starts_with("int8"),
+        "{}",
+        m["compute"]
+    );
+    let ratio = m["size_ratio"].as_f64().unwrap();
+    assert!(ratio <= 0.27, "int8 file is {ratio} of fp32");
+    let agreement = m["eval"]["top1_agreement"].as_f64().unwrap();
+    assert!(
+        agreement > 0.9,
+        "top-1 agreement {agreement} (chance is 0.1)"
+    );
+    let int8_accuracy = m["eval"]["int8_accuracy"].as_f64().unwrap();
+
+    // eval runs the int8 artifact through the integer runtime and measures the same.
+    let eval = mlops(dir.path())
+        .args(["eval", "model.int8.safetensors", "--json", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    let eval = json_of(&eval);
+    assert_eq!(eval["metrics"]["accuracy"].as_f64().unwrap(), int8_accuracy);
+    assert_eq!(eval["metrics"]["precision"], "int8");
+
+    let inspect = mlops(dir.path())
+        .args(["inspect", "model.int8.safetensors", "--json"])
+        .output()
+        .unwrap();
+    let info = json_of(&inspect);
+    assert_eq!(info["metrics"]["precision"], "int8");
+    assert_eq!(info["metrics"]["lineage"][1]["step"], "quantize");
+    assert!(info["metrics"]["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "layers.2.input_scale"));
+}
+
+#[test]
+fn quantize_accuracy_gate_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval_data = tiny_data().display().to_string();
+    // A drop can never be at most -1: the gate must fail.
+    let output = quantize(
+        dir.path(),
+        &["--eval-data", &eval_data, "--max-accuracy-drop=-1"],
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = quantize(
+        dir.path(),
+        &["--eval-data", &eval_data, "--max-accuracy-drop", "1"],
+    );
+    assert_eq!(output.status.code(), Some(0));
+}
+
+#[test]
+fn quantize_methods_all_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for method in ["percentile", "mse"] {
+        let output = quantize(
+            dir.path(),
+            &["--calib-method", method, "--calib-samples", "64", "--json"],
+        );
+        assert!(
+            output.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(json_of(&output)["metrics"]["method"]
+            .as_str()
+            .unwrap()
+            .starts_with(method));
+    }
+}
+
+#[test]
+fn quantize_dry_run_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--dry-run",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let report = json_of(&output);
+    assert_eq!(report["metrics"]["tensors"][0]["to"], "I8");
+    assert!(!dir.path().join("model.int8.safetensors").exists());
+}
+
+#[test]
+fn quantize_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let no_calib = mlops(dir.path())
+        .args(["quantize", "model.safetensors", "--int8"])
+        .output()
+        .unwrap();
+    assert_user_error(&no_calib, "--calib DIR");
+
+    let ok = quantize(dir.path(), &[]);
+    assert!(ok.status.success());
+    let again = mlops(dir.path())
+        .args(["quantize", "model.int8.safetensors", "--int8", "--calib"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_user_error(&again, "already int8");
+
+    // Calibration images of another shape: the error names the file.
+    let calib = dir.path().join("small");
+    std::fs::create_dir_all(&calib).unwrap();
+    std::fs::write(
+        calib.join("train-images-idx3-ubyte"),
+        mlops::data::idx::encode_idx(&[2, 8, 8], &[0; 128]),
+    )
+    .unwrap();
+    std::fs::write(
+        calib.join("train-labels-idx1-ubyte"),
+        mlops::data::idx::encode_idx(&[2], &[0, 1]),
+    )
+    .unwrap();
+    let wrong = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--calib",
+            "small",
+        ])
+        .output()
+        .unwrap();
+    assert_user_error(&wrong, "train-images-idx3-ubyte");
+
+    let export = mlops(dir.path())
+        .args(["export", "model.int8.safetensors", "--precision", "fp16"])
+        .output()
+        .unwrap();
+    assert_user_error(&export, "already int8");
+}
