@@ -47,5 +47,30 @@ fn reference_cnn(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reference_cnn);
+/// The int8 GEMM on the reference CNN's second conv (batch 32 per thread): throughput in
+/// multiply-adds, for each kernel this CPU has.
+fn int8_gemm(c: &mut Criterion) {
+    use mlops::runtime::int8::gemm::{gemm_u8i8, Kernel, PackedWeights};
+    let (m, n, k) = (32 * 11 * 11, 64, 288);
+    let a: Vec<u8> = (0..m * k).map(|i| (i * 31 % 256) as u8).collect();
+    let w: Vec<i8> = (0..n * k)
+        .map(|i| ((i * 17 % 255) as i32 - 127) as i8)
+        .collect();
+    let packed = PackedWeights::new(&w, n, k);
+    let mut out = vec![0i32; m * n];
+    let mut group = c.benchmark_group("int8_gemm_conv2");
+    group.throughput(Throughput::Elements((m * n * k) as u64));
+    let mut kernels = vec![Kernel::Portable];
+    if Kernel::detect() != Kernel::Portable {
+        kernels.push(Kernel::detect());
+    }
+    for kernel in kernels {
+        group.bench_function(kernel.name(), |b| {
+            b.iter(|| gemm_u8i8(kernel, black_box(&a), m, &packed, &mut out))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, reference_cnn, int8_gemm);
 criterion_main!(benches);
