@@ -20,8 +20,10 @@ pub struct BenchConfig {
     pub warmup_time: Duration,
     /// Timed calls (at least this many).
     pub iters: usize,
-    /// Keep timing until this much time has passed too.
+    /// Keep timing until this much time has passed too (per repeat).
     pub duration: Duration,
+    /// Timed rounds, each with its own `iters` / `duration` (spread between rounds).
+    pub repeats: usize,
 }
 
 impl Default for BenchConfig {
@@ -31,6 +33,7 @@ impl Default for BenchConfig {
             warmup_time: Duration::from_millis(200),
             iters: 20,
             duration: Duration::from_secs(1),
+            repeats: 1,
         }
     }
 }
@@ -91,9 +94,9 @@ impl LatencyStats {
     }
 }
 
-/// Times `call` per `config`; returns the first (cold) call's time and the timed samples,
-/// both in microseconds.
-pub fn measure(config: &BenchConfig, mut call: impl FnMut()) -> (f64, Vec<f64>) {
+/// Times `call` per `config`; returns the first (cold) call's time and the timed samples
+/// of each repeat, all in microseconds.
+pub fn measure(config: &BenchConfig, mut call: impl FnMut()) -> (f64, Vec<Vec<f64>>) {
     let cold = Instant::now();
     call();
     let cold_us = cold.elapsed().as_secs_f64() * 1e6;
@@ -103,14 +106,18 @@ pub fn measure(config: &BenchConfig, mut call: impl FnMut()) -> (f64, Vec<f64>) 
         call();
         done += 1;
     }
-    let mut samples = Vec::new();
-    let timed = Instant::now();
-    while samples.len() < config.iters || timed.elapsed() < config.duration {
-        let t = Instant::now();
-        call();
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    let mut repeats = Vec::new();
+    for _ in 0..config.repeats.max(1) {
+        let mut samples = Vec::new();
+        let timed = Instant::now();
+        while samples.len() < config.iters || timed.elapsed() < config.duration {
+            let t = Instant::now();
+            call();
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        repeats.push(samples);
     }
-    (cold_us, samples)
+    (cold_us, repeats)
 }
 
 #[cfg(test)]
@@ -138,11 +145,13 @@ mod tests {
             warmup_time: Duration::ZERO,
             iters: 5,
             duration: Duration::ZERO,
+            repeats: 3,
         };
         let mut calls = 0;
-        let (_, samples) = measure(&config, || calls += 1);
-        assert_eq!(samples.len(), 5);
-        assert_eq!(calls, 1 + 2 + 5);
+        let (_, repeats) = measure(&config, || calls += 1);
+        assert_eq!(repeats.len(), 3);
+        assert!(repeats.iter().all(|r| r.len() == 5));
+        assert_eq!(calls, 1 + 2 + 3 * 5);
     }
 }
 
@@ -202,7 +211,10 @@ pub struct BenchRow {
     pub cv: f64,
     /// `cv` above [`UNSTABLE_CV`].
     pub unstable: bool,
-    /// Every timed call, in order.
+    /// Throughput of each repeat (`--repeats`), images/s.
+    #[serde(default)]
+    pub repeat_throughputs: Vec<f64>,
+    /// Every timed call, in order (all repeats).
     pub samples_us: Vec<f64>,
 }
 

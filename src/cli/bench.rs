@@ -48,9 +48,12 @@ pub(crate) struct BenchArgs {
     /// Timed calls (at least)
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
-    /// Time for at least this many seconds per row
+    /// Time for at least this many seconds per row (and repeat)
     #[arg(long, default_value_t = 1.0, value_name = "S")]
     pub duration: f64,
+    /// Timed rounds per row; the spread between them shows the run's stability
+    #[arg(long, default_value_t = 1, value_name = "R")]
+    pub repeats: usize,
     /// Measure training steps (forward + backward + Adam) instead of inference
     #[arg(long)]
     pub train: bool,
@@ -77,6 +80,7 @@ fn config(args: &BenchArgs) -> BenchConfig {
         warmup_time: Duration::from_secs_f64(args.warmup_secs.max(0.0)),
         iters: args.iters.max(1),
         duration: Duration::from_secs_f64(args.duration.max(0.0)),
+        repeats: args.repeats.max(1),
     }
 }
 
@@ -137,7 +141,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
             };
             let before = Usage::now();
             let wall = Instant::now();
-            let (cold_us, samples) = if args.train {
+            let (cold_us, repeats) = if args.train {
                 let labels: Vec<u8> = (0..batch).map(|i| (i % plan.classes) as u8).collect();
                 let mut params = artifact.params_f32();
                 let mut adam = Adam::new(&params);
@@ -152,6 +156,11 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
             };
             let wall_s = wall.elapsed().as_secs_f64();
             let after = Usage::now();
+            let repeat_throughputs: Vec<f64> = repeats
+                .iter()
+                .map(|r| batch as f64 * r.len() as f64 / (r.iter().sum::<f64>() / 1e6))
+                .collect();
+            let samples: Vec<f64> = repeats.into_iter().flatten().collect();
             let latency = LatencyStats::of(&samples).expect("at least one sample");
             let total_s: f64 = samples.iter().sum::<f64>() / 1e6;
             let throughput = batch as f64 * samples.len() as f64 / total_s;
@@ -184,6 +193,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
                 change_vs_baseline: None,
                 cv: latency.cv(),
                 unstable: latency.cv() > UNSTABLE_CV,
+                repeat_throughputs,
                 samples_us: samples,
             });
         }
@@ -356,6 +366,10 @@ fn flat_row(doc: &BenchDoc, row: &BenchRow) -> serde_json::Map<String, serde_jso
     for (key, v) in value.as_object().expect("row is an object") {
         match (key.as_str(), v) {
             ("samples_us", _) => {}
+            (_, serde_json::Value::Array(items)) => {
+                let joined: Vec<String> = items.iter().map(|v| v.to_string()).collect();
+                map.insert(key.clone(), joined.join(";").into());
+            }
             (_, serde_json::Value::Object(inner)) => {
                 for (k, x) in inner {
                     map.insert(format!("{key}_{k}"), x.clone());

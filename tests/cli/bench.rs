@@ -153,6 +153,22 @@ fn bench_baseline_gate_fails_on_regression_and_passes_otherwise() {
 }
 
 #[test]
+fn bench_repeats_report_each_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .arg("bench")
+        .arg(trained_model())
+        .args(["--batch", "2", "--repeats", "3", "--format", "json"])
+        .args(QUICK)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let row = &json_of(&output)["rows"][0];
+    assert_eq!(row["repeat_throughputs"].as_array().unwrap().len(), 3);
+    assert_eq!(row["samples_us"].as_array().unwrap().len(), 9);
+}
+
+#[test]
 fn bench_train_mode_measures_training_steps() {
     let dir = tempfile::tempdir().unwrap();
     let output = mlops(dir.path())
