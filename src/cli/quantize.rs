@@ -21,6 +21,7 @@ pub(crate) enum MethodArg {
     Minmax,
     Percentile,
     Mse,
+    Entropy,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -36,7 +37,8 @@ pub(crate) struct QuantizeArgs {
     /// Shorthand of `mlops export --precision bf16`
     #[arg(long, conflicts_with_all = ["int8", "fp16"])]
     pub bf16: bool,
-    /// Calibration images: an IDX folder (its training split when it has one)
+    /// Calibration images: a folder of PNG/JPEG images (flat or one sub-folder per class),
+    /// or an IDX folder (its training split when it has one)
     #[arg(long, value_name = "DIR")]
     pub calib: Option<PathBuf>,
     /// Calibration images to use, chosen with a fixed seed
@@ -68,14 +70,19 @@ pub(crate) struct QuantizeArgs {
     pub output: ReportArgs,
 }
 
-/// Calibration images: the training split of an IDX folder, else its test split.
-fn calibration_split(dir: &Path) -> anyhow::Result<Split> {
+/// Calibration images: a folder of PNG/JPEG images (converted to `shape`), else the
+/// training split of an IDX folder, else its test split.
+fn calibration_split(dir: &Path, shape: [usize; 3]) -> anyhow::Result<Split> {
     if !dir.is_dir() {
         bail!(mlops::Error::data(dir, "calibration folder does not exist"));
     }
+    let context = || format!("cannot read calibration images from `{}`", dir.display());
+    if mlops::data::images::looks_like_image_folder(dir) {
+        return mlops::data::images::load_image_folder(dir, shape).with_context(context);
+    }
     load_split(dir, SplitKind::Train)
         .or_else(|_| load_split(dir, SplitKind::Test))
-        .with_context(|| format!("cannot read calibration images from `{}`", dir.display()))
+        .with_context(context)
 }
 
 pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepReport> {
@@ -112,13 +119,14 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         bail!("`--percentile` must be in [50, 100), e.g. 99.99");
     }
     let (mut step, started) = StepReport::start("quantize", "cpu");
-    let calib = calibration_split(calib_dir)?;
+    let calib = calibration_split(calib_dir, artifact.spec.input)?;
     calib.check_fits(artifact.spec.input, artifact.spec.classes)?;
     let config = QuantConfig {
         method: match args.calib_method {
             MethodArg::Minmax => CalibMethod::MinMax,
             MethodArg::Percentile => CalibMethod::Percentile(args.percentile),
             MethodArg::Mse => CalibMethod::Mse,
+            MethodArg::Entropy => CalibMethod::Entropy,
         },
         samples: args.calib_samples,
         seed: 0,

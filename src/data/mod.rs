@@ -4,6 +4,7 @@
 //! assembled, where they become `f32` in `[0, 1]` (the scaling recorded in `mlops.input`).
 
 pub mod idx;
+pub mod images;
 
 use std::path::{Path, PathBuf};
 

@@ -20,6 +20,9 @@ pub enum CalibMethod {
     Percentile(f32),
     /// The clip (searched over 100 candidates) minimizing the squared rounding error.
     Mse,
+    /// The clip minimizing the KL divergence between the value histogram and its
+    /// quantized version (TensorRT's entropy calibration).
+    Entropy,
 }
 
 impl CalibMethod {
@@ -29,6 +32,7 @@ impl CalibMethod {
             CalibMethod::MinMax => "minmax".into(),
             CalibMethod::Percentile(p) => format!("percentile {p}"),
             CalibMethod::Mse => "mse".into(),
+            CalibMethod::Entropy => "entropy".into(),
         }
     }
 }
@@ -123,6 +127,16 @@ pub fn choose(values: &[f32], min: f32, max: f32, method: CalibMethod) -> ActQua
             };
             ActQuant::from_range(at(100.0 - p), at(p))
         }
+        CalibMethod::Entropy => {
+            let signed = min < 0.0;
+            let top = if signed { max.max(-min) } else { max };
+            let t = entropy_threshold(values, top, if signed { 127 } else { 255 });
+            if signed {
+                ActQuant::from_range(-t, t)
+            } else {
+                ActQuant::from_range(0.0, t)
+            }
+        }
         CalibMethod::Mse => {
             let mut best = (f64::INFINITY, ActQuant::from_range(min, max));
             for i in 1..=100 {
@@ -144,6 +158,59 @@ pub fn choose(values: &[f32], min: f32, max: f32, method: CalibMethod) -> ActQua
     }
 }
 
+/// Histogram bins for entropy calibration.
+const BINS: usize = 2048;
+
+/// The clip threshold in `(0, top]` whose `levels`-step quantization of the |value|
+/// histogram loses the least information (smallest KL divergence).
+fn entropy_threshold(values: &[f32], top: f32, levels: usize) -> f32 {
+    if top <= 0.0 || values.is_empty() {
+        return top.max(0.0);
+    }
+    let mut hist = vec![0f64; BINS];
+    for &v in values {
+        let bin = ((v.abs() / top) * BINS as f32) as usize;
+        hist[bin.min(BINS - 1)] += 1.0;
+    }
+    let mut best = (f64::INFINITY, BINS);
+    for end in (levels..=BINS).step_by(8) {
+        // Reference: the first `end` bins, with everything beyond clipped into the last.
+        let mut p = hist[..end].to_vec();
+        p[end - 1] += hist[end..].iter().sum::<f64>();
+        // Candidate: the same range merged into `levels` steps, spread back uniformly over
+        // the bins that were non-empty.
+        let mut q = vec![0f64; end];
+        for level in 0..levels {
+            let (lo, hi) = (
+                level * end / levels,
+                ((level + 1) * end / levels).max(level * end / levels + 1),
+            );
+            let hi = hi.min(end);
+            let mass: f64 = hist[lo..hi].iter().sum();
+            let nonzero = hist[lo..hi].iter().filter(|&&h| h > 0.0).count();
+            if nonzero > 0 {
+                for i in lo..hi {
+                    if hist[i] > 0.0 {
+                        q[i] = mass / nonzero as f64;
+                    }
+                }
+            }
+        }
+        let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+        let mut kl = 0.0;
+        for (a, b) in p.iter().zip(&q) {
+            if *a > 0.0 {
+                let (a, b) = (a / sp, (b / sq).max(1e-12));
+                kl += a * (a / b).ln();
+            }
+        }
+        if kl < best.0 {
+            best = (kl, end);
+        }
+    }
+    top * best.1 as f32 / BINS as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +229,16 @@ mod tests {
             (q.quantize(0.0) as f32 - q.zero_point as f32) * q.scale,
             0.0
         );
+    }
+
+    #[test]
+    fn entropy_clips_a_long_tail() {
+        // Mostly small values and a few huge ones: the entropy clip lands well below max.
+        let mut values: Vec<f32> = (0..100_000).map(|i| (i % 100) as f32 / 100.0).collect();
+        values.extend([50.0, 80.0, 100.0]);
+        let q = choose(&values, 0.0, 100.0, CalibMethod::Entropy);
+        assert!(q.scale * 255.0 < 50.0, "{q:?}");
+        assert_eq!(q.zero_point, 0);
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn quantize_accuracy_gate_exits_3() {
 #[test]
 fn quantize_methods_all_work() {
     let dir = tempfile::tempdir().unwrap();
-    for method in ["percentile", "mse"] {
+    for method in ["percentile", "mse", "entropy"] {
         let output = quantize(
             dir.path(),
             &["--calib-method", method, "--calib-samples", "64", "--json"],
@@ -103,6 +103,62 @@ fn quantize_methods_all_work() {
             .unwrap()
             .starts_with(method));
     }
+}
+
+#[test]
+fn quantize_calibrates_on_a_folder_of_images() {
+    let dir = tempfile::tempdir().unwrap();
+    // 40 PNGs in class folders, from the tiny fixtures' first images.
+    let split = mlops::data::load_split(&tiny_data(), mlops::data::SplitKind::Train).unwrap();
+    for i in 0..40 {
+        let class = dir.path().join("pngs").join(split.labels[i].to_string());
+        std::fs::create_dir_all(&class).unwrap();
+        let pixels = split.images[i * 784..(i + 1) * 784].to_vec();
+        image::GrayImage::from_raw(28, 28, pixels)
+            .unwrap()
+            .save(class.join(format!("{i}.png")))
+            .unwrap();
+    }
+    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let eval_data = tiny_data().display().to_string();
+    let output = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--calib",
+            "pngs",
+            "--json",
+        ])
+        .args(["--eval-data", &eval_data])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json_of(&output);
+    assert_eq!(report["metrics"]["samples"], 40);
+    assert!(
+        report["metrics"]["eval"]["top1_agreement"]
+            .as_f64()
+            .unwrap()
+            > 0.9
+    );
+
+    std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+    let empty = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--calib",
+            "empty",
+        ])
+        .output()
+        .unwrap();
+    assert_user_error(&empty, "empty");
 }
 
 #[test]

@@ -1,0 +1,146 @@
+//! Folders of PNG/JPEG images (flat, or one sub-folder per class) as a [`Split`].
+//!
+//! Used for calibration sets: users have pictures, not IDX files. Every image is converted
+//! to the model's input shape (grey or RGB, resized with a triangle filter when its size
+//! differs) so it goes through the same preprocessing as the training data.
+
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+use sha2::{Digest, Sha256};
+
+use super::Split;
+use crate::report::FileRecord;
+use crate::{Error, Result};
+
+fn is_image(path: &Path) -> bool {
+    matches!(
+        path.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("png" | "jpg" | "jpeg")
+    )
+}
+
+/// Image files under `dir` (flat, or one level of class folders), sorted, with their
+/// class index (the sorted sub-folder's position; 0 for a flat folder).
+fn list(dir: &Path) -> Result<Vec<(PathBuf, u8)>> {
+    let read = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(d)
+            .map_err(|e| Error::io("read folder", d, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        paths.sort();
+        Ok(paths)
+    };
+    let entries = read(dir)?;
+    let mut files: Vec<(PathBuf, u8)> = entries
+        .iter()
+        .filter(|p| p.is_file() && is_image(p))
+        .map(|p| (p.clone(), 0))
+        .collect();
+    let classes: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
+    for (class, sub) in classes.iter().enumerate() {
+        for p in read(sub)? {
+            if p.is_file() && is_image(&p) {
+                files.push((p, class.min(255) as u8));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// True when `dir` holds PNG/JPEG images (directly or in class folders).
+pub fn looks_like_image_folder(dir: &Path) -> bool {
+    list(dir).is_ok_and(|f| !f.is_empty())
+}
+
+/// Loads every image of `dir`, converted to `shape` (`[h, w, c]`, c = 1 or 3).
+pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
+    let [h, w, c] = shape;
+    if c != 1 && c != 3 {
+        return Err(Error::data(
+            dir,
+            format!("images can feed models with 1 or 3 input channels, this one has {c}"),
+        ));
+    }
+    let files = list(dir)?;
+    if files.is_empty() {
+        return Err(Error::data(
+            dir,
+            "no PNG or JPEG images found (flat, or in one sub-folder per class)",
+        ));
+    }
+    let mut images = Vec::with_capacity(files.len() * h * w * c);
+    let mut labels = Vec::with_capacity(files.len());
+    let mut hasher = Sha256::new();
+    let mut total_bytes = 0u64;
+    for (path, label) in &files {
+        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        hasher.update(&bytes);
+        total_bytes += bytes.len() as u64;
+        let img = image::load_from_memory(&bytes)
+            .map_err(|e| Error::data(path, format!("unreadable image: {e}")))?;
+        let img = if img.width() as usize != w || img.height() as usize != h {
+            img.resize_exact(w as u32, h as u32, FilterType::Triangle)
+        } else {
+            img
+        };
+        if c == 1 {
+            images.extend_from_slice(img.to_luma8().as_raw());
+        } else {
+            images.extend_from_slice(img.to_rgb8().as_raw());
+        }
+        labels.push(*label);
+    }
+    // One record for the folder: total size and the sha256 of all images in order.
+    let digest = hasher.finalize();
+    Ok(Split {
+        images,
+        labels,
+        count: files.len(),
+        shape,
+        files: vec![FileRecord {
+            path: dir.display().to_string(),
+            bytes: total_bytes,
+            sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_resizes_a_class_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, value) in [("a", 10u8), ("b", 200u8)] {
+            std::fs::create_dir_all(dir.path().join(class)).unwrap();
+            image::GrayImage::from_pixel(56, 56, image::Luma([value]))
+                .save(dir.path().join(class).join("x.png"))
+                .unwrap();
+        }
+        let split = load_image_folder(dir.path(), [28, 28, 1]).unwrap();
+        assert_eq!(split.count, 2);
+        assert_eq!(split.labels, vec![0, 1]);
+        assert_eq!(split.images.len(), 2 * 784);
+        assert_eq!(split.images[0], 10);
+        assert_eq!(split.images[784], 200);
+    }
+
+    #[test]
+    fn empty_and_unreadable_folders_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_image_folder(dir.path(), [28, 28, 1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no PNG or JPEG"), "{err}");
+        std::fs::write(dir.path().join("bad.png"), b"not a png").unwrap();
+        let err = load_image_folder(dir.path(), [28, 28, 1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.png"), "{err}");
+    }
+}
