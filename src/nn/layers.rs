@@ -16,46 +16,7 @@ use super::plan::{ConvOp, DenseOp, PoolOp};
 
 /// Unfolds `x` (`[batch, h, w, c]`) into `patches` (`[batch * oh * ow, k * k * c]`).
 pub fn im2col(op: &ConvOp, x: &[f32], batch: usize, patches: &mut Vec<f32>) {
-    let [h, w, c] = op.input;
-    let [oh, ow, _] = op.output;
-    let (k, s) = (op.kernel, op.stride);
-    let row_len = op.patch_len();
-    patches.resize(batch * oh * ow * row_len, 0.0);
-    let mut row = 0;
-    for n in 0..batch {
-        let image = &x[n * h * w * c..(n + 1) * h * w * c];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let dst = &mut patches[row * row_len..(row + 1) * row_len];
-                for ky in 0..k {
-                    let iy = (oy * s + ky) as isize - op.pad.0 as isize;
-                    let seg = &mut dst[ky * k * c..(ky + 1) * k * c];
-                    if iy < 0 || iy >= h as isize {
-                        seg.fill(0.0);
-                        continue;
-                    }
-                    let ix0 = (ox * s) as isize - op.pad.1 as isize;
-                    if ix0 >= 0 && ix0 as usize + k <= w {
-                        // The whole kernel row lies inside the image: one contiguous copy.
-                        let start = (iy as usize * w + ix0 as usize) * c;
-                        seg.copy_from_slice(&image[start..start + k * c]);
-                    } else {
-                        for kx in 0..k {
-                            let ix = ix0 + kx as isize;
-                            let cell = &mut seg[kx * c..(kx + 1) * c];
-                            if ix < 0 || ix >= w as isize {
-                                cell.fill(0.0);
-                            } else {
-                                let start = (iy as usize * w + ix as usize) * c;
-                                cell.copy_from_slice(&image[start..start + c]);
-                            }
-                        }
-                    }
-                }
-                row += 1;
-            }
-        }
-    }
+    super::im2col::im2col(op, x, batch, op.patch_len(), 0.0, patches);
 }
 
 /// Folds patch gradients back onto the input gradient `dx` (the adjoint of [`im2col`]).

@@ -289,7 +289,7 @@ fn forward(
                 let patches = &mut s.patches[i];
                 let rows = match &layer.conv {
                     Some(conv) => {
-                        im2col_u8(
+                        crate::nn::im2col::im2col(
                             conv,
                             a,
                             batch,
@@ -342,91 +342,6 @@ fn quantize_input(q: ActQuant, x: &[f32], out: &mut [u8]) {
         let r = (v / q.scale + zp).round_ties_even().max(0.0).min(255.0);
         // SAFETY: finite and in [0, 255] after max/min (NaN becomes 0).
         *o = unsafe { r.to_int_unchecked::<i32>() } as u8;
-    }
-}
-
-/// Copies a short run of bytes without a `memcpy` call: the im2col runs here are 3 to 200
-/// bytes long, where the call costs more than the copy (measured: 17% of int8 inference).
-#[inline(always)]
-fn copy_short(dst: &mut [u8], src: &[u8]) {
-    let mut d = dst.chunks_exact_mut(16);
-    let mut s = src.chunks_exact(16);
-    for (d16, s16) in (&mut d).zip(&mut s) {
-        let v: [u8; 16] = s16.try_into().expect("16 bytes");
-        d16.copy_from_slice(&v);
-    }
-    for (x, &y) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *x = y;
-    }
-}
-
-/// im2col on bytes: rows of `k * k * c` values at stride `row_stride`, padding = zero point.
-#[inline(never)]
-fn im2col_u8(op: &ConvOp, x: &[u8], batch: usize, row_stride: usize, pad: u8, out: &mut Vec<u8>) {
-    let [h, w, c] = op.input;
-    let [oh, ow, _] = op.output;
-    let (k, s) = (op.kernel, op.stride);
-    // No clearing: every byte a weight multiplies is written below, and the bytes past
-    // k in each row meet zero weights.
-    out.resize(batch * oh * ow * row_stride, 0);
-    let mut row = 0;
-    for n in 0..batch {
-        let image = &x[n * h * w * c..(n + 1) * h * w * c];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let dst = &mut out[row * row_stride..row * row_stride + k * k * c];
-                row += 1;
-                let inside = oy * s >= op.pad.0
-                    && ox * s >= op.pad.1
-                    && oy * s + k <= h + op.pad.0
-                    && ox * s + k <= w + op.pad.1;
-                if inside {
-                    let (y0, x0) = (oy * s - op.pad.0, ox * s - op.pad.1);
-                    if k == 3 && c == 1 {
-                        // The usual first layer: nine bytes from three rows, no loops.
-                        let d: &mut [u8; 9] = (&mut dst[..9]).try_into().expect("9 bytes");
-                        for ky in 0..3 {
-                            let at = (y0 + ky) * w + x0;
-                            let r: [u8; 3] = image[at..at + 3].try_into().expect("3 bytes");
-                            d[ky * 3..ky * 3 + 3].copy_from_slice(&r);
-                        }
-                    } else {
-                        for ky in 0..k {
-                            let start = ((y0 + ky) * w + x0) * c;
-                            copy_short(
-                                &mut dst[ky * k * c..(ky + 1) * k * c],
-                                &image[start..start + k * c],
-                            );
-                        }
-                    }
-                    continue;
-                }
-                for ky in 0..k {
-                    let iy = (oy * s + ky) as isize - op.pad.0 as isize;
-                    let seg = &mut dst[ky * k * c..(ky + 1) * k * c];
-                    if iy < 0 || iy >= h as isize {
-                        seg.fill(pad);
-                        continue;
-                    }
-                    let ix0 = (ox * s) as isize - op.pad.1 as isize;
-                    if ix0 >= 0 && ix0 as usize + k <= w {
-                        let start = (iy as usize * w + ix0 as usize) * c;
-                        seg.copy_from_slice(&image[start..start + k * c]);
-                    } else {
-                        for kx in 0..k {
-                            let ix = ix0 + kx as isize;
-                            let cell = &mut seg[kx * c..(kx + 1) * c];
-                            if ix < 0 || ix >= w as isize {
-                                cell.fill(pad);
-                            } else {
-                                let start = (iy as usize * w + ix as usize) * c;
-                                cell.copy_from_slice(&image[start..start + c]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
