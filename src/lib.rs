@@ -6,6 +6,7 @@
 //! - [`nn`]: the CPU numerics (im2col + GEMM conv, pooling, dense, loss, gradients).
 //! - [`train`]: Adam training with checkpoints and resume.
 //! - [`artifact`]: self-describing `.safetensors` artifacts (fp32, fp16, bf16).
+//! - [`prune`]: magnitude pruning schedules and masks.
 //! - [`quantize`]: static int8 quantization with calibration.
 //! - [`runtime`]: loading artifacts into sessions; evaluation.
 //! - [`device`]: `cpu` / `cuda[:N]` selection.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod model;
 pub mod nn;
 pub mod progress;
+pub mod prune;
 pub mod quantize;
 pub mod report;
 pub mod runtime;

@@ -146,6 +146,8 @@ pub struct Artifact {
     pub metrics: Option<EvalMetrics>,
     /// How an int8 artifact was quantized (`mlops.quantization`).
     pub quantization: Option<serde_json::Value>,
+    /// Per-layer and total sparsity of a pruned artifact (`mlops.sparsity`).
+    pub sparsity: Option<serde_json::Value>,
     /// Parameters in spec order.
     pub tensors: Vec<NamedTensor>,
 }
@@ -174,6 +176,7 @@ impl Artifact {
             lineage: Vec::new(),
             metrics: None,
             quantization: None,
+            sparsity: None,
             tensors,
         })
     }
@@ -251,6 +254,9 @@ impl Artifact {
         if let Some(q) = &self.quantization {
             metadata.insert("mlops.quantization".into(), json(q));
         }
+        if let Some(q) = &self.sparsity {
+            metadata.insert("mlops.sparsity".into(), json(q));
+        }
         safetensors::encode(&self.tensors, &metadata)
     }
 
@@ -320,6 +326,10 @@ impl Artifact {
             .get("mlops.quantization")
             .map(|t| parse(path, "mlops.quantization", t))
             .transpose()?;
+        let sparsity: Option<serde_json::Value> = metadata
+            .get("mlops.sparsity")
+            .map(|t| parse(path, "mlops.sparsity", t))
+            .transpose()?;
         let mut by_name: BTreeMap<String, NamedTensor> =
             tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
         let mut ordered = Vec::new();
@@ -364,6 +374,7 @@ impl Artifact {
             lineage,
             metrics,
             quantization,
+            sparsity,
             tensors: ordered,
         })
     }

@@ -9,6 +9,7 @@ mod export;
 mod inspect;
 mod pipeline;
 mod printer;
+mod prune;
 mod quantize;
 mod train;
 
@@ -48,6 +49,8 @@ pub(crate) enum Command {
     Eval(eval::EvalArgs),
     /// Write a copy of an artifact at another precision (fp16, bf16)
     Export(export::ExportArgs),
+    /// Prune the smallest weights on a schedule while fine-tuning (unstructured)
+    Prune(prune::PruneArgs),
     /// Quantize an artifact to int8 with a calibration set (or to fp16 / bf16)
     Quantize(quantize::QuantizeArgs),
     /// Measure latency percentiles and throughput of artifacts side by side
@@ -115,6 +118,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Inspect(args) => inspect::run(args, &context)?,
         Command::Bench(args) => bench::run(args, &context)?,
         Command::Quantize(args) => quantize::run(args, &context)?,
+        Command::Prune(args) => prune::run(args, &context)?,
         Command::Pipeline(args) => return pipeline::run(args, &context),
     };
     Ok(Outcome::of(&report))

@@ -72,7 +72,7 @@ fn step_argv(
         .with_context(|| format!("pipeline step {}: missing `run: <command>`", index + 1))?;
     let mut argv = vec!["mlops".to_string(), name.to_string()];
     let in_out = |p: &str| out.join(p).display().to_string();
-    let takes_artifact = matches!(name, "eval" | "export" | "inspect" | "quantize");
+    let takes_artifact = matches!(name, "eval" | "export" | "inspect" | "quantize" | "prune");
     if name == "bench" {
         let list = match step.get("artifacts") {
             Some(serde_yaml::Value::Sequence(items)) => items.iter().filter_map(scalar).collect(),
@@ -111,7 +111,7 @@ fn step_argv(
             }
         }
     }
-    if matches!(name, "train" | "eval") && !step.contains_key("data") {
+    if matches!(name, "train" | "eval" | "prune") && !step.contains_key("data") {
         if let Some(data) = data {
             argv.extend(["--data".into(), data.display().to_string()]);
         }
@@ -186,6 +186,7 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             Command::Inspect(a) => super::inspect::run(a, ctx)?,
             Command::Bench(a) => super::bench::run(a, ctx)?,
             Command::Quantize(a) => super::quantize::run(a, ctx)?,
+            Command::Prune(a) => super::prune::run(a, ctx)?,
             Command::Pipeline(_) => bail!(
                 "pipeline step {}: a pipeline cannot run a pipeline",
                 index + 1

@@ -10,7 +10,7 @@ use mlops::artifact::{combined_sha256, Artifact, EvalMetrics, LineageEntry};
 use mlops::data::Dataset;
 use mlops::model::ModelSpec;
 use mlops::report::{FileRecord, Gate, StepReport, MLOPS_VERSION};
-use mlops::train::{fit, Checkpoint, LrSchedule, TrainConfig, TrainReport};
+use mlops::train::{fit, Checkpoint, LrSchedule, Start, TrainConfig, TrainReport};
 
 use super::{Context, ReportArgs};
 
@@ -111,10 +111,10 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
     ensure_writable_dir(&args.out)?;
     let checkpoint_path = args.out.join("checkpoint.safetensors");
     let model_path = args.out.join("model.safetensors");
-    let resume = if args.resume {
-        Some(Checkpoint::load(&checkpoint_path)?)
+    let start = if args.resume {
+        Start::Resume(Box::new(Checkpoint::load(&checkpoint_path)?))
     } else {
-        None
+        Start::Fresh
     };
     let data = load_data(&args.data, args.limit, args.val_limit)?;
     data.train.check_fits(spec.input, spec.classes)?;
@@ -149,25 +149,33 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let test_sha = combined_sha256(&data.test.files);
     let mut model_record = None;
     let progress = ctx.printer.progress();
-    let (_params, report) = fit(&spec, &data, &config, resume, &progress, |ck, epoch| {
-        ck.save(&checkpoint_path)?;
-        let mut artifact = Artifact::from_params(&spec, &ck.params)?;
-        artifact.lineage.push(LineageEntry {
-            step: "train".into(),
-            mlops_version: MLOPS_VERSION.into(),
-            parent_sha256: None,
-            args: lineage_args.clone(),
-        });
-        artifact.metrics = Some(EvalMetrics {
-            accuracy: epoch.test_accuracy,
-            loss: epoch.test_loss,
-            images: data.test.count,
-            data: args.data.display().to_string(),
-            data_sha256: test_sha.clone(),
-        });
-        model_record = Some(artifact.save(&model_path)?);
-        Ok(())
-    })?;
+    let (_params, report) = fit(
+        &spec,
+        &data,
+        &config,
+        start,
+        &progress,
+        &mut |_, _| {},
+        |ck, epoch| {
+            ck.save(&checkpoint_path)?;
+            let mut artifact = Artifact::from_params(&spec, &ck.params)?;
+            artifact.lineage.push(LineageEntry {
+                step: "train".into(),
+                mlops_version: MLOPS_VERSION.into(),
+                parent_sha256: None,
+                args: lineage_args.clone(),
+            });
+            artifact.metrics = Some(EvalMetrics {
+                accuracy: epoch.test_accuracy,
+                loss: epoch.test_loss,
+                images: data.test.count,
+                data: args.data.display().to_string(),
+                data_sha256: test_sha.clone(),
+            });
+            model_record = Some(artifact.save(&model_path)?);
+            Ok(())
+        },
+    )?;
     step.inputs = data.train.files.clone();
     step.inputs.extend(data.test.files.iter().cloned());
     if let Some(path) = &args.model {

@@ -157,13 +157,29 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// Where training starts from.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Fresh Glorot-initialized weights from the seed.
+    Fresh,
+    /// A checkpoint of an interrupted run with the same settings.
+    Resume(Box<Checkpoint>),
+    /// Given weights (fine-tuning an artifact), with fresh optimizer state.
+    From(Vec<Vec<f32>>),
+}
+
+/// Called after every optimizer update with the update's 0-based index (pruning re-applies
+/// its masks here).
+pub type AfterUpdate<'a> = &'a mut dyn FnMut(u64, &mut [Vec<f32>]);
+
 /// Trains `spec` on `data`, calling `on_epoch` with a checkpoint after every epoch.
 pub fn fit(
     spec: &ModelSpec,
     data: &Dataset,
     config: &TrainConfig,
-    resume: Option<Checkpoint>,
+    start: Start,
     progress: &dyn Progress,
+    after_update: AfterUpdate<'_>,
     mut on_epoch: impl FnMut(&Checkpoint, &EpochReport) -> Result<()>,
 ) -> Result<(Vec<Vec<f32>>, TrainReport)> {
     if config.batch_size == 0 || config.epochs == 0 {
@@ -173,8 +189,8 @@ pub fn fit(
     }
     let plan = Plan::compile(spec)?;
     let settings = resume_settings(config, data);
-    let (mut params, mut adam, start_epoch) = match resume {
-        Some(ck) => {
+    let (mut params, mut adam, start_epoch) = match start {
+        Start::Resume(ck) => {
             if ck.state.spec != *spec {
                 return Err(Error::Config(
                     "the checkpoint was made for another model spec; pass the same `--model`"
@@ -197,8 +213,12 @@ pub fn fit(
             }
             (ck.params, ck.adam, ck.state.epoch)
         }
-        None => {
+        Start::Fresh => {
             let params = plan.init_params(config.seed);
+            let adam = Adam::new(&params);
+            (params, adam, 0)
+        }
+        Start::From(params) => {
             let adam = Adam::new(&params);
             (params, adam, 0)
         }
@@ -232,6 +252,7 @@ pub fn fit(
             let stats = executor.train_step(&params, &x, &labels, config.seed ^ adam.step);
             learning_rate = config.learning_rate_at(adam.step, total_steps);
             adam.update(&mut params, &executor.grads, learning_rate);
+            after_update(adam.step - 1, &mut params);
             loss_sum += stats.loss_sum;
             correct += stats.correct;
             seen += chunk.len();

@@ -6,6 +6,7 @@ mod eval;
 mod export;
 mod inspect;
 mod pipeline;
+mod prune;
 mod quantize;
 mod train;
 mod util;

@@ -62,7 +62,7 @@ fn default_pipeline_parses_and_starts() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("pipeline (built-in default): 9 steps"),
+        stderr.contains("pipeline (built-in default): 13 steps"),
         "{stderr}"
     );
     crate::util::assert_user_error(&output, "fixtures/mnist");

@@ -1,0 +1,318 @@
+//! `mlops prune`: magnitude pruning on a TF-MOT schedule while fine-tuning, with sparsity,
+//! gzip size and accuracy before and after in the report.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, ValueEnum};
+
+use mlops::artifact::{Artifact, EvalMetrics, LineageEntry, Precision};
+use mlops::prune::{default_layers, measure, resolve_layers, Masks, Schedule};
+use mlops::report::table::Table;
+use mlops::report::{Gate, StepReport, MLOPS_VERSION};
+use mlops::runtime::{evaluate, Session};
+use mlops::train::{fit, LrSchedule, Start, TrainConfig};
+
+use super::{Context, ReportArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ScheduleArg {
+    Constant,
+    Polynomial,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PruneArgs {
+    /// The fp32 artifact to prune
+    pub artifact: PathBuf,
+    /// Final share of zero weights in the pruned layers, in [0, 1)
+    #[arg(long)]
+    pub sparsity: f32,
+    /// `polynomial` ramps 0 -> sparsity (TF-MOT PolynomialDecay); `constant` prunes to it at once
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Polynomial)]
+    pub schedule: ScheduleArg,
+    /// First optimizer step that prunes
+    #[arg(long, default_value_t = 0)]
+    pub begin_step: u64,
+    /// Step where the final sparsity is reached (default: the last multiple of
+    /// `--frequency` within the fine-tuning steps)
+    #[arg(long)]
+    pub end_step: Option<u64>,
+    /// Steps between mask updates
+    #[arg(long, default_value_t = 100)]
+    pub frequency: u64,
+    /// Exponent of the polynomial schedule
+    #[arg(long, default_value_t = 3.0)]
+    pub power: f32,
+    /// Epochs of fine-tuning while pruning
+    #[arg(long, default_value_t = 1)]
+    pub fine_tune_epochs: usize,
+    /// Training data folder
+    #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// Use only the first N training images
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Fine-tuning learning rate (Adam, constant)
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f32,
+    /// Images per step
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Layers to prune (`layers.4` or `4`); default: every conv/dense but the first and last
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Seed of shuffling during fine-tuning
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Evaluation data (default: `--data`'s test split)
+    #[arg(long, value_name = "DIR")]
+    pub eval_data: Option<PathBuf>,
+    /// Exit 3 when accuracy drops more than F (0..1) against the input artifact
+    #[arg(long, value_name = "F")]
+    pub max_accuracy_drop: Option<f64>,
+    /// Output file; defaults to NAME.pruned.safetensors beside the input
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Show the plan and write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+fn gzip_size(bytes: &[u8]) -> anyhow::Result<usize> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes)?;
+    Ok(e.finish()?.len())
+}
+
+pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport> {
+    if !(0.0..1.0).contains(&args.sparsity) {
+        bail!(
+            "`--sparsity` {} is outside [0, 1); e.g. `--sparsity 0.5`",
+            args.sparsity
+        );
+    }
+    if args.frequency == 0 {
+        bail!("`--frequency` must be at least 1");
+    }
+    let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
+    if artifact.precision == Precision::Int8 {
+        bail!(
+            "`{}` is int8; prune the fp32 artifact, then quantize the pruned one",
+            args.artifact.display()
+        );
+    }
+    let spec = artifact.spec.clone();
+    let names = if args.layers.is_empty() {
+        default_layers(&spec)?
+    } else {
+        args.layers.clone()
+    };
+    let pruned = resolve_layers(&spec, &names)?;
+    let infos = spec.params()?;
+    let (mut step, started) = StepReport::start("prune", "cpu");
+    if args.dry_run {
+        let mut table = Table::new(["tensor", "params", "pruned", "zeros after"]);
+        let mut rows = Vec::new();
+        for (i, info) in infos
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.name.ends_with(".weight"))
+        {
+            let prune = pruned.contains(&i);
+            let zeros = if prune {
+                (args.sparsity as f64 * info.len() as f64).round() as usize
+            } else {
+                0
+            };
+            table.row([
+                info.name.clone(),
+                info.len().to_string(),
+                prune.to_string(),
+                zeros.to_string(),
+            ]);
+            rows.push(serde_json::json!({"tensor": info.name, "params": info.len(), "pruned": prune, "zeros_after": zeros}));
+        }
+        step.inputs.push(record);
+        step.metrics =
+            serde_json::json!({"dry_run": true, "target_sparsity": args.sparsity, "tensors": rows});
+        step.finish(started);
+        let human = format!("\n{table}\ndry run: nothing written\n");
+        ctx.printer.report(
+            &step,
+            &human,
+            args.output.json,
+            args.output.report.as_deref(),
+        )?;
+        return Ok(step);
+    }
+
+    let data = super::train::load_data(&args.data, args.limit, None)?;
+    data.train.check_fits(spec.input, spec.classes)?;
+    let eval_split = match &args.eval_data {
+        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test)
+            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?,
+        None => data.test.clone(),
+    };
+    eval_split.check_fits(spec.input, spec.classes)?;
+    let mut before_session = Session::new(&artifact, ctx.threads)?;
+    let before = evaluate(&mut before_session, &eval_split, 256);
+
+    let config = TrainConfig {
+        epochs: args.fine_tune_epochs.max(1),
+        batch_size: args.batch_size.max(1),
+        learning_rate: args.lr,
+        schedule: LrSchedule::Constant,
+        seed: args.seed,
+        threads: ctx.threads,
+        stop_after: None,
+    };
+    let total_steps = data.train.count.div_ceil(config.batch_size) as u64 * config.epochs as u64;
+    let end = args
+        .end_step
+        .unwrap_or_else(|| ((total_steps.saturating_sub(1)) / args.frequency) * args.frequency)
+        .max(args.begin_step);
+    let schedule = match args.schedule {
+        ScheduleArg::Constant => Schedule::Constant {
+            sparsity: args.sparsity,
+            begin: args.begin_step,
+            end,
+            frequency: args.frequency,
+        },
+        ScheduleArg::Polynomial => Schedule::Polynomial {
+            initial: 0.0,
+            target: args.sparsity,
+            begin: args.begin_step,
+            end,
+            frequency: args.frequency,
+            power: args.power,
+        },
+    };
+    let params = artifact.params_f32();
+    let mut masks = Masks::new(&params, pruned.clone());
+    let mut hook = |step: u64, params: &mut [Vec<f32>]| {
+        if let Some(sparsity) = schedule.at(step) {
+            masks.update(params, sparsity);
+        }
+        masks.apply(params);
+    };
+    let progress = ctx.printer.progress();
+    let (params, train_report) = fit(
+        &spec,
+        &data,
+        &config,
+        Start::From(params),
+        &progress,
+        &mut hook,
+        |_, _| Ok(()),
+    )?;
+    let (layers, total) = measure(&spec, &params, &pruned)?;
+    let mut out_artifact = Artifact::from_params(&spec, &params)?;
+    out_artifact.input = artifact.input.clone();
+    out_artifact.labels = artifact.labels.clone();
+    out_artifact.lineage = artifact.lineage.clone();
+    let mut lineage_args = BTreeMap::new();
+    lineage_args.insert("sparsity".to_string(), (args.sparsity as f64).into());
+    lineage_args.insert("schedule".to_string(), format!("{schedule:?}").into());
+    lineage_args.insert("fine_tune_epochs".to_string(), config.epochs.into());
+    lineage_args.insert("layers".to_string(), names.clone().into());
+    out_artifact.lineage.push(LineageEntry {
+        step: "prune".into(),
+        mlops_version: MLOPS_VERSION.into(),
+        parent_sha256: Some(record.sha256.clone()),
+        args: lineage_args,
+    });
+    out_artifact.sparsity = Some(serde_json::json!({
+        "total": total,
+        "layers": layers.iter().map(|l| (l.name.clone(), l.sparsity)).collect::<BTreeMap<_, _>>(),
+    }));
+    let mut after_session = Session::new(&out_artifact, ctx.threads)?;
+    let after = evaluate(&mut after_session, &eval_split, 256);
+    out_artifact.metrics = Some(EvalMetrics {
+        accuracy: after.accuracy,
+        loss: after.loss,
+        images: eval_split.count,
+        data: args
+            .eval_data
+            .as_ref()
+            .unwrap_or(&args.data)
+            .display()
+            .to_string(),
+        data_sha256: mlops::artifact::combined_sha256(&eval_split.files),
+    });
+    let out_path = args.out.clone().unwrap_or_else(|| {
+        let stem = args
+            .artifact
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().to_string());
+        args.artifact
+            .with_file_name(format!("{stem}.pruned.safetensors"))
+    });
+    let bytes_before = std::fs::read(&args.artifact)?;
+    let bytes_after = out_artifact.to_bytes()?;
+    let (gz_before, gz_after) = (gzip_size(&bytes_before)?, gzip_size(&bytes_after)?);
+    let written = out_artifact.save(&out_path)?;
+    let drop = before.accuracy - after.accuracy;
+    if let Some(max) = args.max_accuracy_drop {
+        step.gates.push(Gate {
+            name: "max_accuracy_drop".into(),
+            threshold: max,
+            value: drop,
+            passed: drop <= max,
+        });
+    }
+    step.inputs.push(record.clone());
+    step.inputs.extend(data.train.files.iter().cloned());
+    step.outputs.push(written.clone());
+    step.metrics = serde_json::json!({
+        "target_sparsity": args.sparsity,
+        "schedule": format!("{schedule:?}"),
+        "end_step": end,
+        "fine_tune_steps": total_steps,
+        "total_sparsity": total,
+        "layers": layers,
+        "accuracy_before": before.accuracy,
+        "accuracy_after": after.accuracy,
+        "accuracy_drop": drop,
+        "bytes_before": record.bytes,
+        "bytes_after": written.bytes,
+        "gzip_bytes_before": gz_before,
+        "gzip_bytes_after": gz_after,
+        "gzip_ratio": gz_before as f64 / gz_after.max(1) as f64,
+        "fine_tune_images_per_s": train_report.images_per_s,
+    });
+    step.finish(started);
+    let mut table = Table::new(["tensor", "params", "zeros", "sparsity", "pruned"]);
+    for l in &layers {
+        table.row([
+            l.name.clone(),
+            l.params.to_string(),
+            l.zeros.to_string(),
+            format!("{:.2}%", 100.0 * l.sparsity),
+            l.pruned.to_string(),
+        ]);
+    }
+    let human = format!(
+        "\n{table}\npruned `{}` -> `{}`: sparsity {:.2}% over the pruned layers; accuracy {:.2}% -> {:.2}% ({:+.2} pt); gzip {} -> {} bytes ({:.2}x smaller)\n",
+        args.artifact.display(),
+        out_path.display(),
+        100.0 * total,
+        100.0 * before.accuracy,
+        100.0 * after.accuracy,
+        -100.0 * drop,
+        gz_before,
+        gz_after,
+        gz_before as f64 / gz_after.max(1) as f64,
+    );
+    ctx.printer.report(
+        &step,
+        &human,
+        args.output.json,
+        args.output.report.as_deref(),
+    )?;
+    Ok(step)
+}

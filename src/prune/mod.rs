@@ -1,0 +1,316 @@
+//! Unstructured magnitude pruning with TF-MOT's schedules, applied while fine-tuning.
+//!
+//! A [`Schedule`] says at which optimizer steps the masks are recomputed and to what
+//! sparsity; [`Masks`] zero the smallest-magnitude weights of the chosen layers and are
+//! re-applied after every update, so the zeros survive Adam. The result is a plain fp32
+//! artifact whose zeros are real (nothing to strip).
+
+use serde::Serialize;
+
+use crate::model::ModelSpec;
+use crate::{Error, Result};
+
+/// When and how far to prune, with TF-MOT's semantics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// `ConstantSparsity`: the target from `begin` on, every `frequency` steps.
+    Constant {
+        /// Target sparsity in `[0, 1)`.
+        sparsity: f32,
+        /// First step that prunes.
+        begin: u64,
+        /// Last step that may prune.
+        end: u64,
+        /// Steps between mask updates.
+        frequency: u64,
+    },
+    /// `PolynomialDecay` from `initial` to `target` between `begin` and `end`.
+    Polynomial {
+        /// Sparsity at `begin`.
+        initial: f32,
+        /// Sparsity at and after `end`.
+        target: f32,
+        /// First step that prunes.
+        begin: u64,
+        /// Step where the target is reached.
+        end: u64,
+        /// Steps between mask updates.
+        frequency: u64,
+        /// Exponent of the decay (TF-MOT default 3).
+        power: f32,
+    },
+}
+
+impl Schedule {
+    /// The sparsity to prune to at `step`, or `None` when no mask update is due.
+    pub fn at(&self, step: u64) -> Option<f32> {
+        let (begin, end, frequency) = match *self {
+            Schedule::Constant {
+                begin,
+                end,
+                frequency,
+                ..
+            }
+            | Schedule::Polynomial {
+                begin,
+                end,
+                frequency,
+                ..
+            } => (begin, end, frequency),
+        };
+        if step < begin || step > end || !(step - begin).is_multiple_of(frequency.max(1)) {
+            return None;
+        }
+        Some(match *self {
+            Schedule::Constant { sparsity, .. } => sparsity,
+            Schedule::Polynomial {
+                initial,
+                target,
+                power,
+                ..
+            } => {
+                let p = ((step - begin) as f64 / (end - begin).max(1) as f64).clamp(0.0, 1.0);
+                ((initial - target) as f64 * (1.0 - p).powf(power as f64) + target as f64) as f32
+            }
+        })
+    }
+
+    /// The sparsity the schedule ends at.
+    pub fn target(&self) -> f32 {
+        match *self {
+            Schedule::Constant { sparsity, .. } => sparsity,
+            Schedule::Polynomial { target, .. } => target,
+        }
+    }
+}
+
+/// Which parameter tensors are pruned and their current masks (true = kept).
+#[derive(Debug, Clone)]
+pub struct Masks {
+    /// Parameter indices (spec order) of the pruned weights.
+    pub params: Vec<usize>,
+    masks: Vec<Vec<bool>>,
+}
+
+/// The prunable layers by default: every conv/dense weight but the first conv and the
+/// last layer, which TF-MOT users keep dense for accuracy.
+pub fn default_layers(spec: &ModelSpec) -> Result<Vec<String>> {
+    let weights: Vec<String> = spec
+        .params()?
+        .into_iter()
+        .filter(|p| p.name.ends_with(".weight"))
+        .map(|p| p.name.trim_end_matches(".weight").to_string())
+        .collect();
+    Ok(weights
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 0 && *i + 1 != weights.len())
+        .map(|(_, n)| n.clone())
+        .collect())
+}
+
+/// Resolves layer names (`layers.4` or `4`) to parameter indices; unknown names are an
+/// error that suggests the nearest layer with weights.
+pub fn resolve_layers(spec: &ModelSpec, names: &[String]) -> Result<Vec<usize>> {
+    let params = spec.params()?;
+    let candidates: Vec<(usize, String)> = params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.name.ends_with(".weight"))
+        .map(|(i, p)| (i, p.name.trim_end_matches(".weight").to_string()))
+        .collect();
+    names
+        .iter()
+        .map(|raw| {
+            let name = if raw.chars().all(|c| c.is_ascii_digit()) {
+                format!("layers.{raw}")
+            } else {
+                raw.trim_end_matches(".weight").to_string()
+            };
+            candidates
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(i, _)| *i)
+                .ok_or_else(|| {
+                    let nearest = candidates
+                        .iter()
+                        .min_by_key(|(_, n)| edit_distance(n, &name))
+                        .map_or(String::new(), |(_, n)| n.clone());
+                    Error::Config(format!(
+                        "no layer with weights named `{raw}`; did you mean `{nearest}`? (layers with weights: {})",
+                        candidates.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Levenshtein distance, for "did you mean" (a dozen lines; no crate needed).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+impl Masks {
+    /// All-keep masks for the given parameters.
+    pub fn new(params: &[Vec<f32>], pruned: Vec<usize>) -> Self {
+        let masks = pruned
+            .iter()
+            .map(|&i| vec![true; params[i].len()])
+            .collect();
+        Masks {
+            params: pruned,
+            masks,
+        }
+    }
+
+    /// Recomputes each mask to drop the `sparsity` share of smallest-magnitude weights
+    /// (ties broken by position, so the count is exact).
+    pub fn update(&mut self, params: &[Vec<f32>], sparsity: f32) {
+        for (mask, &p) in self.masks.iter_mut().zip(&self.params) {
+            let values = &params[p];
+            let drop = ((sparsity as f64) * values.len() as f64).round() as usize;
+            let mut order: Vec<usize> = (0..values.len()).collect();
+            order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
+            mask.fill(true);
+            for &i in &order[..drop.min(values.len())] {
+                mask[i] = false;
+            }
+        }
+    }
+
+    /// Zeroes the masked weights.
+    pub fn apply(&self, params: &mut [Vec<f32>]) {
+        for (mask, &p) in self.masks.iter().zip(&self.params) {
+            for (v, &keep) in params[p].iter_mut().zip(mask) {
+                if !keep {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Sparsity of one tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSparsity {
+    /// Weight tensor name.
+    pub name: String,
+    /// Values in it.
+    pub params: usize,
+    /// Exact zeros.
+    pub zeros: usize,
+    /// `zeros / params`.
+    pub sparsity: f64,
+    /// Whether it was pruned.
+    pub pruned: bool,
+}
+
+/// Zeros per weight tensor and over all pruned weights (what `mlops.sparsity` records).
+pub fn measure(
+    spec: &ModelSpec,
+    params: &[Vec<f32>],
+    pruned: &[usize],
+) -> Result<(Vec<LayerSparsity>, f64)> {
+    let infos = spec.params()?;
+    let mut layers = Vec::new();
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for (i, info) in infos.iter().enumerate() {
+        if !info.name.ends_with(".weight") {
+            continue;
+        }
+        let z = params[i].iter().filter(|v| **v == 0.0).count();
+        let is_pruned = pruned.contains(&i);
+        if is_pruned {
+            zeros += z;
+            total += params[i].len();
+        }
+        layers.push(LayerSparsity {
+            name: info.name.clone(),
+            params: params[i].len(),
+            zeros: z,
+            sparsity: z as f64 / params[i].len().max(1) as f64,
+            pruned: is_pruned,
+        });
+    }
+    Ok((layers, zeros as f64 / total.max(1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values from TF-MOT's PolynomialDecay formula,
+    /// `(initial - final) * (1 - (step - begin) / (end - begin))^power + final`,
+    /// for initial 0, final 0.5, begin 0, end 900, frequency 100, power 3 (the anchor's).
+    #[test]
+    fn polynomial_schedule_matches_tfmot() {
+        let s = Schedule::Polynomial {
+            initial: 0.0,
+            target: 0.5,
+            begin: 0,
+            end: 900,
+            frequency: 100,
+            power: 3.0,
+        };
+        assert_eq!(s.at(0), Some(0.0));
+        assert_eq!(s.at(50), None, "only every `frequency` steps");
+        let at300 = 0.5 - 0.5 * (1.0f64 - 300.0 / 900.0).powi(3);
+        assert!((s.at(300).unwrap() as f64 - at300).abs() < 1e-6);
+        assert!((s.at(900).unwrap() - 0.5).abs() < 1e-7);
+        assert_eq!(s.at(1000), None, "after end_step nothing changes");
+        let c = Schedule::Constant {
+            sparsity: 0.3,
+            begin: 10,
+            end: u64::MAX,
+            frequency: 5,
+        };
+        assert_eq!(
+            (c.at(9), c.at(10), c.at(12), c.at(15)),
+            (None, Some(0.3), None, Some(0.3))
+        );
+    }
+
+    /// Masks zero exactly the requested share and survive an update that moved weights.
+    #[test]
+    fn masks_survive_optimizer_steps() {
+        let mut params = vec![(0..100).map(|i| i as f32 - 50.0).collect::<Vec<f32>>()];
+        let mut masks = Masks::new(&params, vec![0]);
+        masks.update(&params, 0.5);
+        masks.apply(&mut params);
+        assert_eq!(params[0].iter().filter(|v| **v == 0.0).count(), 50);
+        // An "optimizer step" that moves every weight, then the re-application.
+        params[0].iter_mut().for_each(|v| *v += 0.25);
+        masks.apply(&mut params);
+        assert_eq!(params[0].iter().filter(|v| **v == 0.0).count(), 50);
+    }
+
+    #[test]
+    fn unknown_layer_suggests_the_nearest() {
+        let spec = ModelSpec::reference_cnn();
+        let err = resolve_layers(&spec, &["layers.5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean"), "{err}");
+        assert_eq!(
+            resolve_layers(&spec, &["4".into(), "layers.6".into()]).unwrap(),
+            vec![4, 6]
+        );
+        assert_eq!(
+            default_layers(&spec).unwrap(),
+            vec!["layers.2", "layers.4", "layers.6"]
+        );
+    }
+}

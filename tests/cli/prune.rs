@@ -1,0 +1,125 @@
+use std::path::Path;
+
+use crate::util::{assert_user_error, json_of, mlops, tiny_data, trained_model};
+
+fn prune(dir: &Path, extra: &[&str]) -> std::process::Output {
+    std::fs::copy(trained_model(), dir.join("model.safetensors")).unwrap();
+    mlops(dir)
+        .args([
+            "prune",
+            "model.safetensors",
+            "--batch-size",
+            "32",
+            "--frequency",
+            "4",
+            "--data",
+        ])
+        .arg(tiny_data())
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn prune_reaches_the_target_sparsity_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = prune(dir.path(), &["--sparsity", "0.5", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let m = json_of(&output)["metrics"].clone();
+    for layer in m["layers"].as_array().unwrap() {
+        let s = layer["sparsity"].as_f64().unwrap();
+        if layer["pruned"] == true {
+            assert!((s - 0.5).abs() <= 0.01, "{}: {s}", layer["name"]);
+        } else {
+            assert_eq!(s, 0.0, "{} should stay dense", layer["name"]);
+        }
+    }
+    assert!(
+        m["gzip_ratio"].as_f64().unwrap() > 1.3,
+        "{}",
+        m["gzip_ratio"]
+    );
+    assert!(m["accuracy_after"].as_f64().unwrap() > 0.5);
+
+    // The zeros are real in the written artifact, and it runs and quantizes like any other.
+    let inspect = mlops(dir.path())
+        .args(["inspect", "model.pruned.safetensors", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(json_of(&inspect)["metrics"]["lineage"][1]["step"], "prune");
+    let quantize = mlops(dir.path())
+        .args(["quantize", "model.pruned.safetensors", "--int8", "--calib"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert!(
+        quantize.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quantize.stderr)
+    );
+}
+
+#[test]
+fn prune_constant_schedule_and_named_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = prune(
+        dir.path(),
+        &[
+            "--sparsity",
+            "0.3",
+            "--schedule",
+            "constant",
+            "--layers",
+            "4",
+            "--json",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let layers = json_of(&output)["metrics"]["layers"].clone();
+    let pruned: Vec<&serde_json::Value> = layers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["pruned"] == true)
+        .collect();
+    assert_eq!(pruned.len(), 1);
+    assert_eq!(pruned[0]["name"], "layers.4.weight");
+    assert!((pruned[0]["sparsity"].as_f64().unwrap() - 0.3).abs() <= 0.01);
+}
+
+#[test]
+fn prune_dry_run_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = prune(dir.path(), &["--sparsity", "0.5", "--dry-run"]);
+    assert!(output.status.success());
+    assert!(!dir.path().join("model.pruned.safetensors").exists());
+}
+
+#[test]
+fn prune_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_user_error(&prune(dir.path(), &["--sparsity", "1.0"]), "outside [0, 1)");
+    assert_user_error(
+        &prune(dir.path(), &["--sparsity", "0.5", "--layers", "layers.5"]),
+        "did you mean",
+    );
+    let q = mlops(dir.path())
+        .args(["quantize", "model.safetensors", "--int8", "--calib"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert!(q.status.success());
+    let int8 = mlops(dir.path())
+        .args(["prune", "model.int8.safetensors", "--sparsity", "0.5"])
+        .output()
+        .unwrap();
+    assert_user_error(&int8, "is int8");
+}
