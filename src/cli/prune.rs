@@ -27,9 +27,18 @@ pub(crate) enum ScheduleArg {
 pub(crate) struct PruneArgs {
     /// The fp32 artifact to prune
     pub artifact: PathBuf,
-    /// Final share of zero weights in the pruned layers, in [0, 1)
+    /// Final share of zero weights in the pruned layers, in [0, 1) (unstructured)
+    #[arg(long, required_unless_present = "structured")]
+    pub sparsity: Option<f32>,
+    /// Remove whole conv filters / dense units (smallest L1 norm) instead of single weights
+    #[arg(long, conflicts_with = "sparsity", requires = "keep")]
+    pub structured: bool,
+    /// Share of filters / units each pruned layer keeps, in (0, 1] (with `--structured`)
     #[arg(long)]
-    pub sparsity: f32,
+    pub keep: Option<f32>,
+    /// Rank filters of all pruned layers together instead of per layer
+    #[arg(long, requires = "structured")]
+    pub global: bool,
     /// `polynomial` ramps 0 -> sparsity (TF-MOT PolynomialDecay); `constant` prunes to it at once
     #[arg(long, value_enum, default_value_t = ScheduleArg::Polynomial)]
     pub schedule: ScheduleArg,
@@ -90,11 +99,12 @@ fn gzip_size(bytes: &[u8]) -> anyhow::Result<usize> {
 }
 
 pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport> {
-    if !(0.0..1.0).contains(&args.sparsity) {
-        bail!(
-            "`--sparsity` {} is outside [0, 1); e.g. `--sparsity 0.5`",
-            args.sparsity
-        );
+    if args.structured {
+        return run_structured(args, ctx);
+    }
+    let sparsity = args.sparsity.unwrap_or_default();
+    if !(0.0..1.0).contains(&sparsity) {
+        bail!("`--sparsity` {sparsity} is outside [0, 1); e.g. `--sparsity 0.5`");
     }
     if args.frequency == 0 {
         bail!("`--frequency` must be at least 1");
@@ -125,7 +135,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         {
             let prune = pruned.contains(&i);
             let zeros = if prune {
-                (args.sparsity as f64 * info.len() as f64).round() as usize
+                (sparsity as f64 * info.len() as f64).round() as usize
             } else {
                 0
             };
@@ -178,14 +188,14 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         .max(args.begin_step);
     let schedule = match args.schedule {
         ScheduleArg::Constant => Schedule::Constant {
-            sparsity: args.sparsity,
+            sparsity,
             begin: args.begin_step,
             end,
             frequency: args.frequency,
         },
         ScheduleArg::Polynomial => Schedule::Polynomial {
             initial: 0.0,
-            target: args.sparsity,
+            target: sparsity,
             begin: args.begin_step,
             end,
             frequency: args.frequency,
@@ -216,7 +226,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     out_artifact.labels = artifact.labels.clone();
     out_artifact.lineage = artifact.lineage.clone();
     let mut lineage_args = BTreeMap::new();
-    lineage_args.insert("sparsity".to_string(), (args.sparsity as f64).into());
+    lineage_args.insert("sparsity".to_string(), (sparsity as f64).into());
     lineage_args.insert("schedule".to_string(), format!("{schedule:?}").into());
     lineage_args.insert("fine_tune_epochs".to_string(), config.epochs.into());
     lineage_args.insert("layers".to_string(), names.clone().into());
@@ -269,7 +279,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     step.inputs.extend(data.train.files.iter().cloned());
     step.outputs.push(written.clone());
     step.metrics = serde_json::json!({
-        "target_sparsity": args.sparsity,
+        "target_sparsity": sparsity,
         "schedule": format!("{schedule:?}"),
         "end_step": end,
         "fine_tune_steps": total_steps,
@@ -307,6 +317,197 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         gz_before,
         gz_after,
         gz_before as f64 / gz_after.max(1) as f64,
+    );
+    ctx.printer.report(
+        &step,
+        &human,
+        args.output.json,
+        args.output.report.as_deref(),
+    )?;
+    Ok(step)
+}
+
+/// `--structured --keep F`: a smaller model (fewer filters / units), then fine-tuning.
+fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport> {
+    use mlops::prune::structured;
+    let keep = args.keep.unwrap_or(1.0);
+    let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
+    if artifact.precision == Precision::Int8 {
+        bail!(
+            "`{}` is int8; prune the fp32 artifact, then quantize the pruned one",
+            args.artifact.display()
+        );
+    }
+    let spec = artifact.spec.clone();
+    let names = if args.layers.is_empty() {
+        default_layers(&spec)?
+    } else {
+        args.layers.clone()
+    };
+    let weights = resolve_layers(&spec, &names)?;
+    let params = artifact.params_f32();
+    let plans = structured::plan(&spec, &params, &weights, keep, args.global)?;
+    let (small_spec, small_params) = structured::apply(&spec, &params, &plans)?;
+    let (params_before, params_after) = (spec.param_count()?, small_spec.param_count()?);
+    let flops_before: u64 = spec.flops()?.iter().sum();
+    let flops_after: u64 = small_spec.flops()?.iter().sum();
+    let (mut step, started) = StepReport::start("prune", "cpu");
+    let mut table = Table::new(["layer", "type", "outputs before", "kept", "removed"]);
+    for p in &plans {
+        table.row([
+            format!("layers.{}", p.layer),
+            spec.layers[p.layer].kind().to_string(),
+            p.before.to_string(),
+            p.kept.len().to_string(),
+            (p.before - p.kept.len()).to_string(),
+        ]);
+    }
+    let summary = format!(
+        "parameters {params_before} -> {params_after} ({:.1}%), MFLOP per image {:.2} -> {:.2} ({:.1}%)",
+        100.0 * params_after as f64 / params_before as f64,
+        flops_before as f64 / 1e6,
+        flops_after as f64 / 1e6,
+        100.0 * flops_after as f64 / flops_before as f64
+    );
+    let plan_json: Vec<serde_json::Value> = plans
+        .iter()
+        .map(|p| serde_json::json!({"layer": p.layer, "before": p.before, "kept": p.kept.len(), "kept_indices": p.kept}))
+        .collect();
+    if args.dry_run {
+        step.inputs.push(record);
+        step.metrics = serde_json::json!({
+            "dry_run": true, "structured": true, "keep": keep, "plan": plan_json,
+            "params_before": params_before, "params_after": params_after,
+            "flops_before": flops_before, "flops_after": flops_after,
+        });
+        step.finish(started);
+        let human = format!("\n{table}\n{summary}\ndry run: nothing written\n");
+        ctx.printer.report(
+            &step,
+            &human,
+            args.output.json,
+            args.output.report.as_deref(),
+        )?;
+        return Ok(step);
+    }
+    let data = super::train::load_data(&args.data, args.limit, None)?;
+    data.train.check_fits(spec.input, spec.classes)?;
+    let eval_split = match &args.eval_data {
+        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test)
+            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?,
+        None => data.test.clone(),
+    };
+    eval_split.check_fits(spec.input, spec.classes)?;
+    let before = evaluate(&mut Session::new(&artifact, ctx.threads)?, &eval_split, 256);
+    let mut tuned = small_params;
+    let mut accuracy_before_fine_tune = None;
+    if args.fine_tune_epochs > 0 {
+        let untuned = Artifact::from_params(&small_spec, &tuned)?;
+        accuracy_before_fine_tune =
+            Some(evaluate(&mut Session::new(&untuned, ctx.threads)?, &eval_split, 256).accuracy);
+        let config = TrainConfig {
+            epochs: args.fine_tune_epochs,
+            batch_size: args.batch_size.max(1),
+            learning_rate: args.lr,
+            schedule: LrSchedule::Constant,
+            seed: args.seed,
+            threads: ctx.threads,
+            stop_after: None,
+        };
+        let progress = ctx.printer.progress();
+        tuned = fit(
+            &small_spec,
+            &data,
+            &config,
+            Start::From(tuned),
+            &progress,
+            &mut |_, _| {},
+            |_, _| Ok(()),
+        )?
+        .0;
+    }
+    let mut out_artifact = Artifact::from_params(&small_spec, &tuned)?;
+    out_artifact.input = artifact.input.clone();
+    out_artifact.labels = artifact.labels.clone();
+    out_artifact.lineage = artifact.lineage.clone();
+    let mut lineage_args = BTreeMap::new();
+    lineage_args.insert("structured".to_string(), true.into());
+    lineage_args.insert("keep".to_string(), (keep as f64).into());
+    lineage_args.insert("global".to_string(), args.global.into());
+    lineage_args.insert("layers".to_string(), names.clone().into());
+    lineage_args.insert("fine_tune_epochs".to_string(), args.fine_tune_epochs.into());
+    out_artifact.lineage.push(LineageEntry {
+        step: "prune".into(),
+        mlops_version: MLOPS_VERSION.into(),
+        parent_sha256: Some(record.sha256.clone()),
+        args: lineage_args,
+    });
+    let after = evaluate(
+        &mut Session::new(&out_artifact, ctx.threads)?,
+        &eval_split,
+        256,
+    );
+    out_artifact.metrics = Some(EvalMetrics {
+        accuracy: after.accuracy,
+        loss: after.loss,
+        images: eval_split.count,
+        data: args
+            .eval_data
+            .as_ref()
+            .unwrap_or(&args.data)
+            .display()
+            .to_string(),
+        data_sha256: mlops::artifact::combined_sha256(&eval_split.files),
+    });
+    let out_path = args.out.clone().unwrap_or_else(|| {
+        let stem = args
+            .artifact
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().to_string());
+        args.artifact
+            .with_file_name(format!("{stem}.slim.safetensors"))
+    });
+    let written = out_artifact.save(&out_path)?;
+    let drop = before.accuracy - after.accuracy;
+    if let Some(max) = args.max_accuracy_drop {
+        step.gates.push(Gate {
+            name: "max_accuracy_drop".into(),
+            threshold: max,
+            value: drop,
+            passed: drop <= max,
+        });
+    }
+    step.inputs.push(record.clone());
+    step.inputs.extend(data.train.files.iter().cloned());
+    step.outputs.push(written.clone());
+    step.metrics = serde_json::json!({
+        "structured": true,
+        "keep": keep,
+        "global": args.global,
+        "plan": plan_json,
+        "params_before": params_before,
+        "params_after": params_after,
+        "flops_before": flops_before,
+        "flops_after": flops_after,
+        "bytes_before": record.bytes,
+        "bytes_after": written.bytes,
+        "accuracy_before": before.accuracy,
+        "accuracy_after_pruning": accuracy_before_fine_tune,
+        "accuracy_after": after.accuracy,
+        "accuracy_drop": drop,
+    });
+    step.finish(started);
+    let human = format!(
+        "\n{table}\n{summary}\nwrote `{}`: {} -> {} bytes; accuracy {:.2}% -> {:.2}% ({:+.2} pt){}\nmeasure the speed-up with `mlops bench {} {}`\n",
+        out_path.display(),
+        record.bytes,
+        written.bytes,
+        100.0 * before.accuracy,
+        100.0 * after.accuracy,
+        -100.0 * drop,
+        accuracy_before_fine_tune.map_or(String::new(), |a| format!(", {:.2}% before fine-tuning", 100.0 * a)),
+        args.artifact.display(),
+        out_path.display(),
     );
     ctx.printer.report(
         &step,

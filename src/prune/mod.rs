@@ -5,6 +5,8 @@
 //! re-applied after every update, so the zeros survive Adam. The result is a plain fp32
 //! artifact whose zeros are real (nothing to strip).
 
+pub mod structured;
+
 use serde::Serialize;
 
 use crate::model::ModelSpec;

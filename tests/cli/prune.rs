@@ -123,3 +123,48 @@ fn prune_rejects_bad_input() {
         .unwrap();
     assert_user_error(&int8, "is int8");
 }
+
+#[test]
+fn prune_structured_makes_a_smaller_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = prune(dir.path(), &["--structured", "--keep", "0.5", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let m = json_of(&output)["metrics"].clone();
+    let ratio = m["params_after"].as_f64().unwrap() / m["params_before"].as_f64().unwrap();
+    assert!(ratio < 0.4, "parameters kept: {ratio}");
+    let flops = m["flops_after"].as_f64().unwrap() / m["flops_before"].as_f64().unwrap();
+    assert!((0.4..0.6).contains(&flops), "FLOPs kept: {flops}");
+    assert!(m["bytes_after"].as_u64().unwrap() < m["bytes_before"].as_u64().unwrap());
+    let info = mlops(dir.path())
+        .args(["inspect", "model.slim.safetensors", "--json"])
+        .output()
+        .unwrap();
+    let info = json_of(&info);
+    assert_eq!(info["metrics"]["model"]["layers"][2]["filters"], 32);
+    let quantize = mlops(dir.path())
+        .args(["quantize", "model.slim.safetensors", "--int8", "--calib"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert!(
+        quantize.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quantize.stderr)
+    );
+}
+
+#[test]
+fn prune_structured_rejects_bad_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_user_error(
+        &prune(dir.path(), &["--structured", "--keep", "0"]),
+        "outside (0, 1]",
+    );
+    let dry = prune(dir.path(), &["--structured", "--keep", "0.5", "--dry-run"]);
+    assert!(dry.status.success());
+    assert!(!dir.path().join("model.slim.safetensors").exists());
+}
