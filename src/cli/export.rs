@@ -1,7 +1,7 @@
 //! `mlops export`: write the artifact at another precision, lineage extended.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
@@ -41,22 +41,11 @@ pub(crate) struct ExportArgs {
     pub output: ReportArgs,
 }
 
-/// `runs/x/model.safetensors` -> `runs/x/model.fp16.safetensors`.
-fn default_out(input: &Path, precision: Precision) -> PathBuf {
-    let stem = input
-        .file_stem()
-        .map_or("model".into(), |s| s.to_string_lossy().to_string());
-    input.with_file_name(format!("{stem}.{precision}.safetensors"))
-}
-
 pub(crate) fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     let (mut step, started) = StepReport::start("export", "cpu");
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
     let precision = Precision::from(args.precision);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| default_out(&args.artifact, precision));
+    let out = super::output_beside(&args.artifact, args.out.as_ref(), precision.as_str());
     let mut exported = artifact.cast(precision)?;
     exported.metrics = None; // measured on the parent's weights, not these
     let mut lineage_args = BTreeMap::new();

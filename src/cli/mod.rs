@@ -133,6 +133,20 @@ pub(crate) struct Context {
     pub in_pipeline: bool,
 }
 
+/// `--out` when given, else `NAME.SUFFIX.safetensors` beside the input artifact.
+pub(crate) fn output_beside(
+    input: &std::path::Path,
+    out: Option<&PathBuf>,
+    suffix: &str,
+) -> PathBuf {
+    out.cloned().unwrap_or_else(|| {
+        let stem = input
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().to_string());
+        input.with_file_name(format!("{stem}.{suffix}.safetensors"))
+    })
+}
+
 /// Parses `--device` and checks it can run in this build.
 pub(crate) fn device(text: &str) -> anyhow::Result<Device> {
     Ok(Device::parse(text)?.ensure_available()?)

@@ -161,14 +161,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         return Ok(step);
     }
 
-    let data = super::train::load_data(&args.data, args.limit, None)?;
-    data.train.check_fits(spec.input, spec.classes)?;
-    let eval_split = match &args.eval_data {
-        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test)
-            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?,
-        None => data.test.clone(),
-    };
-    eval_split.check_fits(spec.input, spec.classes)?;
+    let (data, eval_split) = load_data(args, &spec)?;
     let mut before_session = Session::new(&artifact, ctx.threads)?;
     let before = evaluate(&mut before_session, &eval_split, 256);
 
@@ -222,59 +215,25 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     )?;
     let (layers, total) = measure(&spec, &params, &pruned)?;
     let mut out_artifact = Artifact::from_params(&spec, &params)?;
-    out_artifact.input = artifact.input.clone();
-    out_artifact.labels = artifact.labels.clone();
-    out_artifact.lineage = artifact.lineage.clone();
     let mut lineage_args = BTreeMap::new();
     lineage_args.insert("sparsity".to_string(), (sparsity as f64).into());
     lineage_args.insert("schedule".to_string(), format!("{schedule:?}").into());
     lineage_args.insert("fine_tune_epochs".to_string(), config.epochs.into());
     lineage_args.insert("layers".to_string(), names.clone().into());
-    out_artifact.lineage.push(LineageEntry {
-        step: "prune".into(),
-        mlops_version: MLOPS_VERSION.into(),
-        parent_sha256: Some(record.sha256.clone()),
-        args: lineage_args,
-    });
+    derive_from(&mut out_artifact, &artifact, &record.sha256, lineage_args);
     out_artifact.sparsity = Some(serde_json::json!({
         "total": total,
         "layers": layers.iter().map(|l| (l.name.clone(), l.sparsity)).collect::<BTreeMap<_, _>>(),
     }));
-    let mut after_session = Session::new(&out_artifact, ctx.threads)?;
-    let after = evaluate(&mut after_session, &eval_split, 256);
-    out_artifact.metrics = Some(EvalMetrics {
-        accuracy: after.accuracy,
-        loss: after.loss,
-        images: eval_split.count,
-        data: args
-            .eval_data
-            .as_ref()
-            .unwrap_or(&args.data)
-            .display()
-            .to_string(),
-        data_sha256: mlops::artifact::combined_sha256(&eval_split.files),
-    });
-    let out_path = args.out.clone().unwrap_or_else(|| {
-        let stem = args
-            .artifact
-            .file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().to_string());
-        args.artifact
-            .with_file_name(format!("{stem}.pruned.safetensors"))
-    });
+    let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
+    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "pruned");
     let bytes_before = std::fs::read(&args.artifact)?;
     let bytes_after = out_artifact.to_bytes()?;
     let (gz_before, gz_after) = (gzip_size(&bytes_before)?, gzip_size(&bytes_after)?);
     let written = out_artifact.save(&out_path)?;
     let drop = before.accuracy - after.accuracy;
-    if let Some(max) = args.max_accuracy_drop {
-        step.gates.push(Gate {
-            name: "max_accuracy_drop".into(),
-            threshold: max,
-            value: drop,
-            passed: drop <= max,
-        });
-    }
+    step.gates
+        .extend(accuracy_gate(args.max_accuracy_drop, drop));
     step.inputs.push(record.clone());
     step.inputs.extend(data.train.files.iter().cloned());
     step.outputs.push(written.clone());
@@ -390,14 +349,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         )?;
         return Ok(step);
     }
-    let data = super::train::load_data(&args.data, args.limit, None)?;
-    data.train.check_fits(spec.input, spec.classes)?;
-    let eval_split = match &args.eval_data {
-        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test)
-            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?,
-        None => data.test.clone(),
-    };
-    eval_split.check_fits(spec.input, spec.classes)?;
+    let (data, eval_split) = load_data(args, &spec)?;
     let before = evaluate(&mut Session::new(&artifact, ctx.threads)?, &eval_split, 256);
     let mut tuned = small_params;
     let mut accuracy_before_fine_tune = None;
@@ -427,56 +379,19 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         .0;
     }
     let mut out_artifact = Artifact::from_params(&small_spec, &tuned)?;
-    out_artifact.input = artifact.input.clone();
-    out_artifact.labels = artifact.labels.clone();
-    out_artifact.lineage = artifact.lineage.clone();
     let mut lineage_args = BTreeMap::new();
     lineage_args.insert("structured".to_string(), true.into());
     lineage_args.insert("keep".to_string(), (keep as f64).into());
     lineage_args.insert("global".to_string(), args.global.into());
     lineage_args.insert("layers".to_string(), names.clone().into());
     lineage_args.insert("fine_tune_epochs".to_string(), args.fine_tune_epochs.into());
-    out_artifact.lineage.push(LineageEntry {
-        step: "prune".into(),
-        mlops_version: MLOPS_VERSION.into(),
-        parent_sha256: Some(record.sha256.clone()),
-        args: lineage_args,
-    });
-    let after = evaluate(
-        &mut Session::new(&out_artifact, ctx.threads)?,
-        &eval_split,
-        256,
-    );
-    out_artifact.metrics = Some(EvalMetrics {
-        accuracy: after.accuracy,
-        loss: after.loss,
-        images: eval_split.count,
-        data: args
-            .eval_data
-            .as_ref()
-            .unwrap_or(&args.data)
-            .display()
-            .to_string(),
-        data_sha256: mlops::artifact::combined_sha256(&eval_split.files),
-    });
-    let out_path = args.out.clone().unwrap_or_else(|| {
-        let stem = args
-            .artifact
-            .file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().to_string());
-        args.artifact
-            .with_file_name(format!("{stem}.slim.safetensors"))
-    });
+    derive_from(&mut out_artifact, &artifact, &record.sha256, lineage_args);
+    let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
+    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "slim");
     let written = out_artifact.save(&out_path)?;
     let drop = before.accuracy - after.accuracy;
-    if let Some(max) = args.max_accuracy_drop {
-        step.gates.push(Gate {
-            name: "max_accuracy_drop".into(),
-            threshold: max,
-            value: drop,
-            passed: drop <= max,
-        });
-    }
+    step.gates
+        .extend(accuracy_gate(args.max_accuracy_drop, drop));
     step.inputs.push(record.clone());
     step.inputs.extend(data.train.files.iter().cloned());
     step.outputs.push(written.clone());
@@ -516,4 +431,72 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         args.output.report.as_deref(),
     )?;
     Ok(step)
+}
+
+/// The training data and the evaluation split (`--eval-data`, else `--data`'s test split),
+/// both checked against the model.
+fn load_data(
+    args: &PruneArgs,
+    spec: &mlops::model::ModelSpec,
+) -> anyhow::Result<(mlops::data::Dataset, mlops::data::Split)> {
+    let data = super::train::load_data(&args.data, args.limit, None)?;
+    data.train.check_fits(spec.input, spec.classes)?;
+    let eval_split = match &args.eval_data {
+        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test)
+            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?,
+        None => data.test.clone(),
+    };
+    eval_split.check_fits(spec.input, spec.classes)?;
+    Ok((data, eval_split))
+}
+
+/// Gives a pruned artifact its parent's input, labels and lineage, plus this prune step.
+fn derive_from(
+    pruned: &mut Artifact,
+    parent: &Artifact,
+    parent_sha256: &str,
+    args: BTreeMap<String, serde_json::Value>,
+) {
+    pruned.input = parent.input.clone();
+    pruned.labels = parent.labels.clone();
+    pruned.lineage = parent.lineage.clone();
+    pruned.lineage.push(LineageEntry {
+        step: "prune".into(),
+        mlops_version: MLOPS_VERSION.into(),
+        parent_sha256: Some(parent_sha256.to_string()),
+        args,
+    });
+}
+
+/// Evaluates the pruned artifact and records the result in its `mlops.metrics`.
+fn record_accuracy(
+    artifact: &mut Artifact,
+    split: &mlops::data::Split,
+    args: &PruneArgs,
+    threads: usize,
+) -> anyhow::Result<mlops::runtime::EvalReport> {
+    let eval = evaluate(&mut Session::new(artifact, threads)?, split, 256);
+    artifact.metrics = Some(EvalMetrics {
+        accuracy: eval.accuracy,
+        loss: eval.loss,
+        images: split.count,
+        data: args
+            .eval_data
+            .as_ref()
+            .unwrap_or(&args.data)
+            .display()
+            .to_string(),
+        data_sha256: mlops::artifact::combined_sha256(&split.files),
+    });
+    Ok(eval)
+}
+
+/// `--max-accuracy-drop`, when given, as a gate.
+fn accuracy_gate(max: Option<f64>, drop: f64) -> Option<Gate> {
+    max.map(|max| Gate {
+        name: "max_accuracy_drop".into(),
+        threshold: max,
+        value: drop,
+        passed: drop <= max,
+    })
 }

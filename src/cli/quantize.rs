@@ -132,14 +132,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         seed: 0,
         per_tensor: args.per_tensor,
     };
-    let out_path = args.out.clone().unwrap_or_else(|| {
-        let stem = args
-            .artifact
-            .file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().to_string());
-        args.artifact
-            .with_file_name(format!("{stem}.int8.safetensors"))
-    });
+    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "int8");
     let (mut quantized, report) = quantize(&artifact, &calib, &config)?;
     let calib_sha = mlops::artifact::combined_sha256(&calib.files);
     let mut session = Session::new(&quantized, ctx.threads)?;
