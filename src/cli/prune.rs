@@ -109,20 +109,8 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     if args.frequency == 0 {
         bail!("`--frequency` must be at least 1");
     }
-    let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
-    if artifact.precision == Precision::Int8 {
-        bail!(
-            "`{}` is int8; prune the fp32 artifact, then quantize the pruned one",
-            args.artifact.display()
-        );
-    }
+    let (artifact, record, names, pruned) = load_prunable(args)?;
     let spec = artifact.spec.clone();
-    let names = if args.layers.is_empty() {
-        default_layers(&spec)?
-    } else {
-        args.layers.clone()
-    };
-    let pruned = resolve_layers(&spec, &names)?;
     let infos = spec.params()?;
     let (mut step, started) = StepReport::start("prune", "cpu");
     if args.dry_run {
@@ -290,20 +278,8 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
 fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     use mlops::prune::structured;
     let keep = args.keep.unwrap_or(1.0);
-    let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
-    if artifact.precision == Precision::Int8 {
-        bail!(
-            "`{}` is int8; prune the fp32 artifact, then quantize the pruned one",
-            args.artifact.display()
-        );
-    }
+    let (artifact, record, names, weights) = load_prunable(args)?;
     let spec = artifact.spec.clone();
-    let names = if args.layers.is_empty() {
-        default_layers(&spec)?
-    } else {
-        args.layers.clone()
-    };
-    let weights = resolve_layers(&spec, &names)?;
     let params = artifact.params_f32();
     let plans = structured::plan(&spec, &params, &weights, keep, args.global)?;
     let (small_spec, small_params) = structured::apply(&spec, &params, &plans)?;
@@ -499,4 +475,25 @@ fn accuracy_gate(max: Option<f64>, drop: f64) -> Option<Gate> {
         value: drop,
         passed: drop <= max,
     })
+}
+
+/// The artifact to prune (refusing int8), its file record, the layer names to prune
+/// (`--layers`, else every conv/dense but the first and last) and their parameter indices.
+fn load_prunable(
+    args: &PruneArgs,
+) -> anyhow::Result<(Artifact, mlops::report::FileRecord, Vec<String>, Vec<usize>)> {
+    let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
+    if artifact.precision == Precision::Int8 {
+        bail!(
+            "`{}` is int8; prune the fp32 artifact, then quantize the pruned one",
+            args.artifact.display()
+        );
+    }
+    let names = if args.layers.is_empty() {
+        default_layers(&artifact.spec)?
+    } else {
+        args.layers.clone()
+    };
+    let indices = resolve_layers(&artifact.spec, &names)?;
+    Ok((artifact, record, names, indices))
 }
