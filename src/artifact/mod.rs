@@ -73,6 +73,48 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// How one conv/dense layer of an int8 artifact is stored and run, recorded per weight
+/// in `mlops.quantization.layers` (absent: every layer is `int8-static`, the default).
+///
+/// Mixed precision (`quantize --exclude`) and dynamic-range quantization
+/// (`quantize --dynamic`) need the runtime and the loader to know each layer's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerPrecision {
+    /// int8 weights, uint8 activations with a calibrated scale and zero point.
+    Int8Static,
+    /// int8 weights, activations quantized per image at run time (no calibration).
+    Int8Dynamic,
+    /// Kept in fp32 (excluded from quantization).
+    Fp32,
+}
+
+impl LayerPrecision {
+    /// The name in metadata and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerPrecision::Int8Static => "int8-static",
+            LayerPrecision::Int8Dynamic => "int8-dynamic",
+            LayerPrecision::Fp32 => "fp32",
+        }
+    }
+
+    /// The precision of weight tensor `weight` given an artifact's `mlops.quantization`.
+    pub fn of_layer(quantization: Option<&serde_json::Value>, weight: &str) -> Result<Self> {
+        let Some(value) = quantization
+            .and_then(|q| q.get("layers"))
+            .and_then(|layers| layers.get(weight))
+        else {
+            return Ok(LayerPrecision::Int8Static);
+        };
+        serde_json::from_value(value.clone()).map_err(|_| {
+            Error::Config(format!(
+                "`mlops.quantization.layers.{weight}` is {value}; expected \"int8-static\", \"int8-dynamic\" or \"fp32\""
+            ))
+        })
+    }
+}
+
 /// How raw pixels become the input tensor (`mlops.input`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InputSpec {
@@ -333,7 +375,9 @@ impl Artifact {
         let mut by_name: BTreeMap<String, NamedTensor> =
             tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
         let mut ordered = Vec::new();
-        for (name, shape, dtype) in expected_tensors(&spec, precision)? {
+        let expected = expected_tensors(&spec, precision, quantization.as_ref())
+            .map_err(|e| Error::artifact(path, e.to_string()))?;
+        for (name, shape, dtype) in expected {
             let t = by_name.remove(&name).ok_or_else(|| {
                 Error::artifact(
                     path,
@@ -390,22 +434,31 @@ impl Artifact {
 
 /// The tensors an artifact of `precision` must hold: name, shape, dtype, in order.
 ///
-/// int8 adds, per conv/dense layer, `weight_scale` (one per output channel) and the
-/// input activation's `input_scale` and `input_zero_point`; biases stay f32.
+/// int8 adds, per int8 conv/dense layer, `weight_scale` (one per output channel) and,
+/// for static layers, the input activation's `input_scale` and `input_zero_point`;
+/// biases and the weights of layers kept in fp32 stay f32 (see [`LayerPrecision`]).
 pub fn expected_tensors(
     spec: &ModelSpec,
     precision: Precision,
+    quantization: Option<&serde_json::Value>,
 ) -> Result<Vec<(String, Vec<usize>, &'static str)>> {
     let mut out = Vec::new();
     for info in spec.params()? {
         let is_weight = info.name.ends_with(".weight");
         match precision {
             Precision::Int8 if is_weight => {
+                let layer = LayerPrecision::of_layer(quantization, &info.name)?;
+                if layer == LayerPrecision::Fp32 {
+                    out.push((info.name.clone(), info.shape.clone(), "F32"));
+                    continue;
+                }
                 let prefix = info.name.trim_end_matches("weight");
                 out.push((info.name.clone(), info.shape.clone(), "I8"));
                 out.push((format!("{}_scale", info.name), vec![info.shape[0]], "F32"));
-                out.push((format!("{prefix}input_scale"), vec![1], "F32"));
-                out.push((format!("{prefix}input_zero_point"), vec![1], "U8"));
+                if layer == LayerPrecision::Int8Static {
+                    out.push((format!("{prefix}input_scale"), vec![1], "F32"));
+                    out.push((format!("{prefix}input_zero_point"), vec![1], "U8"));
+                }
             }
             Precision::Int8 => out.push((info.name.clone(), info.shape.clone(), "F32")),
             _ => out.push((

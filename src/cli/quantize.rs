@@ -320,7 +320,7 @@ fn dry_run(
     ]);
     let mut rows = Vec::new();
     let (mut before, mut after) = (0usize, 0usize);
-    for (name, shape, dtype) in expected_tensors(&artifact.spec, Precision::Int8)? {
+    for (name, shape, dtype) in expected_tensors(&artifact.spec, Precision::Int8, None)? {
         let count: usize = shape.iter().product();
         let old = artifact.tensor(&name);
         let from = old.map_or("-", |t| t.data.dtype_name());

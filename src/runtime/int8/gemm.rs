@@ -4,14 +4,23 @@
 //! uses GGML blocks with dynamically quantized activations and has no quantized conv, and
 //! the `gemm` crate has no integer kernels. The AVX-512 VNNI path (`vpdpbusd`, 64
 //! multiply-adds per instruction) is chosen at run time; the portable path computes the
-//! same sums in plain Rust. Integer sums are exact, so the two agree bit for bit (tested).
+//! same sums in plain Rust. Integer sums are exact and both paths requantize with the same
+//! f32 operations, so the two agree bit for bit (tested).
+//!
+//! Two things keep the kernel fed rather than waiting on copies (measured with perf: they
+//! were 60% of int8 inference when done as separate passes):
+//! - [`Source::Conv`] reads a convolution's receptive fields straight from the NHWC
+//!   activations (one contiguous `kernel * channels` run per kernel row), so no im2col
+//!   copy is made;
+//! - [`Sink::Requant`] turns the int32 sums into the next layer's bytes while they are
+//!   still in registers (bias, zero-point correction, scale, rounding, ReLU, saturation).
 
 /// Which instruction set computes the int8 dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// Plain Rust (any CPU).
     Portable,
-    /// AVX-512 VNNI `vpdpbusd` (x86-64 with avx512f + avx512vnni).
+    /// AVX-512 VNNI `vpdpbusd` (x86-64 with avx512f/bw/vl + avx512vnni).
     Avx512Vnni,
 }
 
@@ -21,6 +30,8 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
                 return Kernel::Avx512Vnni;
@@ -48,7 +59,7 @@ pub struct PackedWeights {
     pub n: usize,
     /// Reduction length.
     pub k: usize,
-    /// `k` rounded up to a multiple of 4 (the row stride activations must have).
+    /// `k` rounded up to a multiple of 4 (the kernels read activations 4 bytes at a time).
     pub k_padded: usize,
     /// Row-major `[n, k]` copy (portable path).
     raw: Vec<i8>,
@@ -88,12 +99,205 @@ impl PackedWeights {
     }
 }
 
-/// `c[m][n] = sum_k a[m][k] * w[n][k]` for `m` rows of `a` (row stride `w.k_padded`).
-///
-/// Bytes of `a` past `k` in each row may hold anything: the packed weights are zero there.
-pub fn gemm_u8i8(kernel: Kernel, a: &[u8], m: usize, w: &PackedWeights, c: &mut [i32]) {
-    assert!(a.len() >= m * w.k_padded, "activation buffer too small");
-    assert!(c.len() >= m * w.n, "output buffer too small");
+/// A valid (unpadded) convolution's geometry over NHWC bytes, for [`Source::Conv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Vertical step.
+    pub stride_y: usize,
+    /// Horizontal step.
+    pub stride_x: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+    /// A 2x2, stride-2 max-pool follows, fused: GEMM row `r` is pool window `r`, the
+    /// max of its four output pixels (the conv outputs no window covers are skipped).
+    pub pool2: bool,
+}
+
+impl ConvGeometry {
+    /// Byte offset of output pixel `row`'s receptive field (its top-left input pixel).
+    #[inline(always)]
+    fn row_base(&self, row: usize) -> usize {
+        let per_image = self.oh * self.ow;
+        let (n, p) = (row / per_image, row % per_image);
+        let (oy, ox) = (p / self.ow, p % self.ow);
+        self.pixel_base(n, oy, ox)
+    }
+
+    #[inline(always)]
+    fn pixel_base(&self, n: usize, oy: usize, ox: usize) -> usize {
+        n * self.h * self.w * self.c + (oy * self.stride_y * self.w + ox * self.stride_x) * self.c
+    }
+
+    /// The four output pixels' bases of pool window `row` (see `pool2`).
+    #[inline(always)]
+    fn window_bases(&self, row: usize) -> [usize; 4] {
+        let (ph, pw) = (self.oh / 2, self.ow / 2);
+        let (n, p) = (row / (ph * pw), row % (ph * pw));
+        let (oy, ox) = (2 * (p / pw), 2 * (p % pw));
+        [
+            self.pixel_base(n, oy, ox),
+            self.pixel_base(n, oy, ox + 1),
+            self.pixel_base(n, oy + 1, ox),
+            self.pixel_base(n, oy + 1, ox + 1),
+        ]
+    }
+}
+
+/// Where the GEMM's activation rows come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// Row `r` is `a[r * stride ..][.. k]`; bytes past `k` up to `k_padded` may hold
+    /// anything (the packed weights are zero there) but must exist.
+    Rows {
+        /// The bytes.
+        a: &'a [u8],
+        /// Distance between rows (at least `k`).
+        stride: usize,
+    },
+    /// Row `r` is output pixel `r`'s receptive field of a valid convolution over `x`,
+    /// read in place in `(ky, kx, c)` order: needs `kw * c` to be a multiple of 4.
+    Conv {
+        /// NHWC input bytes.
+        x: &'a [u8],
+        /// The convolution.
+        geometry: ConvGeometry,
+    },
+}
+
+impl Source<'_> {
+    /// Row starts and the offsets and length (in bytes) of each contiguous run of a row.
+    fn layout(&self, w: &PackedWeights) -> (Vec<usize>, usize) {
+        match self {
+            Source::Rows { .. } => (vec![0], w.k_padded),
+            Source::Conv { geometry: g, .. } => {
+                ((0..g.kh).map(|ky| ky * g.w * g.c).collect(), g.kw * g.c)
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn row_base(&self, row: usize) -> usize {
+        match self {
+            Source::Rows { stride, .. } => row * stride,
+            Source::Conv { geometry, .. } => geometry.row_base(row),
+        }
+    }
+
+    /// The pooled geometry, when rows are 2x2 pool windows.
+    fn pool2(&self) -> Option<&ConvGeometry> {
+        match self {
+            Source::Conv { geometry, .. } if geometry.pool2 => Some(geometry),
+            _ => None,
+        }
+    }
+
+    /// The bases of the pixels whose sums make GEMM row `row` (one, or a pool window).
+    #[inline(always)]
+    fn pixel_bases(&self, row: usize) -> ([usize; 4], usize) {
+        match self.pool2() {
+            Some(g) => (g.window_bases(row), 4),
+            None => ([self.row_base(row), 0, 0, 0], 1),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Source::Rows { a, .. } => a,
+            Source::Conv { x, .. } => x,
+        }
+    }
+
+    /// Panics unless every byte the kernels read for `m` rows lies inside the buffer.
+    fn check(&self, m: usize, w: &PackedWeights) {
+        if m == 0 {
+            return;
+        }
+        let (segments, run) = self.layout(w);
+        match self {
+            Source::Rows { stride, .. } => assert!(*stride >= w.k, "row stride below k"),
+            Source::Conv { geometry: g, .. } => {
+                assert_eq!(g.kh * g.kw * g.c, w.k, "conv geometry does not match k");
+                assert_eq!(
+                    run % 4,
+                    0,
+                    "kernel width * channels must be a multiple of 4"
+                );
+            }
+        }
+        let last = match self.pool2() {
+            Some(g) => g.window_bases(m - 1)[3],
+            None => self.row_base(m - 1),
+        } + segments.last().copied().unwrap_or(0)
+            + run;
+        assert!(last <= self.bytes().len(), "activation buffer too small");
+    }
+}
+
+/// Turns int32 sums into the next layer's bytes:
+/// `clamp(round_half_even((acc + offset[j]) * multiplier[j]) + zero_point, low, 255)`.
+#[derive(Debug, Clone)]
+pub struct Requant {
+    /// Bias in accumulator units minus the input zero point's contribution, per channel.
+    pub offset: Vec<i32>,
+    /// `input_scale * weight_scale / output_scale`, per channel.
+    pub multiplier: Vec<f32>,
+    /// The output's zero point.
+    pub zero_point: f32,
+    /// The smallest byte written: the zero point with a fused ReLU, else 0.
+    pub low: f32,
+}
+
+impl Requant {
+    /// The byte for channel `j`'s sum (the definition the SIMD epilogue reproduces).
+    #[inline(always)]
+    // max/min rather than clamp: clamp keeps NaN, which the unchecked conversion must not see.
+    #[allow(clippy::manual_clamp)]
+    pub fn byte(&self, j: usize, acc: i32) -> u8 {
+        let r = ((acc.wrapping_add(self.offset[j]) as f32 * self.multiplier[j]).round_ties_even()
+            + self.zero_point)
+            .max(self.low)
+            .min(255.0);
+        // SAFETY: `r` is finite and in [0, 255] (max() maps NaN to `low`).
+        unsafe { r.to_int_unchecked::<i32>() as u8 }
+    }
+}
+
+/// Where the GEMM's results go.
+#[derive(Debug)]
+pub enum Sink<'a> {
+    /// Raw int32 sums, `[m, n]` row-major.
+    Int32(&'a mut [i32]),
+    /// Requantized bytes, `[m, n]` row-major.
+    Requant {
+        /// How sums become bytes.
+        requant: &'a Requant,
+        /// The bytes.
+        out: &'a mut [u8],
+    },
+}
+
+/// `c[m][n] = sum_k a[m][k] * w[n][k]` for the `m` rows of `source`, written to `sink`.
+pub fn gemm(kernel: Kernel, source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
+    source.check(m, w);
+    match &mut sink {
+        Sink::Int32(c) => assert!(c.len() >= m * w.n, "output buffer too small"),
+        Sink::Requant { requant, out } => {
+            assert!(out.len() >= m * w.n, "output buffer too small");
+            assert!(requant.offset.len() == w.n && requant.multiplier.len() == w.n);
+        }
+    }
     match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => {
@@ -101,20 +305,49 @@ pub fn gemm_u8i8(kernel: Kernel, a: &[u8], m: usize, w: &PackedWeights, c: &mut 
                 Kernel::detect() == Kernel::Avx512Vnni,
                 "CPU lacks AVX-512 VNNI"
             );
-            // SAFETY: the CPU supports the features (checked above) and every load and
-            // store stays inside the buffers checked above.
-            unsafe { vnni::gemm(a, m, w, c) }
+            // SAFETY: the CPU supports the features (checked above), and `check` and the
+            // asserts above keep every load and store inside the buffers.
+            unsafe { vnni::gemm(source, m, w, sink) }
         }
-        _ => portable(a, m, w, c),
+        _ => portable(source, m, w, sink),
     }
 }
 
-fn portable(a: &[u8], m: usize, w: &PackedWeights, c: &mut [i32]) {
+/// [`gemm`] over plain rows into int32 (benchmarks and tests).
+pub fn gemm_u8i8(kernel: Kernel, a: &[u8], m: usize, w: &PackedWeights, c: &mut [i32]) {
+    let source = Source::Rows {
+        a,
+        stride: w.k_padded,
+    };
+    gemm(kernel, source, m, w, Sink::Int32(c));
+}
+
+fn portable(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
+    let (segments, run) = source.layout(w);
+    let run = run.min(w.k); // plain rows: the padding past k is not part of the sum
+    let bytes = source.bytes();
     for row in 0..m {
-        let x = &a[row * w.k_padded..row * w.k_padded + w.k];
+        let (bases, pixels) = source.pixel_bases(row);
         for n in 0..w.n {
-            let wr = &w.raw[n * w.k..(n + 1) * w.k];
-            c[row * w.n + n] = x.iter().zip(wr).map(|(&p, &q)| p as i32 * q as i32).sum();
+            let weights = &w.raw[n * w.k..(n + 1) * w.k];
+            let mut best = i32::MIN;
+            for &base in &bases[..pixels] {
+                let mut sum = 0i32;
+                for (s, &offset) in segments.iter().enumerate() {
+                    let a = &bytes[base + offset..base + offset + run];
+                    let wr = &weights[s * run..(s + 1) * run];
+                    sum += a
+                        .iter()
+                        .zip(wr)
+                        .map(|(&p, &q)| p as i32 * q as i32)
+                        .sum::<i32>();
+                }
+                best = best.max(sum);
+            }
+            match &mut sink {
+                Sink::Int32(c) => c[row * w.n + n] = best,
+                Sink::Requant { requant, out } => out[row * w.n + n] = requant.byte(n, best),
+            }
         }
     }
 }
@@ -123,36 +356,84 @@ fn portable(a: &[u8], m: usize, w: &PackedWeights, c: &mut [i32]) {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{PackedWeights, BLOCK};
+    use super::{PackedWeights, Sink, Source, BLOCK};
 
     /// Rows per tile: each row reuses the same weight registers.
     const ROWS: usize = 4;
+    /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
+    const BLOCKS: usize = 4;
 
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub unsafe fn gemm(a: &[u8], m: usize, w: &PackedWeights, c: &mut [i32]) {
+    /// Per-call constants of a tile.
+    struct Ctx<'a> {
+        a: *const u8,
+        segments: &'a [usize],
+        /// 4-byte groups per segment.
+        seg_groups: usize,
+        w: &'a PackedWeights,
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemm(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
+        let (segments, run) = source.layout(w);
+        let ctx = Ctx {
+            a: source.bytes().as_ptr(),
+            segments: &segments,
+            seg_groups: run / 4,
+            w,
+        };
         let blocks = w.n.div_ceil(BLOCK);
+        if source.pool2().is_some() {
+            // Each pool window is one tile of its four pixels, reduced by max.
+            for row in 0..m {
+                let (bases, _) = source.pixel_bases(row);
+                let mut b = 0;
+                while b < blocks {
+                    let nb = BLOCKS.min(blocks - b);
+                    match nb {
+                        4 => tile::<4, 4, true>(&ctx, &bases, row, b, &mut sink),
+                        3 => tile::<4, 3, true>(&ctx, &bases, row, b, &mut sink),
+                        2 => tile::<4, 2, true>(&ctx, &bases, row, b, &mut sink),
+                        _ => tile::<4, 1, true>(&ctx, &bases, row, b, &mut sink),
+                    }
+                    b += nb;
+                }
+            }
+            return;
+        }
         let mut row = 0;
         while row < m {
             let rows = ROWS.min(m - row);
+            let mut bases = [0usize; ROWS];
+            for (r, b) in bases.iter_mut().enumerate().take(rows) {
+                *b = source.row_base(row + r);
+            }
             let mut b = 0;
             while b < blocks {
-                let nb = 4.min(blocks - b);
-                if rows == ROWS && nb == 4 {
-                    tile::<ROWS, 4>(a, row, b, w, c);
-                } else if rows == ROWS {
-                    tile::<ROWS, 1>(a, row, b, w, c);
-                    b += 1;
-                    continue;
-                } else if nb == 4 {
-                    for r in 0..rows {
-                        tile::<1, 4>(a, row + r, b, w, c);
+                let nb = BLOCKS.min(blocks - b);
+                if rows == ROWS {
+                    match nb {
+                        4 => tile::<ROWS, 4, false>(&ctx, &bases, row, b, &mut sink),
+                        3 => tile::<ROWS, 3, false>(&ctx, &bases, row, b, &mut sink),
+                        2 => tile::<ROWS, 2, false>(&ctx, &bases, row, b, &mut sink),
+                        _ => tile::<ROWS, 1, false>(&ctx, &bases, row, b, &mut sink),
                     }
                 } else {
                     for r in 0..rows {
-                        tile::<1, 1>(a, row + r, b, w, c);
+                        match nb {
+                            4 => tile::<1, 4, false>(&ctx, &bases[r..], row + r, b, &mut sink),
+                            _ => {
+                                for j in 0..nb {
+                                    tile::<1, 1, false>(
+                                        &ctx,
+                                        &bases[r..],
+                                        row + r,
+                                        b + j,
+                                        &mut sink,
+                                    )
+                                }
+                            }
+                        }
                     }
-                    b += 1;
-                    continue;
                 }
                 b += nb;
             }
@@ -160,43 +441,91 @@ mod vnni {
         }
     }
 
-    /// `R` rows x `NB` blocks of 16 channels, accumulated in registers over all of k.
+    /// `R` rows x `NB` blocks of 16 channels, accumulated in registers over all of k,
+    /// then stored through the sink (with `POOL`, the max of the `R` rows, as row `row`).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn tile<const R: usize, const NB: usize>(
-        a: &[u8],
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
+        ctx: &Ctx<'_>,
+        bases: &[usize],
         row: usize,
         block: usize,
-        w: &PackedWeights,
-        c: &mut [i32],
+        sink: &mut Sink<'_>,
     ) {
+        let w = ctx.w;
         let groups = w.k_padded / 4;
         let mut acc = [[_mm512_setzero_si512(); NB]; R];
-        let a_ptr = a.as_ptr();
         let w_ptr = w.packed.as_ptr();
-        for g in 0..groups {
-            let mut wv = [_mm512_setzero_si512(); NB];
-            for (j, v) in wv.iter_mut().enumerate() {
-                let at = ((block + j) * groups + g) * BLOCK * 4;
-                *v = _mm512_loadu_si512(w_ptr.add(at) as *const _);
-            }
-            for (r, acc_row) in acc.iter_mut().enumerate() {
-                let at = (row + r) * w.k_padded + g * 4;
-                let four = (a_ptr.add(at) as *const i32).read_unaligned();
-                let av = _mm512_set1_epi32(four);
-                for j in 0..NB {
-                    acc_row[j] = _mm512_dpbusd_epi32(acc_row[j], av, wv[j]);
+        let mut g = 0;
+        for &segment in ctx.segments {
+            for s in 0..ctx.seg_groups {
+                let mut wv = [_mm512_setzero_si512(); NB];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    let at = ((block + j) * groups + g) * BLOCK * 4;
+                    *v = _mm512_loadu_si512(w_ptr.add(at) as *const _);
                 }
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let at = bases[r] + segment + s * 4;
+                    let four = (ctx.a.add(at) as *const i32).read_unaligned();
+                    let av = _mm512_set1_epi32(four);
+                    for j in 0..NB {
+                        acc_row[j] = _mm512_dpbusd_epi32(acc_row[j], av, wv[j]);
+                    }
+                }
+                g += 1;
             }
         }
-        for (r, acc_row) in acc.iter().enumerate() {
-            for (j, v) in acc_row.iter().enumerate() {
-                let first = (block + j) * BLOCK;
-                let width = BLOCK.min(w.n - first);
-                let mut lanes = [0i32; BLOCK];
-                _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *v);
-                let out = (row + r) * w.n + first;
-                c[out..out + width].copy_from_slice(&lanes[..width]);
+        let stored = if POOL {
+            let (first, rest) = acc.split_at_mut(1);
+            for other in rest.iter() {
+                for (best, v) in first[0].iter_mut().zip(other) {
+                    *best = _mm512_max_epi32(*best, *v);
+                }
+            }
+            1
+        } else {
+            R
+        };
+        for j in 0..NB {
+            let first = (block + j) * BLOCK;
+            let width = BLOCK.min(w.n - first);
+            let mask: __mmask16 = if width == BLOCK {
+                0xFFFF
+            } else {
+                (1u16 << width) - 1
+            };
+            match sink {
+                Sink::Int32(c) => {
+                    for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                        let out = c.as_mut_ptr().add((row + r) * w.n + first);
+                        _mm512_mask_storeu_epi32(out as *mut _, mask, acc_row[j]);
+                    }
+                }
+                Sink::Requant { requant, out } => {
+                    let offset = _mm512_maskz_loadu_epi32(
+                        mask,
+                        requant.offset.as_ptr().add(first) as *const _,
+                    );
+                    let multiplier =
+                        _mm512_maskz_loadu_ps(mask, requant.multiplier.as_ptr().add(first));
+                    let zero_point = _mm512_set1_ps(requant.zero_point);
+                    let (low, high) = (_mm512_set1_ps(requant.low), _mm512_set1_ps(255.0));
+                    for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                        let sum = _mm512_add_epi32(acc_row[j], offset);
+                        let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), multiplier);
+                        let rounded = _mm512_roundscale_ps::<
+                            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                        >(scaled);
+                        // max(x, low) as the scalar path: NaN in x becomes `low`.
+                        let clamped = _mm512_min_ps(
+                            _mm512_max_ps(_mm512_add_ps(rounded, zero_point), low),
+                            high,
+                        );
+                        let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(clamped));
+                        let dst = out.as_mut_ptr().add((row + r) * w.n + first);
+                        _mm_mask_storeu_epi8(dst as *mut _, mask, bytes);
+                    }
+                }
             }
         }
     }
@@ -219,6 +548,23 @@ mod tests {
             .collect()
     }
 
+    fn weights(n: usize, k: usize) -> Vec<i8> {
+        let mut w: Vec<i8> = bytes(n * k, 2)
+            .into_iter()
+            .map(|b| (b as i8).max(-127))
+            .collect();
+        w[0] = -127;
+        w
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut out = vec![Kernel::Portable];
+        if Kernel::detect() != Kernel::Portable {
+            out.push(Kernel::detect());
+        }
+        out
+    }
+
     #[test]
     fn simd_and_portable_agree_exactly() {
         // Shapes with row, block and k tails; extremes (255 x -127) included.
@@ -234,12 +580,7 @@ mod tests {
             let k_padded = k.div_ceil(4) * 4;
             let mut a = bytes(m * k_padded, 1);
             a[0] = 255;
-            let w: Vec<i8> = bytes(n * k, 2)
-                .into_iter()
-                .map(|b| (b as i8).max(-127))
-                .collect();
-            let mut w = w;
-            w[0] = -127;
+            let w = weights(n, k);
             let packed = PackedWeights::new(&w, n, k);
             let mut want = vec![0; m * n];
             gemm_u8i8(Kernel::Portable, &a, m, &packed, &mut want);
@@ -248,11 +589,102 @@ mod tests {
                 want[0],
                 (0..k).map(|i| a[i] as i32 * w[i] as i32).sum::<i32>()
             );
-            if Kernel::detect() == Kernel::Avx512Vnni {
+            for kernel in kernels() {
                 let mut got = vec![0; m * n];
-                gemm_u8i8(Kernel::Avx512Vnni, &a, m, &packed, &mut got);
-                assert_eq!(got, want, "m {m} n {n} k {k}");
+                gemm_u8i8(kernel, &a, m, &packed, &mut got);
+                assert_eq!(got, want, "{kernel:?} m {m} n {n} k {k}");
             }
+        }
+    }
+
+    /// Reading a conv's receptive fields in place gives the im2col sums, and the fused
+    /// requantization gives the scalar definition's bytes, with every kernel.
+    #[test]
+    fn in_place_conv_and_fused_requant_match_the_definitions() {
+        let g = ConvGeometry {
+            h: 9,
+            w: 7,
+            c: 4,
+            kh: 3,
+            kw: 3,
+            stride_y: 2,
+            stride_x: 2,
+            oh: 4,
+            ow: 3,
+            pool2: false,
+        };
+        let (batch, n) = (3, 20);
+        let k = g.kh * g.kw * g.c;
+        let x = bytes(batch * g.h * g.w * g.c, 5);
+        let w = weights(n, k);
+        let packed = PackedWeights::new(&w, n, k);
+        // im2col by hand.
+        let m = batch * g.oh * g.ow;
+        let mut patches = Vec::new();
+        for b in 0..batch {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let (y, xx) = (oy * g.stride_y + ky, ox * g.stride_x + kx);
+                            let at = ((b * g.h + y) * g.w + xx) * g.c;
+                            patches.extend_from_slice(&x[at..at + g.c]);
+                        }
+                    }
+                }
+            }
+        }
+        let mut want = vec![0; m * n];
+        gemm_u8i8(Kernel::Portable, &patches, m, &packed, &mut want);
+        let requant = Requant {
+            offset: (0..n as i32).map(|j| j * 997 - 9000).collect(),
+            multiplier: (0..n).map(|j| 0.0004 + j as f32 * 0.0001).collect(),
+            zero_point: 7.0,
+            low: 7.0,
+        };
+        let want_bytes: Vec<u8> = want
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| requant.byte(i % n, s))
+            .collect();
+        assert!(want_bytes.contains(&7) && want_bytes.iter().any(|&b| b > 7));
+        for kernel in kernels() {
+            let source = Source::Conv { x: &x, geometry: g };
+            let mut sums = vec![0; m * n];
+            gemm(kernel, source, m, &packed, Sink::Int32(&mut sums));
+            assert_eq!(sums, want, "{kernel:?} sums");
+            let mut out = vec![0u8; m * n];
+            let sink = Sink::Requant {
+                requant: &requant,
+                out: &mut out,
+            };
+            gemm(kernel, source, m, &packed, sink);
+            assert_eq!(out, want_bytes, "{kernel:?} bytes");
+            // Fused 2x2 max-pool: the max of each window's sums (the odd last column of
+            // the 4 x 3 output is not covered by any window).
+            let pooled = Source::Conv {
+                x: &x,
+                geometry: ConvGeometry { pool2: true, ..g },
+            };
+            let windows = batch * 2;
+            let mut got = vec![0; windows * n];
+            gemm(kernel, pooled, windows, &packed, Sink::Int32(&mut got));
+            let mut want_pooled = Vec::new();
+            for b in 0..batch {
+                for py in 0..2 {
+                    let pixel = |y: usize, x: usize| (b * g.oh + y) * g.ow + x;
+                    let p = [
+                        pixel(2 * py, 0),
+                        pixel(2 * py, 1),
+                        pixel(2 * py + 1, 0),
+                        pixel(2 * py + 1, 1),
+                    ];
+                    for j in 0..n {
+                        want_pooled.push(p.iter().map(|&r| want[r * n + j]).max().unwrap());
+                    }
+                }
+            }
+            assert_eq!(got, want_pooled, "{kernel:?} pooled");
         }
     }
 }

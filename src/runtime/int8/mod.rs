@@ -11,8 +11,8 @@ pub mod gemm;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use self::gemm::{gemm_u8i8, Kernel, PackedWeights};
-use crate::artifact::{Artifact, Precision, TensorData};
+use self::gemm::{gemm, ConvGeometry, Kernel, PackedWeights, Requant, Sink, Source};
+use crate::artifact::{Artifact, LayerPrecision, Precision, TensorData};
 use crate::nn::plan::{ConvOp, Op, PoolOp};
 use crate::nn::Plan;
 use crate::{Error, Result};
@@ -43,48 +43,106 @@ impl ActQuant {
     }
 }
 
-/// A conv or dense layer ready for the integer kernel.
+/// A static int8 conv/dense: uint8 in, calibrated; bytes or floats out.
 #[derive(Debug, Clone)]
-struct QuantLayer {
-    /// `Some` for a conv (geometry), `None` for dense.
+struct StaticLayer {
+    conv: Option<ConvOp>,
+    /// The 2x2 max-pool that follows is fused into the GEMM (see `ConvGeometry::pool2`).
+    pool2: bool,
+    weights: PackedWeights,
+    input: ActQuant,
+    output: StaticOutput,
+}
+
+#[derive(Debug, Clone)]
+enum StaticOutput {
+    /// Requantized to the next int8 layer's input bytes (ReLU fused in the clamp).
+    Bytes(Requant),
+    /// Dequantized to floats `(acc + offset) * multiplier` (logits, or the input of a
+    /// layer that is not static int8).
+    Floats {
+        offset: Vec<i32>,
+        multiplier: Vec<f32>,
+        relu: bool,
+    },
+}
+
+/// A dynamic-range int8 conv/dense: float in, each image quantized to uint8 by its own
+/// range at run time, int8 GEMM, float out with the bias added in float (TFLite's
+/// dynamic-range scheme, per image so a result never depends on its batch-mates).
+#[derive(Debug, Clone)]
+struct DynamicLayer {
     conv: Option<ConvOp>,
     weights: PackedWeights,
-    /// `round(bias / (input_scale * weight_scale)) - input_zero_point * sum(weights)`:
-    /// everything added to a channel's int32 accumulator, folded once at load.
-    offset: Vec<i32>,
-    input: ActQuant,
-    /// `None` for the last layer, whose output is dequantized logits.
-    output: Option<ActQuant>,
-    /// `input_scale * weight_scale / output_scale` (or without the output scale for logits).
-    multiplier: Vec<f32>,
+    weight_scale: Vec<f32>,
+    bias: Vec<f32>,
     relu: bool,
 }
 
+/// A layer kept in fp32 (`quantize --exclude`).
 #[derive(Debug, Clone)]
-enum QuantOp {
-    Layer(Box<QuantLayer>),
-    MaxPool(PoolOp),
-    AvgPool(PoolOp),
-    Relu { zero_point: u8 },
-    Identity,
+struct FloatLayer {
+    op: Op,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
 }
 
-/// Per-thread buffers, one per op so their sizes never change between calls (a buffer
+/// What the activations are between steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Domain {
+    Floats,
+    Bytes(ActQuant),
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Floats to bytes.
+    Quantize(ActQuant),
+    /// Bytes to floats.
+    Dequantize(ActQuant),
+    Static(Box<StaticLayer>),
+    Dynamic(Box<DynamicLayer>),
+    Float(Box<FloatLayer>),
+    MaxPool(PoolOp, Domain),
+    AvgPool(PoolOp, Domain),
+    Relu(Domain),
+}
+
+/// Per-thread buffers, one per step so their sizes never change between calls (a buffer
 /// that shrank and regrew would be zero-filled again on every call).
 #[derive(Debug, Default)]
 struct Scratch {
-    /// `acts[0]` is the quantized input, `acts[i + 1]` op `i`'s output.
-    acts: Vec<Vec<u8>>,
-    patches: Vec<Vec<u8>>,
+    /// Step `i`'s output when it is bytes.
+    bytes: Vec<Vec<u8>>,
+    /// Step `i`'s output when it is floats.
+    floats: Vec<Vec<f32>>,
+    /// A zero-point-padded copy of the input and/or its rows unfolded (see [`layer_source`]).
+    staging: Vec<[Vec<u8>; 2]>,
+    float_patches: Vec<Vec<f32>>,
     acc: Vec<Vec<i32>>,
+    /// Per-image input quantization of dynamic layers.
+    image_quant: Vec<ActQuant>,
+    /// This shard's logits.
     logits: Vec<f32>,
+}
+
+/// Images run through the whole network together (see [`Int8Model::predict`]).
+const IMAGES_PER_PASS: usize = 8;
+
+/// How each conv/dense layer of a model runs, for reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerRun {
+    /// The weight tensor's name.
+    pub weight: String,
+    /// Its precision.
+    pub precision: LayerPrecision,
 }
 
 /// An int8 artifact compiled for the integer kernels.
 pub struct Int8Model {
     plan: Plan,
-    ops: Vec<QuantOp>,
-    input: ActQuant,
+    steps: Vec<Step>,
+    layers: Vec<LayerRun>,
     kernel: Kernel,
     scratch: Vec<Scratch>,
 }
@@ -96,6 +154,51 @@ fn f32s(artifact: &Artifact, name: &str) -> Result<Vec<f32>> {
         .ok_or_else(|| Error::Config(format!("int8 artifact lacks f32 tensor `{name}`")))
 }
 
+/// The calibrated input quantization of a static layer's weight `name`, if it has one.
+fn static_input(artifact: &Artifact, name: &str) -> Result<Option<ActQuant>> {
+    let prefix = name.trim_end_matches("weight");
+    let Some(scale) = artifact.tensor(&format!("{prefix}input_scale")) else {
+        return Ok(None);
+    };
+    let scale = scale.data.to_f32().unwrap_or_default();
+    match (
+        scale.as_slice(),
+        artifact
+            .tensor(&format!("{prefix}input_zero_point"))
+            .map(|t| &t.data),
+    ) {
+        ([scale], Some(TensorData::U8(zp))) if zp.len() == 1 => Ok(Some(ActQuant {
+            scale: *scale,
+            zero_point: zp[0],
+        })),
+        _ => Err(Error::Config(format!(
+            "int8 artifact has a bad `{prefix}input_scale` / `{prefix}input_zero_point`"
+        ))),
+    }
+}
+
+/// How the layer at `weight` runs in this artifact, read from its tensors' dtypes.
+fn layer_kind(artifact: &Artifact, name: &str) -> Result<LayerPrecision> {
+    match artifact.tensor(name).map(|t| &t.data) {
+        Some(TensorData::I8(_)) => Ok(if static_input(artifact, name)?.is_some() {
+            LayerPrecision::Int8Static
+        } else {
+            LayerPrecision::Int8Dynamic
+        }),
+        Some(_) => Ok(LayerPrecision::Fp32),
+        None => Err(Error::Config(format!("int8 artifact lacks `{name}`"))),
+    }
+}
+
+/// The weight index, output channels, reduction length and fused ReLU of a conv/dense.
+fn layer_shape(op: &Op) -> Option<(usize, usize, usize, bool)> {
+    match op {
+        Op::Conv(c) => Some((c.weight, c.output[2], c.patch_len(), c.relu)),
+        Op::Dense(d) => Some((d.weight, d.units, d.inputs, d.relu)),
+        _ => None,
+    }
+}
+
 impl Int8Model {
     /// Compiles an int8 artifact; `threads` shards the batch; `kernel` picks the GEMM.
     pub fn new(artifact: &Artifact, threads: usize, kernel: Kernel) -> Result<Self> {
@@ -105,74 +208,67 @@ impl Int8Model {
             ));
         }
         let plan = Plan::compile(&artifact.spec)?;
-        // Input quantization of every conv/dense, in op order.
-        let mut layer_inputs = Vec::new();
+        // Each conv/dense layer's kind and (static) input quantization, in op order.
+        let mut kinds = Vec::new();
         for op in &plan.ops {
-            if let Op::Conv(ConvOp { weight, .. })
-            | Op::Dense(crate::nn::plan::DenseOp { weight, .. }) = op
-            {
-                let name = &plan.params[*weight].name;
-                let prefix = name.trim_end_matches("weight");
-                let scale = f32s(artifact, &format!("{prefix}input_scale"))?[0];
-                let zero_point = match artifact
-                    .tensor(&format!("{prefix}input_zero_point"))
-                    .map(|t| &t.data)
-                {
-                    Some(TensorData::U8(v)) if v.len() == 1 => v[0],
-                    _ => {
-                        return Err(Error::Config(format!(
-                            "int8 artifact lacks `{prefix}input_zero_point`"
-                        )))
-                    }
-                };
-                layer_inputs.push(ActQuant { scale, zero_point });
+            if let Some((weight, ..)) = layer_shape(op) {
+                let name = &plan.params[weight].name;
+                kinds.push((layer_kind(artifact, name)?, static_input(artifact, name)?));
             }
         }
-        let Some(&first_input) = layer_inputs.first() else {
-            return Err(Error::Config(
-                "an int8 model needs at least one conv or dense layer".into(),
-            ));
-        };
-        if !matches!(plan.ops.last(), Some(Op::Conv(_) | Op::Dense(_))) {
-            return Err(Error::Config(
-                "the int8 runtime needs the model to end with a conv or dense layer (its logits)"
-                    .into(),
-            ));
-        }
-        let mut ops = Vec::new();
-        let mut next_layer = 0;
-        // The quantization the activations are in while walking the ops.
-        let mut current = first_input;
-        for op in &plan.ops {
-            let quant_op = match op {
-                Op::Conv(_) | Op::Dense(_) => {
-                    let (conv, weight, relu, n, k) = match op {
-                        Op::Conv(c) => (
-                            Some(c.clone()),
-                            c.weight,
-                            c.relu,
-                            c.output[2],
-                            c.patch_len(),
-                        ),
-                        Op::Dense(d) => (None, d.weight, d.relu, d.units, d.inputs),
-                        _ => unreachable!(),
-                    };
-                    let name = &plan.params[weight].name;
-                    let q = match artifact.tensor(name).map(|t| &t.data) {
-                        Some(TensorData::I8(q)) => q.clone(),
-                        _ => {
-                            return Err(Error::Config(format!(
-                                "int8 artifact lacks I8 tensor `{name}`"
-                            )))
+        let mut steps = Vec::new();
+        let mut layers = Vec::new();
+        let mut domain = Domain::Floats;
+        let mut fused_pool = false;
+        for (index, op) in plan.ops.iter().enumerate() {
+            if std::mem::take(&mut fused_pool) {
+                continue;
+            }
+            let Some((weight, n, k, relu)) = layer_shape(op) else {
+                match op {
+                    Op::MaxPool(p) => steps.push(Step::MaxPool(p.clone(), domain)),
+                    Op::AvgPool(p) => steps.push(Step::AvgPool(p.clone(), domain)),
+                    Op::Relu { .. } => steps.push(Step::Relu(domain)),
+                    // Identity at inference.
+                    Op::Dropout { .. } => {}
+                    Op::Conv(_) | Op::Dense(_) => unreachable!("handled above"),
+                }
+                continue;
+            };
+            let conv = match op {
+                Op::Conv(c) => Some(c.clone()),
+                _ => None,
+            };
+            let name = plan.params[weight].name.clone();
+            let bias = f32s(artifact, &plan.params[weight + 1].name)?;
+            let (kind, input) = kinds[layers.len()];
+            layers.push(LayerRun {
+                weight: name.clone(),
+                precision: kind,
+            });
+            // The next layer's input quantization, when it is static int8.
+            let next_static = kinds.get(layers.len()).and_then(|(_, q)| *q);
+            let int8_weights = || -> Result<(PackedWeights, Vec<f32>)> {
+                let Some(TensorData::I8(q)) = artifact.tensor(&name).map(|t| &t.data) else {
+                    return Err(Error::Config(format!("int8 artifact lacks I8 `{name}`")));
+                };
+                Ok((
+                    pack_weights(conv.as_ref(), q, n, k),
+                    f32s(artifact, &format!("{name}_scale"))?,
+                ))
+            };
+            match (kind, input) {
+                (LayerPrecision::Int8Static, Some(input)) => {
+                    match domain {
+                        Domain::Bytes(current) if current == input => {}
+                        Domain::Bytes(current) => {
+                            steps.push(Step::Dequantize(current));
+                            steps.push(Step::Quantize(input));
                         }
-                    };
-                    let weight_scale = f32s(artifact, &format!("{name}_scale"))?;
-                    let bias = f32s(artifact, &plan.params[weight + 1].name)?;
-                    let input = layer_inputs[next_layer];
-                    next_layer += 1;
-                    let output = layer_inputs.get(next_layer).copied();
-                    let weights = PackedWeights::new(&q, n, k);
-                    let offset = bias
+                        Domain::Floats => steps.push(Step::Quantize(input)),
+                    }
+                    let (weights, weight_scale) = int8_weights()?;
+                    let offset: Vec<i32> = bias
                         .iter()
                         .zip(&weight_scale)
                         .zip(&weights.sums)
@@ -180,36 +276,86 @@ impl Int8Model {
                             (b / (input.scale * s)).round() as i32 - input.zero_point as i32 * sum
                         })
                         .collect();
-                    let multiplier = weight_scale
-                        .iter()
-                        .map(|s| input.scale * s / output.map_or(1.0, |o| o.scale))
-                        .collect();
-                    if let Some(o) = output {
-                        current = o;
-                    }
-                    QuantOp::Layer(Box::new(QuantLayer {
+                    let output = match next_static {
+                        Some(out) => {
+                            domain = Domain::Bytes(out);
+                            StaticOutput::Bytes(Requant {
+                                offset,
+                                multiplier: weight_scale
+                                    .iter()
+                                    .map(|s| input.scale * s / out.scale)
+                                    .collect(),
+                                zero_point: out.zero_point as f32,
+                                low: if relu { out.zero_point as f32 } else { 0.0 },
+                            })
+                        }
+                        None => {
+                            domain = Domain::Floats;
+                            StaticOutput::Floats {
+                                offset,
+                                multiplier: weight_scale.iter().map(|s| input.scale * s).collect(),
+                                relu,
+                            }
+                        }
+                    };
+                    // A 2x2/2 max-pool right after a conv with byte output: fused.
+                    let pool2 = match (&conv, &output, plan.ops.get(index + 1)) {
+                        (Some(c), StaticOutput::Bytes(_), Some(Op::MaxPool(p))) => {
+                            p.size == 2
+                                && p.stride == 2
+                                && p.output[..2] == [c.output[0] / 2, c.output[1] / 2]
+                        }
+                        _ => false,
+                    };
+                    fused_pool = pool2;
+                    steps.push(Step::Static(Box::new(StaticLayer {
                         conv,
+                        pool2,
                         weights,
-                        offset,
                         input,
                         output,
-                        multiplier,
-                        relu,
-                    }))
+                    })));
                 }
-                Op::MaxPool(p) => QuantOp::MaxPool(p.clone()),
-                Op::AvgPool(p) => QuantOp::AvgPool(p.clone()),
-                Op::Relu { .. } => QuantOp::Relu {
-                    zero_point: current.zero_point,
-                },
-                Op::Dropout { .. } => QuantOp::Identity,
-            };
-            ops.push(quant_op);
+                (LayerPrecision::Int8Static, None) => unreachable!("static layers have inputs"),
+                (LayerPrecision::Int8Dynamic, _) => {
+                    if let Domain::Bytes(current) = domain {
+                        steps.push(Step::Dequantize(current));
+                    }
+                    let (weights, weight_scale) = int8_weights()?;
+                    steps.push(Step::Dynamic(Box::new(DynamicLayer {
+                        conv,
+                        weights,
+                        weight_scale,
+                        bias,
+                        relu,
+                    })));
+                    domain = Domain::Floats;
+                }
+                (LayerPrecision::Fp32, _) => {
+                    if let Domain::Bytes(current) = domain {
+                        steps.push(Step::Dequantize(current));
+                    }
+                    steps.push(Step::Float(Box::new(FloatLayer {
+                        op: op.clone(),
+                        weight: f32s(artifact, &name)?,
+                        bias,
+                    })));
+                    domain = Domain::Floats;
+                }
+            }
+        }
+        if let Domain::Bytes(current) = domain {
+            steps.push(Step::Dequantize(current));
+        }
+        if layers.is_empty() {
+            return Err(Error::Config(
+                "an int8 model needs at least one conv or dense layer".into(),
+            ));
         }
         Ok(Int8Model {
             plan,
-            ops,
-            input: first_input,
+            steps,
+            layers,
             kernel,
             scratch: (0..threads.max(1)).map(|_| Scratch::default()).collect(),
         })
@@ -218,6 +364,11 @@ impl Int8Model {
     /// The instruction set of the GEMM.
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// How each conv/dense layer runs (int8 static, int8 dynamic or fp32).
+    pub fn layers(&self) -> &[LayerRun] {
+        &self.layers
     }
 
     /// The compiled float plan (shapes, classes).
@@ -231,18 +382,26 @@ impl Int8Model {
         let ranges: Vec<(usize, usize)> = (0..shards)
             .map(|i| (i * batch / shards, (i + 1) * batch / shards))
             .collect();
-        let (ops, plan, input, kernel) = (&self.ops, &self.plan, self.input, self.kernel);
+        let (steps, plan, kernel) = (&self.steps, &self.plan, self.kernel);
         let run = |scratch: &mut Scratch, (start, end): (usize, usize)| {
-            if end > start {
+            scratch.logits.clear();
+            // A few images at a time through the whole network, so the activations stay
+            // in the core's own caches (a 64-image conv1 output alone is 1.4 MB).
+            let mut first = start;
+            while first < end {
+                let last = (first + IMAGES_PER_PASS).min(end);
                 forward(
-                    ops,
-                    plan,
-                    input,
+                    steps,
                     kernel,
-                    &x[start * plan.input_len..end * plan.input_len],
-                    end - start,
+                    &x[first * plan.input_len..last * plan.input_len],
+                    last - first,
                     scratch,
                 );
+                let out = scratch.floats.last().expect("a step ran");
+                scratch
+                    .logits
+                    .extend_from_slice(&out[..(last - first) * plan.classes]);
+                first = last;
             }
         };
         if shards == 1 {
@@ -254,80 +413,336 @@ impl Int8Model {
                 .for_each(|(s, r)| run(s, r));
         }
         logits.clear();
-        for (scratch, (start, end)) in self.scratch.iter().zip(ranges) {
-            logits.extend_from_slice(&scratch.logits[..(end - start) * plan.classes]);
+        for scratch in &self.scratch[..shards] {
+            logits.extend_from_slice(&scratch.logits);
         }
     }
 }
 
-fn forward(
-    ops: &[QuantOp],
-    plan: &Plan,
-    input: ActQuant,
-    kernel: Kernel,
-    x: &[f32],
-    batch: usize,
-    s: &mut Scratch,
-) {
-    if s.acts.len() != ops.len() + 1 {
-        s.acts = vec![Vec::new(); ops.len() + 1];
-        s.patches = vec![Vec::new(); ops.len()];
-        s.acc = vec![Vec::new(); ops.len()];
+fn forward(steps: &[Step], kernel: Kernel, x: &[f32], batch: usize, s: &mut Scratch) {
+    if s.bytes.len() != steps.len() {
+        s.bytes = vec![Vec::new(); steps.len()];
+        s.floats = vec![Vec::new(); steps.len()];
+        s.staging = vec![[Vec::new(), Vec::new()]; steps.len()];
+        s.float_patches = vec![Vec::new(); steps.len()];
+        s.acc = vec![Vec::new(); steps.len()];
     }
-    s.acts[0].resize(x.len(), 0);
-    quantize_input(input, x, &mut s.acts[0]);
-    for (i, op) in ops.iter().enumerate() {
-        let in_len = if i == 0 {
-            plan.input_len
-        } else {
-            plan.out_lens[i - 1]
+    for (i, step) in steps.iter().enumerate() {
+        let (bytes_before, bytes_after) = s.bytes.split_at_mut(i);
+        let (floats_before, floats_after) = s.floats.split_at_mut(i);
+        let (in_bytes, out_bytes): (&[u8], _) = match bytes_before.last() {
+            Some(b) => (b, &mut bytes_after[0]),
+            None => (&[], &mut bytes_after[0]),
         };
-        let (before, after) = s.acts.split_at_mut(i + 1);
-        let (a, out) = (&mut before[i], &mut after[0]);
-        match op {
-            QuantOp::Layer(layer) => {
-                let patches = &mut s.patches[i];
-                let rows = match &layer.conv {
-                    Some(conv) => {
-                        crate::nn::im2col::im2col(
-                            conv,
-                            a,
-                            batch,
-                            layer.weights.k_padded,
-                            layer.input.zero_point,
-                            patches,
-                        );
-                        batch * conv.output[0] * conv.output[1]
+        let (in_floats, out_floats): (&[f32], _) = match floats_before.last() {
+            Some(f) => (f, &mut floats_after[0]),
+            None => (x, &mut floats_after[0]),
+        };
+        let (staging, acc) = (&mut s.staging[i], &mut s.acc[i]);
+        match step {
+            Step::Quantize(q) => {
+                out_bytes.resize(in_floats.len(), 0);
+                quantize_input(*q, in_floats, out_bytes);
+            }
+            Step::Dequantize(q) => {
+                out_floats.clear();
+                out_floats.extend(
+                    in_bytes
+                        .iter()
+                        .map(|&b| (b as i32 - q.zero_point as i32) as f32 * q.scale),
+                );
+            }
+            Step::Static(layer) => {
+                let fill = [layer.input.zero_point];
+                let (source, rows) = layer_source(
+                    layer.conv.as_ref(),
+                    layer.pool2,
+                    &layer.weights,
+                    in_bytes,
+                    batch,
+                    &fill,
+                    staging,
+                );
+                let n = layer.weights.n;
+                match &layer.output {
+                    StaticOutput::Bytes(requant) => {
+                        out_bytes.resize(rows * n, 0);
+                        let sink = Sink::Requant {
+                            requant,
+                            out: out_bytes,
+                        };
+                        gemm(kernel, source, rows, &layer.weights, sink);
                     }
-                    None => {
-                        pad_rows(a, batch, in_len, layer.weights.k_padded, patches);
-                        batch
-                    }
-                };
-                let acc = &mut s.acc[i];
-                acc.resize(rows * layer.weights.n, 0);
-                gemm_u8i8(kernel, patches, rows, &layer.weights, acc);
-                match layer.output {
-                    Some(q) => {
-                        out.resize(rows * layer.weights.n, 0);
-                        requantize(layer, q, acc, out);
-                    }
-                    None => {
-                        s.logits.resize(rows * layer.weights.n, 0.0);
-                        dequantize(layer, acc, &mut s.logits);
+                    StaticOutput::Floats {
+                        offset,
+                        multiplier,
+                        relu,
+                    } => {
+                        acc.resize(rows * n, 0);
+                        gemm(kernel, source, rows, &layer.weights, Sink::Int32(acc));
+                        out_floats.resize(rows * n, 0.0);
+                        for (row, out) in acc.chunks_exact(n).zip(out_floats.chunks_exact_mut(n)) {
+                            for (j, o) in out.iter_mut().enumerate() {
+                                let real = (row[j] + offset[j]) as f32 * multiplier[j];
+                                *o = if *relu { real.max(0.0) } else { real };
+                            }
+                        }
                     }
                 }
             }
-            QuantOp::MaxPool(pool) => max_pool_u8(pool, a, batch, out),
-            QuantOp::AvgPool(pool) => avg_pool_u8(pool, a, batch, out),
-            QuantOp::Relu { zero_point } => {
-                out.clear();
-                out.extend(a.iter().map(|&v| v.max(*zero_point)));
+            Step::Dynamic(layer) => dynamic_layer(
+                layer,
+                kernel,
+                in_floats,
+                batch,
+                DynamicBuffers {
+                    bytes: out_bytes,
+                    staging,
+                    acc,
+                    image_quant: &mut s.image_quant,
+                },
+                out_floats,
+            ),
+            Step::Float(layer) => match &layer.op {
+                Op::Conv(conv) => crate::nn::layers::conv_forward(
+                    conv,
+                    &layer.weight,
+                    &layer.bias,
+                    in_floats,
+                    batch,
+                    &mut s.float_patches[i],
+                    out_floats,
+                ),
+                Op::Dense(dense) => crate::nn::layers::dense_forward(
+                    dense,
+                    &layer.weight,
+                    &layer.bias,
+                    in_floats,
+                    batch,
+                    out_floats,
+                ),
+                _ => unreachable!("float layers are conv or dense"),
+            },
+            Step::MaxPool(pool, Domain::Bytes(_)) => max_pool_u8(pool, in_bytes, batch, out_bytes),
+            Step::AvgPool(pool, Domain::Bytes(_)) => avg_pool_u8(pool, in_bytes, batch, out_bytes),
+            Step::MaxPool(pool, Domain::Floats) => {
+                crate::nn::layers::max_pool_forward(pool, in_floats, batch, out_floats)
             }
-            QuantOp::Identity => {
-                out.clear();
-                out.extend_from_slice(a);
+            Step::AvgPool(pool, Domain::Floats) => {
+                crate::nn::layers::avg_pool_forward(pool, in_floats, batch, out_floats)
             }
+            Step::Relu(Domain::Bytes(q)) => {
+                out_bytes.clear();
+                out_bytes.extend(in_bytes.iter().map(|&v| v.max(q.zero_point)));
+            }
+            Step::Relu(Domain::Floats) => {
+                out_floats.clear();
+                out_floats.extend_from_slice(in_floats);
+                crate::nn::layers::relu_in_place(out_floats);
+            }
+        }
+    }
+}
+
+/// Whether a conv's kernel rows are too narrow to read in place 4 bytes at a time
+/// (`kernel * channels` not a multiple of 4: the usual 1-channel first layer). Such a
+/// conv runs on its input unfolded along the width (see [`unfold_width`]), and its
+/// weights are packed to match (see [`pack_weights`]).
+fn unfolds(conv: &ConvOp) -> bool {
+    !(conv.kernel * conv.input[2]).is_multiple_of(4)
+}
+
+/// Bytes per kernel row after [`unfold_width`]: `kernel * channels` rounded up to 4.
+fn unfolded_run(conv: &ConvOp) -> usize {
+    (conv.kernel * conv.input[2]).div_ceil(4) * 4
+}
+
+/// Packs `[n, k]` int8 weights for the layer's source: as they are, or for a conv that
+/// [`unfolds`], each kernel row padded with zero weights to [`unfolded_run`].
+fn pack_weights(conv: Option<&ConvOp>, q: &[i8], n: usize, k: usize) -> PackedWeights {
+    match conv {
+        Some(conv) if unfolds(conv) => {
+            let (row, run) = (conv.kernel * conv.input[2], unfolded_run(conv));
+            let mut padded = vec![0i8; n * conv.kernel * run];
+            for (src, dst) in q.chunks_exact(row).zip(padded.chunks_exact_mut(run)) {
+                dst[..row].copy_from_slice(src);
+            }
+            PackedWeights::new(&padded, n, conv.kernel * run)
+        }
+        _ => PackedWeights::new(q, n, k),
+    }
+}
+
+/// The GEMM's rows for a conv/dense layer over the bytes `x` of `batch` images, and
+/// their count: in place when the layout allows, else through `staging` (a padded copy,
+/// or rows unfolded along the width); with `pool2` a row is a 2x2 pool window. `fill[b]` is the byte of real 0.0 for image `b`
+/// (one value: all images).
+fn layer_source<'a>(
+    conv: Option<&ConvOp>,
+    pool2: bool,
+    weights: &PackedWeights,
+    x: &'a [u8],
+    batch: usize,
+    fill: &[u8],
+    staging: &'a mut [Vec<u8>; 2],
+) -> (Source<'a>, usize) {
+    let [frame, unfolded] = staging;
+    let Some(conv) = conv else {
+        let k = weights.k;
+        if k.is_multiple_of(4) {
+            return (Source::Rows { a: x, stride: k }, batch);
+        }
+        pad_rows(x, batch, k, weights.k_padded, frame);
+        return (
+            Source::Rows {
+                a: frame,
+                stride: weights.k_padded,
+            },
+            batch,
+        );
+    };
+    let [mut h, mut w, c] = conv.input;
+    let [oh, ow, _] = conv.output;
+    let rows = if pool2 {
+        batch * (oh / 2) * (ow / 2)
+    } else {
+        batch * oh * ow
+    };
+    let mut x: &'a [u8] = x;
+    if conv.pad != (0, 0) {
+        // Same padding: copy into a frame of zero-point bytes, then read in place.
+        let (ph, pw) = (
+            (oh - 1) * conv.stride + conv.kernel,
+            (ow - 1) * conv.stride + conv.kernel,
+        );
+        let (top, left) = conv.pad;
+        frame.resize(batch * ph * pw * c, 0);
+        for b in 0..batch {
+            let dst = &mut frame[b * ph * pw * c..(b + 1) * ph * pw * c];
+            dst.fill(fill[b.min(fill.len() - 1)]);
+            for y in 0..h.min(ph - top) {
+                let src = &x[(b * h + y) * w * c..][..w.min(pw - left) * c];
+                dst[((top + y) * pw + left) * c..][..src.len()].copy_from_slice(src);
+            }
+        }
+        (h, w, x) = (ph, pw, frame);
+    }
+    let geometry = if unfolds(conv) {
+        let run = unfolded_run(conv);
+        unfold_width(conv, x, batch, h, w, unfolded);
+        x = unfolded;
+        ConvGeometry {
+            h,
+            w: ow,
+            c: run,
+            kh: conv.kernel,
+            kw: 1,
+            stride_y: conv.stride,
+            stride_x: 1,
+            oh,
+            ow,
+            pool2,
+        }
+    } else {
+        ConvGeometry {
+            h,
+            w,
+            c,
+            kh: conv.kernel,
+            kw: conv.kernel,
+            stride_y: conv.stride,
+            stride_x: conv.stride,
+            oh,
+            ow,
+            pool2,
+        }
+    };
+    (Source::Conv { x, geometry }, rows)
+}
+
+/// `out[b][y][ox]` = the `kernel * c` bytes of input row `y` under output column `ox`,
+/// zero-padded to [`unfolded_run`]: each of the kernel's rows becomes one 4-byte-aligned
+/// run, so the GEMM reads the receptive field in place (`kernel` runs per output pixel).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+fn unfold_width(conv: &ConvOp, x: &[u8], batch: usize, h: usize, w: usize, out: &mut Vec<u8>) {
+    let c = conv.input[2];
+    let ow = conv.output[1];
+    let (row, run) = (conv.kernel * c, unfolded_run(conv));
+    out.resize(batch * h * ow * run, 0);
+    for (src, dst) in x
+        .chunks_exact(w * c)
+        .zip(out.chunks_exact_mut(ow * run))
+        .take(batch * h)
+    {
+        for (ox, d) in dst.chunks_exact_mut(run).enumerate() {
+            // The bytes past `row` meet zero weights: left as they are.
+            let s = &src[ox * conv.stride * c..][..row];
+            d[..row].copy_from_slice(s);
+        }
+    }
+}
+
+/// The scratch a dynamic-range layer works in.
+struct DynamicBuffers<'a> {
+    bytes: &'a mut Vec<u8>,
+    staging: &'a mut [Vec<u8>; 2],
+    acc: &'a mut Vec<i32>,
+    image_quant: &'a mut Vec<ActQuant>,
+}
+
+/// A dynamic-range layer: quantize each image by its own range, int8 GEMM, dequantize
+/// with the bias added in float.
+fn dynamic_layer(
+    layer: &DynamicLayer,
+    kernel: Kernel,
+    x: &[f32],
+    batch: usize,
+    buffers: DynamicBuffers<'_>,
+    out: &mut Vec<f32>,
+) {
+    let DynamicBuffers {
+        bytes,
+        staging,
+        acc,
+        image_quant,
+    } = buffers;
+    let per_image = x.len() / batch.max(1);
+    bytes.resize(x.len(), 0);
+    image_quant.clear();
+    for (image, dst) in x
+        .chunks_exact(per_image)
+        .zip(bytes.chunks_exact_mut(per_image))
+    {
+        let (min, max) = image
+            .iter()
+            .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let q = ActQuant::from_range(min, max);
+        quantize_input(q, image, dst);
+        image_quant.push(q);
+    }
+    let fills: Vec<u8> = image_quant.iter().map(|q| q.zero_point).collect();
+    let (source, rows) = layer_source(
+        layer.conv.as_ref(),
+        false,
+        &layer.weights,
+        bytes,
+        batch,
+        &fills,
+        staging,
+    );
+    let n = layer.weights.n;
+    acc.resize(rows * n, 0);
+    gemm(kernel, source, rows, &layer.weights, Sink::Int32(acc));
+    out.resize(rows * n, 0.0);
+    let rows_per_image = rows / batch.max(1);
+    for (r, (sums, dst)) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
+        let q = image_quant[r / rows_per_image];
+        let zp = q.zero_point as i32;
+        for (j, o) in dst.iter_mut().enumerate() {
+            let real = (sums[j] - zp * layer.weights.sums[j]) as f32
+                * (q.scale * layer.weight_scale[j])
+                + layer.bias[j];
+            *o = if layer.relu { real.max(0.0) } else { real };
         }
     }
 }
@@ -351,52 +766,6 @@ fn pad_rows(x: &[u8], rows: usize, len: usize, stride: usize, out: &mut Vec<u8>)
     out.resize(rows * stride, 0);
     for r in 0..rows {
         out[r * stride..r * stride + len].copy_from_slice(&x[r * len..(r + 1) * len]);
-    }
-}
-
-/// int32 accumulators to the next layer's bytes: offset (bias and zero-point
-/// correction), scale, round to nearest even, ReLU (clamp at the zero point) and
-/// saturation in one vectorized pass.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
-#[allow(clippy::manual_clamp)] // see quantize_input
-fn requantize(layer: &QuantLayer, out: ActQuant, acc: &[i32], dst: &mut [u8]) {
-    let n = layer.weights.n;
-    let low = if layer.relu {
-        out.zero_point as f32
-    } else {
-        0.0
-    };
-    let zp_out = out.zero_point as f32;
-    for (row, q) in acc.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-        for (((&a, &offset), &m), o) in row
-            .iter()
-            .zip(&layer.offset)
-            .zip(&layer.multiplier)
-            .zip(q.iter_mut())
-        {
-            let r = (((a + offset) as f32 * m).round_ties_even() + zp_out)
-                .max(low)
-                .min(255.0);
-            // SAFETY: `r` is finite and in [0, 255] (max() maps NaN to `low`), so the
-            // unchecked conversion is exact; the checked `as u8` would not vectorize.
-            *o = unsafe { r.to_int_unchecked::<i32>() } as u8;
-        }
-    }
-}
-
-/// int32 accumulators of the last layer to float logits.
-fn dequantize(layer: &QuantLayer, acc: &[i32], logits: &mut [f32]) {
-    let n = layer.weights.n;
-    for (row, out) in acc.chunks_exact(n).zip(logits.chunks_exact_mut(n)) {
-        for (((&a, &offset), &m), o) in row
-            .iter()
-            .zip(&layer.offset)
-            .zip(&layer.multiplier)
-            .zip(out.iter_mut())
-        {
-            let real = (a + offset) as f32 * m;
-            *o = if layer.relu { real.max(0.0) } else { real };
-        }
     }
 }
 
