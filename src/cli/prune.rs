@@ -9,7 +9,8 @@ use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 
 use mlops::artifact::{Artifact, EvalMetrics, LineageEntry, Precision};
-use mlops::prune::{default_layers, measure, resolve_layers, Masks, Schedule};
+use mlops::model::resolve_layers;
+use mlops::prune::{default_layers, measure, Masks, Schedule};
 use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport, MLOPS_VERSION};
 use mlops::runtime::{evaluate, Session};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{expected_tensors, LineageEntry, Precision};
+use mlops::artifact::{expected_tensors, LayerPrecision, LineageEntry, Precision};
 use mlops::data::{load_split, Split, SplitKind};
 use mlops::quantize::{compare_logits, quantize, scheme_metadata, CalibMethod, QuantConfig};
 use mlops::report::table::Table;
@@ -53,6 +53,13 @@ pub(crate) struct QuantizeArgs {
     /// One weight scale per tensor instead of per output channel
     #[arg(long)]
     pub per_tensor: bool,
+    /// Weights-only int8 (dynamic range): activations are quantized per image at run
+    /// time, so no `--calib` is needed (given, it is used for the fp32 comparison)
+    #[arg(long, requires = "int8")]
+    pub dynamic: bool,
+    /// Keep these conv/dense layers in fp32 (mixed precision), e.g. `--exclude 0,7`
+    #[arg(long, value_name = "LAYER,...", value_delimiter = ',')]
+    pub exclude: Vec<String>,
     /// Evaluate fp32 and int8 on this folder's test split (default: the artifact's own
     /// evaluation data when it is recorded and present)
     #[arg(long, value_name = "DIR")]
@@ -109,18 +116,25 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
             args.artifact.display()
         );
     }
+    let exclude = mlops::model::resolve_layers(&artifact.spec, &args.exclude)?;
     if args.dry_run {
-        return dry_run(args, &artifact, ctx);
+        return dry_run(args, &artifact, &exclude, ctx);
     }
-    let Some(calib_dir) = &args.calib else {
-        bail!("`--int8` needs calibration images: add `--calib DIR` (an IDX folder such as `fixtures/mnist`)");
-    };
+    if args.calib.is_none() && !args.dynamic {
+        bail!("`--int8` needs calibration images: add `--calib DIR` (an IDX folder such as `fixtures/mnist`), or use `--dynamic` (weights-only int8, no calibration)");
+    }
     if !(50.0..100.0).contains(&args.percentile) {
         bail!("`--percentile` must be in [50, 100), e.g. 99.99");
     }
     let (mut step, started) = StepReport::start("quantize", "cpu");
-    let calib = calibration_split(calib_dir, artifact.spec.input)?;
-    calib.check_fits(artifact.spec.input, artifact.spec.classes)?;
+    let calib = match &args.calib {
+        Some(dir) => {
+            let calib = calibration_split(dir, artifact.spec.input)?;
+            calib.check_fits(artifact.spec.input, artifact.spec.classes)?;
+            Some(calib)
+        }
+        None => None,
+    };
     let config = QuantConfig {
         method: match args.calib_method {
             MethodArg::Minmax => CalibMethod::MinMax,
@@ -131,18 +145,39 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         samples: args.calib_samples,
         seed: 0,
         per_tensor: args.per_tensor,
+        dynamic: args.dynamic,
+        exclude,
     };
     let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "int8");
-    let (mut quantized, report) = quantize(&artifact, &calib, &config)?;
-    let calib_sha = mlops::artifact::combined_sha256(&calib.files);
+    let (mut quantized, mut report) = quantize(&artifact, calib.as_ref(), &config)?;
+    let calib_sha = calib
+        .as_ref()
+        .filter(|_| !args.dynamic)
+        .map(|c| mlops::artifact::combined_sha256(&c.files));
     let mut session = Session::new(&quantized, ctx.threads)?;
     let compute = session.compute();
-    quantized.quantization = Some(scheme_metadata(&report, &calib_sha, &compute));
+    let layer_map = quantized
+        .quantization
+        .as_ref()
+        .and_then(|q| q.get("layers"))
+        .cloned();
+    quantized.quantization = Some(scheme_metadata(
+        &report,
+        layer_map.as_ref(),
+        calib_sha.as_deref(),
+        &compute,
+    ));
     let mut lineage_args = BTreeMap::new();
     lineage_args.insert("method".to_string(), report.method.clone().into());
     lineage_args.insert("samples".to_string(), report.samples.into());
     lineage_args.insert("weights".to_string(), report.weight_scheme.clone().into());
-    lineage_args.insert("calibration_sha256".to_string(), calib_sha.clone().into());
+    lineage_args.insert("activations".to_string(), report.activations.clone().into());
+    if let Some(sha) = &calib_sha {
+        lineage_args.insert("calibration_sha256".to_string(), sha.clone().into());
+    }
+    if !args.exclude.is_empty() {
+        lineage_args.insert("exclude".to_string(), args.exclude.clone().into());
+    }
     quantized.lineage.push(LineageEntry {
         step: "quantize".into(),
         mlops_version: MLOPS_VERSION.into(),
@@ -150,27 +185,69 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         args: lineage_args,
     });
 
-    // fp32 vs int8 logits on the calibration images.
-    let n = report.samples.min(calib.count);
-    let (mut x, mut labels) = (Vec::new(), Vec::new());
-    calib.gather(&(0..n).collect::<Vec<_>>(), &mut x, &mut labels);
-    let fp32_logits = mlops::quantize::fp32_logits(&artifact, &x, n)?;
-    let mut int8_logits = Vec::new();
-    session.predict(&x, n, &mut int8_logits);
+    // Evaluation data: `--eval-data`, else the artifact's own when recorded and present.
+    let eval_dir = args.eval_data.clone().or_else(|| {
+        artifact
+            .metrics
+            .as_ref()
+            .map(|m| PathBuf::from(&m.data))
+            .filter(|p| p.is_dir())
+    });
+    let eval_split = match &eval_dir {
+        Some(dir) => {
+            let split = load_split(dir, SplitKind::Test)
+                .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?;
+            split.check_fits(artifact.spec.input, artifact.spec.classes)?;
+            Some(split)
+        }
+        None => None,
+    };
+
+    // fp32 vs quantized, per layer and at the logits, on the calibration images (or,
+    // for dynamic quantization without them, on the first evaluation images).
     let classes = artifact.spec.classes;
-    let (cosine, calib_agreement) = compare_logits(&fp32_logits, &int8_logits, classes);
+    let (comparison, comparison_name) = match (&calib, &eval_split) {
+        (Some(calib), _) => (Some(calib), "calibration"),
+        (None, Some(split)) => (Some(split), "evaluation"),
+        (None, None) => (None, "none"),
+    };
+    let mut metrics_compare = serde_json::json!({"images": 0, "data": comparison_name});
+    let mut human_compare = String::new();
+    if let Some(images) = comparison {
+        let n = args.calib_samples.clamp(1, 500).min(images.count);
+        let (mut x, mut labels) = (Vec::new(), Vec::new());
+        images.gather(&(0..n).collect::<Vec<_>>(), &mut x, &mut labels);
+        mlops::quantize::layer_output_errors(&artifact, &quantized, &x, n, &mut report)?;
+        let fp32_logits = mlops::quantize::fp32_logits(&artifact, &x, n)?;
+        let mut int8_logits = Vec::new();
+        session.predict(&x, n, &mut int8_logits);
+        let (cosine, agreement) = compare_logits(&fp32_logits, &int8_logits, classes);
+        metrics_compare = serde_json::json!({
+            "images": n,
+            "data": comparison_name,
+            "logits_cosine": cosine,
+            "top1_agreement": agreement,
+        });
+        human_compare = format!(
+            "logits cosine vs fp32 on {n} {comparison_name} images {cosine:.5}, top-1 agreement {:.2}%\n",
+            100.0 * agreement
+        );
+    }
 
     let mut metrics = serde_json::to_value(&report)?;
     metrics["compute"] = compute.clone().into();
-    metrics["layers_int8"] = report
-        .layers
-        .iter()
-        .map(|l| l.name.clone())
-        .collect::<Vec<_>>()
-        .into();
-    metrics["layers_fp32"] = serde_json::json!([]);
-    metrics["logits_cosine_calibration"] = cosine.into();
-    metrics["top1_agreement_calibration"] = calib_agreement.into();
+    let names_of = |wanted: &[LayerPrecision]| -> Vec<String> {
+        report
+            .layers
+            .iter()
+            .filter(|l| wanted.contains(&l.precision))
+            .map(|l| l.name.clone())
+            .collect()
+    };
+    metrics["layers_int8"] =
+        names_of(&[LayerPrecision::Int8Static, LayerPrecision::Int8Dynamic]).into();
+    metrics["layers_fp32"] = names_of(&[LayerPrecision::Fp32]).into();
+    metrics["comparison"] = metrics_compare;
 
     // Evaluation: fp32 and int8 on the same test images.
     let eval_dir = args.eval_data.clone().or_else(|| {
@@ -181,13 +258,10 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
             .filter(|p| p.is_dir())
     });
     let mut human_eval = String::new();
-    if let Some(dir) = &eval_dir {
-        let split = load_split(dir, SplitKind::Test)
-            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?;
-        split.check_fits(artifact.spec.input, classes)?;
+    if let (Some(dir), Some(split)) = (&eval_dir, &eval_split) {
         let mut fp32 = Session::new(&artifact, ctx.threads)?;
-        let fp32_eval = evaluate(&mut fp32, &split, 256);
-        let int8_eval = evaluate(&mut session, &split, 256);
+        let fp32_eval = evaluate(&mut fp32, split, 256);
+        let int8_eval = evaluate(&mut session, split, 256);
         let (mut xs, mut ls, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut agree = 0usize;
         for chunk in (0..split.count).collect::<Vec<_>>().chunks(256) {
@@ -249,7 +323,9 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     metrics["bytes_after"] = written.bytes.into();
     metrics["size_ratio"] = (written.bytes as f64 / record.bytes as f64).into();
     step.inputs.insert(0, record.clone());
-    step.inputs.extend(calib.files.iter().cloned());
+    if let Some(calib) = &calib {
+        step.inputs.extend(calib.files.iter().cloned());
+    }
     step.outputs.push(written.clone());
     step.metrics = metrics;
     step.finish(started);
@@ -257,42 +333,52 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     let mut table = Table::new([
         "layer",
         "shape",
+        "runs in",
         "w scale min..max",
         "input scale",
         "zp",
         "w SNR dB",
+        "out SNR dB",
+        "out cosine",
         "bytes fp32",
-        "bytes int8",
+        "bytes stored",
     ]);
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for l in &report.layers {
         table.row([
             l.name.clone(),
             format!("{:?}", l.shape),
-            format!(
-                "{:.2e}..{:.2e}",
-                l.weight_scale_range[0], l.weight_scale_range[1]
+            l.precision.as_str().to_string(),
+            or_dash(
+                l.weight_scale_range
+                    .map(|r| format!("{:.2e}..{:.2e}", r[0], r[1])),
             ),
-            format!("{:.3e}", l.input_scale),
-            l.input_zero_point.to_string(),
-            format!("{:.1}", l.weight_snr_db),
+            or_dash(l.input_scale.map(|s| format!("{s:.3e}"))),
+            or_dash(l.input_zero_point.map(|z| z.to_string())),
+            or_dash(l.weight_snr_db.map(|d| format!("{d:.1}"))),
+            or_dash(l.output_snr_db.map(|d| format!("{d:.1}"))),
+            or_dash(l.output_cosine.map(|c| format!("{c:.5}"))),
             l.bytes_fp32.to_string(),
-            l.bytes_int8.to_string(),
+            l.bytes_stored.to_string(),
         ]);
     }
+    let scheme = if args.dynamic {
+        format!("{}, dynamic activations", report.weight_scheme)
+    } else {
+        format!(
+            "{}, {} on {} calibration images",
+            report.weight_scheme, report.method, report.samples
+        )
+    };
     let human = format!(
-        "\n{table}\nquantized `{}` -> `{}` ({}, {} on {} calibration images): {} -> {} bytes ({:.1}%), {:.2} bits per weight\n\
-         int8 layers run with {compute}; logits cosine vs fp32 on the calibration images {:.5}, top-1 agreement {:.2}%\n{human_eval}",
+        "\n{table}\nquantized `{}` -> `{}` ({scheme}): {} -> {} bytes ({:.1}%), {:.2} bits per weight\n\
+         int8 layers run with {compute}\n{human_compare}{human_eval}",
         args.artifact.display(),
         out_path.display(),
-        report.weight_scheme,
-        report.method,
-        report.samples,
         record.bytes,
         written.bytes,
         100.0 * written.bytes as f64 / record.bytes as f64,
         report.bits_per_weight,
-        cosine,
-        100.0 * calib_agreement,
     );
     ctx.printer.report(
         &step,
@@ -307,8 +393,26 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
 fn dry_run(
     args: &QuantizeArgs,
     artifact: &mlops::artifact::Artifact,
+    exclude: &[usize],
     ctx: &Context,
 ) -> anyhow::Result<StepReport> {
+    let params = artifact.spec.params()?;
+    let layers: serde_json::Map<String, serde_json::Value> = params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.name.ends_with(".weight"))
+        .map(|(i, p)| {
+            let precision = if exclude.contains(&i) {
+                LayerPrecision::Fp32
+            } else if args.dynamic {
+                LayerPrecision::Int8Dynamic
+            } else {
+                LayerPrecision::Int8Static
+            };
+            (p.name.clone(), precision.as_str().into())
+        })
+        .collect();
+    let quantization = serde_json::json!({ "layers": layers });
     let (mut step, started) = StepReport::start("quantize", "cpu");
     let mut table = Table::new([
         "tensor",
@@ -320,7 +424,9 @@ fn dry_run(
     ]);
     let mut rows = Vec::new();
     let (mut before, mut after) = (0usize, 0usize);
-    for (name, shape, dtype) in expected_tensors(&artifact.spec, Precision::Int8, None)? {
+    for (name, shape, dtype) in
+        expected_tensors(&artifact.spec, Precision::Int8, Some(&quantization))?
+    {
         let count: usize = shape.iter().product();
         let old = artifact.tensor(&name);
         let from = old.map_or("-", |t| t.data.dtype_name());

@@ -9,7 +9,7 @@ pub mod calibrate;
 
 use serde::Serialize;
 
-use crate::artifact::{Artifact, NamedTensor, Precision, TensorData};
+use crate::artifact::{Artifact, LayerPrecision, NamedTensor, Precision, TensorData};
 use crate::data::Split;
 use crate::nn::plan::Op;
 use crate::nn::{Executor, Plan};
@@ -29,50 +29,73 @@ pub struct QuantConfig {
     pub seed: u64,
     /// One weight scale per tensor instead of per output channel.
     pub per_tensor: bool,
+    /// Weights-only int8: activations quantized per image at run time, no calibration.
+    pub dynamic: bool,
+    /// Parameter indices of weights kept in fp32 (mixed precision).
+    pub exclude: Vec<usize>,
 }
 
-/// One quantized layer in the report.
+/// One conv/dense layer in the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {
     /// Weight tensor name.
     pub name: String,
     /// Weight shape.
     pub shape: Vec<usize>,
-    /// Smallest and largest per-channel weight scale.
-    pub weight_scale_range: [f32; 2],
-    /// Input activation scale.
-    pub input_scale: f32,
-    /// Input activation zero point.
-    pub input_zero_point: u8,
+    /// How it is stored and run: `int8-static`, `int8-dynamic` or `fp32`.
+    pub precision: LayerPrecision,
+    /// Smallest and largest per-channel weight scale (int8 layers).
+    pub weight_scale_range: Option<[f32; 2]>,
+    /// Input activation scale (static layers).
+    pub input_scale: Option<f32>,
+    /// Input activation zero point (static layers).
+    pub input_zero_point: Option<u8>,
     /// Calibrated input range `[min, max]` before clipping to the chosen scale.
-    pub input_range: [f32; 2],
-    /// 10·log10(signal / rounding noise) of the weights, in dB.
-    pub weight_snr_db: f64,
+    pub input_range: Option<[f32; 2]>,
+    /// 10·log10(signal / rounding noise) of the weights, in dB (int8 layers).
+    pub weight_snr_db: Option<f64>,
+    /// The layer's output in the quantized model against fp32 on the calibration images,
+    /// as 10·log10(signal / error) in dB (errors of earlier layers included, as the
+    /// model runs); see [`layer_output_errors`].
+    pub output_snr_db: Option<f64>,
+    /// The same comparison as a cosine similarity.
+    pub output_cosine: Option<f64>,
     /// fp32 bytes of the weight.
     pub bytes_fp32: usize,
-    /// int8 bytes of the weight plus its scales.
-    pub bytes_int8: usize,
+    /// Bytes of the weight as stored (int8 values plus their scales, or fp32).
+    pub bytes_stored: usize,
 }
 
 /// What quantization did.
 #[derive(Debug, Clone, Serialize)]
 pub struct QuantizeReport {
-    /// `minmax`, `percentile`, `mse`.
+    /// `minmax`, `percentile`, `mse`, `entropy`; `none` for dynamic quantization.
     pub method: String,
-    /// Calibration images used.
+    /// Calibration images used (0 for dynamic quantization).
     pub samples: usize,
     /// `per-channel` or `per-tensor` weights.
     pub weight_scheme: String,
+    /// `static` (calibrated activations) or `dynamic` (quantized at run time).
+    pub activations: String,
     /// A row per conv/dense layer.
     pub layers: Vec<LayerReport>,
     /// Total weight bits per parameter (int8 values plus scales and biases).
     pub bits_per_weight: f64,
 }
 
-/// Quantizes an fp32 (or fp16/bf16) artifact to int8 using `calib` images.
+fn snr_db(signal: f64, noise: f64) -> f64 {
+    if noise > 0.0 {
+        10.0 * (signal / noise).log10()
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// Quantizes an fp32 (or fp16/bf16) artifact to int8: static layers calibrated on
+/// `calib`, dynamic ones (`config.dynamic`) without it, excluded ones kept in fp32.
 pub fn quantize(
     artifact: &Artifact,
-    calib: &Split,
+    calib: Option<&Split>,
     config: &QuantConfig,
 ) -> Result<(Artifact, QuantizeReport)> {
     if artifact.precision == Precision::Int8 {
@@ -80,14 +103,25 @@ pub fn quantize(
             "the artifact is already int8; quantize its fp32 parent instead".into(),
         ));
     }
-    if config.samples == 0 {
-        return Err(Error::Config("`--calib-samples` must be at least 1".into()));
-    }
     let plan = Plan::compile(&artifact.spec)?;
     let params = artifact.params_f32();
-    let ranges = calibrate::collect_ranges(&plan, &params, calib, config)?;
+    let ranges = match (config.dynamic, calib) {
+        (true, _) => Vec::new(),
+        (false, Some(calib)) => {
+            if config.samples == 0 {
+                return Err(Error::Config("`--calib-samples` must be at least 1".into()));
+            }
+            calibrate::collect_ranges(&plan, &params, calib, config)?
+        }
+        (false, None) => {
+            return Err(Error::Config(
+                "static int8 needs calibration images (`--calib DIR`), or use `--dynamic`".into(),
+            ))
+        }
+    };
     let mut tensors = Vec::new();
     let mut layers = Vec::new();
+    let mut precisions = serde_json::Map::new();
     let mut layer_index = 0;
     let mut total_bits = 0.0;
     let mut total_params = 0usize;
@@ -99,103 +133,182 @@ pub fn quantize(
         };
         let info = &plan.params[weight];
         let values = &params[weight];
-        let out = info.shape[0];
-        let per_row = values.len() / out;
-        let mut scales: Vec<f32> = values
-            .chunks_exact(per_row)
-            .map(|row| row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0)
-            .collect();
-        if config.per_tensor {
-            let max = scales.iter().copied().fold(0.0f32, f32::max);
-            scales.iter_mut().for_each(|s| *s = max);
-        }
-        for s in &mut scales {
-            if *s == 0.0 {
-                *s = 1.0; // an all-zero channel: any scale reproduces it exactly
-            }
-        }
-        let q: Vec<i8> = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v / scales[i / per_row]).round().clamp(-127.0, 127.0) as i8)
-            .collect();
-        let (signal, noise) =
-            values
-                .iter()
-                .enumerate()
-                .fold((0.0f64, 0.0f64), |(s, n), (i, &v)| {
-                    let back = q[i] as f32 * scales[i / per_row];
-                    (s + (v as f64).powi(2), n + ((v - back) as f64).powi(2))
-                });
-        let range = &ranges[layer_index];
-        layer_index += 1;
-        let act = calibrate::choose(range.values(), range.min, range.max, config.method);
-        let prefix = info.name.trim_end_matches("weight").to_string();
         let bias = &params[weight + 1];
-        tensors.push(NamedTensor {
+        let range = ranges.get(layer_index);
+        layer_index += 1;
+        let precision = if config.exclude.contains(&weight) {
+            LayerPrecision::Fp32
+        } else if config.dynamic {
+            LayerPrecision::Int8Dynamic
+        } else {
+            LayerPrecision::Int8Static
+        };
+        precisions.insert(info.name.clone(), precision.as_str().into());
+        let mut row = LayerReport {
             name: info.name.clone(),
             shape: info.shape.clone(),
-            data: TensorData::I8(q),
-        });
-        tensors.push(NamedTensor {
-            name: format!("{}_scale", info.name),
-            shape: vec![out],
-            data: TensorData::F32(scales.clone()),
-        });
-        tensors.push(NamedTensor {
-            name: format!("{prefix}input_scale"),
-            shape: vec![1],
-            data: TensorData::F32(vec![act.scale]),
-        });
-        tensors.push(NamedTensor {
-            name: format!("{prefix}input_zero_point"),
-            shape: vec![1],
-            data: TensorData::U8(vec![act.zero_point]),
-        });
+            precision,
+            weight_scale_range: None,
+            input_scale: None,
+            input_zero_point: None,
+            input_range: None,
+            weight_snr_db: None,
+            output_snr_db: None,
+            output_cosine: None,
+            bytes_fp32: 4 * values.len(),
+            bytes_stored: 4 * values.len(),
+        };
+        total_params += values.len() + bias.len();
+        if precision == LayerPrecision::Fp32 {
+            tensors.push(NamedTensor {
+                name: info.name.clone(),
+                shape: info.shape.clone(),
+                data: TensorData::F32(values.clone()),
+            });
+        } else {
+            let (q, scales, snr) = quantize_weights(values, info.shape[0], config.per_tensor);
+            tensors.push(NamedTensor {
+                name: info.name.clone(),
+                shape: info.shape.clone(),
+                data: TensorData::I8(q),
+            });
+            tensors.push(NamedTensor {
+                name: format!("{}_scale", info.name),
+                shape: vec![info.shape[0]],
+                data: TensorData::F32(scales.clone()),
+            });
+            row.weight_scale_range = Some([
+                scales.iter().copied().fold(f32::INFINITY, f32::min),
+                scales.iter().copied().fold(0.0, f32::max),
+            ]);
+            row.weight_snr_db = Some(snr);
+            row.bytes_stored = values.len() + 4 * scales.len();
+        }
+        if let (LayerPrecision::Int8Static, Some(range)) = (precision, range) {
+            let act = calibrate::choose(range.values(), range.min, range.max, config.method);
+            let prefix = info.name.trim_end_matches("weight");
+            tensors.push(NamedTensor {
+                name: format!("{prefix}input_scale"),
+                shape: vec![1],
+                data: TensorData::F32(vec![act.scale]),
+            });
+            tensors.push(NamedTensor {
+                name: format!("{prefix}input_zero_point"),
+                shape: vec![1],
+                data: TensorData::U8(vec![act.zero_point]),
+            });
+            row.input_scale = Some(act.scale);
+            row.input_zero_point = Some(act.zero_point);
+            row.input_range = Some([range.min, range.max]);
+            row.bytes_stored += 5;
+        }
         tensors.push(NamedTensor {
             name: plan.params[weight + 1].name.clone(),
             shape: vec![bias.len()],
             data: TensorData::F32(bias.clone()),
         });
-        let bytes_int8 = values.len() + 4 * out;
-        total_bits += 8.0 * (bytes_int8 + 4 * bias.len() + 5) as f64;
-        total_params += values.len() + bias.len();
-        layers.push(LayerReport {
-            name: info.name.clone(),
-            shape: info.shape.clone(),
-            weight_scale_range: [
-                scales.iter().copied().fold(f32::INFINITY, f32::min),
-                scales.iter().copied().fold(0.0, f32::max),
-            ],
-            input_scale: act.scale,
-            input_zero_point: act.zero_point,
-            input_range: [range.min, range.max],
-            weight_snr_db: if noise > 0.0 {
-                10.0 * (signal / noise).log10()
-            } else {
-                f64::INFINITY
-            },
-            bytes_fp32: 4 * values.len(),
-            bytes_int8,
-        });
+        total_bits += 8.0 * (row.bytes_stored + 4 * bias.len()) as f64;
+        layers.push(row);
     }
     let mut out = artifact.clone();
     out.precision = Precision::Int8;
     out.metrics = None;
     out.tensors = tensors;
+    // The layer map goes in now (the loader needs it); the CLI adds the rest.
+    out.quantization = Some(serde_json::json!({ "layers": precisions }));
     let report = QuantizeReport {
-        method: config.method.name(),
-        samples: config.samples.min(calib.count),
+        method: if config.dynamic {
+            "none".into()
+        } else {
+            config.method.name()
+        },
+        samples: match (config.dynamic, calib) {
+            (false, Some(calib)) => config.samples.min(calib.count),
+            _ => 0,
+        },
         weight_scheme: if config.per_tensor {
             "per-tensor"
         } else {
             "per-channel"
         }
         .into(),
+        activations: if config.dynamic { "dynamic" } else { "static" }.into(),
         layers,
         bits_per_weight: total_bits / total_params.max(1) as f64,
     };
     Ok((out, report))
+}
+
+/// Symmetric int8 weights (`[-127, 127]`) with one scale per output channel (or one for
+/// the tensor), and the rounding's signal-to-noise ratio in dB.
+fn quantize_weights(values: &[f32], out: usize, per_tensor: bool) -> (Vec<i8>, Vec<f32>, f64) {
+    let per_row = values.len() / out;
+    let mut scales: Vec<f32> = values
+        .chunks_exact(per_row)
+        .map(|row| row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0)
+        .collect();
+    if per_tensor {
+        let max = scales.iter().copied().fold(0.0f32, f32::max);
+        scales.iter_mut().for_each(|s| *s = max);
+    }
+    for s in &mut scales {
+        if *s == 0.0 {
+            *s = 1.0; // an all-zero channel: any scale reproduces it exactly
+        }
+    }
+    let q: Vec<i8> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / scales[i / per_row]).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    let (signal, noise) = values
+        .iter()
+        .enumerate()
+        .fold((0.0f64, 0.0f64), |(s, n), (i, &v)| {
+            let back = q[i] as f32 * scales[i / per_row];
+            (s + (v as f64).powi(2), n + ((v - back) as f64).powi(2))
+        });
+    (q, scales, snr_db(signal, noise))
+}
+
+/// Fills each layer's `output_snr_db` and `output_cosine`: the quantized model's
+/// conv/dense outputs (as it runs, dequantized) against the fp32 model's on images `x`.
+pub fn layer_output_errors(
+    fp32: &Artifact,
+    quantized: &Artifact,
+    x: &[f32],
+    batch: usize,
+    report: &mut QuantizeReport,
+) -> Result<()> {
+    let plan = Plan::compile(&fp32.spec)?;
+    let reference = Executor::new(&plan, 1).activations(&fp32.params_f32(), x, batch);
+    let outputs = crate::runtime::int8::Int8Model::layer_outputs(quantized, x, batch)?;
+    let layer_ops = plan
+        .ops
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| matches!(op, Op::Conv(_) | Op::Dense(_)));
+    for ((row, (op, _)), got) in report.layers.iter_mut().zip(layer_ops).zip(&outputs) {
+        let want = &reference[op + 1];
+        // A stand-alone ReLU next: compare after it, as the int8 runtime folds it into
+        // the requantization (negative values are not represented, not an error).
+        let relu_next = plan.ops[op + 1..]
+            .iter()
+            .find(|o| !matches!(o, Op::Dropout { .. }))
+            .is_some_and(|o| matches!(o, Op::Relu { .. }));
+        let fold = |v: f32| if relu_next { v.max(0.0) } else { v } as f64;
+        let (mut signal, mut noise, mut dot, mut got_norm) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for (&w, &g) in want.iter().zip(got) {
+            let (w, g) = (fold(w), fold(g));
+            signal += w * w;
+            noise += (w - g) * (w - g);
+            dot += w * g;
+            got_norm += g * g;
+        }
+        row.output_snr_db = Some(snr_db(signal, noise));
+        row.output_cosine = Some(dot / (signal.sqrt() * got_norm.sqrt()).max(1e-30));
+    }
+    Ok(())
 }
 
 /// How close two sets of logits are: cosine similarity over all values, and the share
@@ -227,20 +340,28 @@ pub fn fp32_logits(artifact: &Artifact, x: &[f32], batch: usize) -> Result<Vec<f
     Ok(logits)
 }
 
-/// The quantization scheme recorded in `mlops.quantization`.
+/// The quantization scheme recorded in `mlops.quantization` (with the per-layer
+/// precisions `quantize` already put in `layers`).
 pub fn scheme_metadata(
     report: &QuantizeReport,
-    calib_sha256: &str,
+    layers: Option<&serde_json::Value>,
+    calib_sha256: Option<&str>,
     kernel_note: &str,
 ) -> serde_json::Value {
+    let activations = if report.activations == "dynamic" {
+        "uint8 asymmetric, per image, dynamic (quantized at run time; float bias and output)"
+    } else {
+        "uint8 asymmetric, per tensor, static (calibrated)"
+    };
     serde_json::json!({
         "weights": format!("int8 symmetric [-127, 127], {}", report.weight_scheme),
-        "activations": "uint8 asymmetric, per tensor, static (calibrated)",
+        "activations": activations,
         "method": report.method,
         "samples": report.samples,
         "calibration_sha256": calib_sha256,
-        "requantization": "f32 multiplier per output channel, round half away from zero",
+        "requantization": "f32 multiplier per output channel, round half to even",
         "runtime": kernel_note,
+        "layers": layers,
     })
 }
 
@@ -278,8 +399,10 @@ mod tests {
             samples: 64,
             seed: 0,
             per_tensor: false,
+            dynamic: false,
+            exclude: Vec::new(),
         };
-        let (int8, report) = quantize(&fp32, &synthetic_split(64), &config).unwrap();
+        let (int8, report) = quantize(&fp32, Some(&synthetic_split(64)), &config).unwrap();
         assert_eq!(report.layers.len(), 5);
         (fp32, int8)
     }
@@ -348,6 +471,105 @@ mod tests {
         }
     }
 
+    /// A spec that takes every runtime path: same padding on 3 channels (padded frame and
+    /// width unfolding), a fused 2x2 pool, an unfused 3x3/1 average pool, a stride-2
+    /// 5-channel conv on a padded frame (5 x 3 bytes per kernel row: unfolded), a
+    /// stand-alone ReLU, dropout and two dense layers.
+    fn odd_spec() -> ModelSpec {
+        ModelSpec::from_yaml(
+            "input: [12, 12, 3]\nclasses: 4\nlayers:\n\
+             - {type: conv2d, filters: 8, kernel: 3, padding: same, activation: relu}\n\
+             - {type: max_pool2d, size: 2, stride: 2}\n\
+             - {type: avg_pool2d, size: 3, stride: 1}\n\
+             - {type: conv2d, filters: 5, kernel: 3, stride: 2, padding: same}\n\
+             - {type: relu}\n\
+             - {type: conv2d, filters: 16, kernel: 1, activation: relu}\n\
+             - {type: flatten}\n\
+             - {type: dropout, rate: 0.5}\n\
+             - {type: dense, units: 6, activation: relu}\n\
+             - {type: dense, units: 4}\n",
+        )
+        .unwrap()
+    }
+
+    fn random_split(shape: [usize; 3], count: usize) -> Split {
+        let len = shape.iter().product::<usize>();
+        Split {
+            images: (0..count * len)
+                .map(|i| ((i * 7919 + i / 5 * 31) % 256) as u8)
+                .collect(),
+            labels: (0..count).map(|i| (i % 4) as u8).collect(),
+            count,
+            shape,
+            files: Vec::new(),
+        }
+    }
+
+    /// Every mode (static, dynamic, mixed) on every layer kind: SIMD and portable kernels
+    /// give bit-identical logits, and the logits track fp32.
+    #[test]
+    fn every_mode_tracks_fp32_and_kernels_agree() {
+        for spec in [odd_spec(), ModelSpec::reference_cnn()] {
+            let plan = Plan::compile(&spec).unwrap();
+            let fp32 = Artifact::from_params(&spec, &plan.init_params(5)).unwrap();
+            let split = random_split(spec.input, 24);
+            let (mut x, mut labels) = (Vec::new(), Vec::new());
+            split.gather(&(0..24).collect::<Vec<_>>(), &mut x, &mut labels);
+            let reference = fp32_logits(&fp32, &x, 24).unwrap();
+            let weights: Vec<usize> = spec
+                .params()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.name.ends_with(".weight"))
+                .map(|(i, _)| i)
+                .collect();
+            let middle = weights[1];
+            for (dynamic, exclude) in [(false, vec![]), (true, vec![]), (false, vec![middle])] {
+                let config = QuantConfig {
+                    method: CalibMethod::MinMax,
+                    samples: 24,
+                    seed: 0,
+                    per_tensor: false,
+                    dynamic,
+                    exclude: exclude.clone(),
+                };
+                let (int8, mut report) = quantize(&fp32, Some(&split), &config).unwrap();
+                let what = format!(
+                    "input {:?} dynamic {dynamic} exclude {exclude:?}",
+                    spec.input
+                );
+                // Round trip through the file format (the layer map must survive).
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("m.safetensors");
+                int8.save(&path).unwrap();
+                let (int8, _) = Artifact::load(&path).unwrap();
+                let mut portable = Int8Model::new(&int8, 2, Kernel::Portable).unwrap();
+                let mut fast = Int8Model::new(&int8, 2, Kernel::detect()).unwrap();
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                portable.predict(&x, 24, &mut a);
+                fast.predict(&x, 24, &mut b);
+                assert_eq!(a, b, "{what}");
+                let (cosine, _) = compare_logits(&reference, &b, spec.classes);
+                assert!(cosine > 0.995, "{what}: cosine {cosine}");
+                layer_output_errors(&fp32, &int8, &x, 24, &mut report).unwrap();
+                for layer in &report.layers {
+                    let c = layer.output_cosine.unwrap();
+                    assert!(c > 0.99, "{what}: {} cosine {c}", layer.name);
+                    if layer.precision == LayerPrecision::Fp32 {
+                        assert!(exclude.contains(
+                            &weights[report
+                                .layers
+                                .iter()
+                                .position(|l| l.name == layer.name)
+                                .unwrap()]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn quantizing_int8_again_is_refused() {
         let (_, int8) = int8_reference_cnn();
@@ -356,8 +578,10 @@ mod tests {
             samples: 8,
             seed: 0,
             per_tensor: false,
+            dynamic: false,
+            exclude: Vec::new(),
         };
-        let err = quantize(&int8, &synthetic_split(8), &config)
+        let err = quantize(&int8, Some(&synthetic_split(8)), &config)
             .unwrap_err()
             .to_string();
         assert!(err.contains("already int8"), "{err}");

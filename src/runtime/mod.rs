@@ -69,7 +69,27 @@ impl Session {
     pub fn compute(&self) -> String {
         match &self.engine {
             Engine::Float { .. } => "fp32".into(),
-            Engine::Int8(model) => format!("int8 ({})", model.kernel().name()),
+            Engine::Int8(model) => {
+                let layers = model.layers();
+                let count = |p: crate::artifact::LayerPrecision| {
+                    layers.iter().filter(|l| l.precision == p).count()
+                };
+                let mut notes = vec![model.kernel().name().to_string()];
+                for p in [
+                    crate::artifact::LayerPrecision::Int8Dynamic,
+                    crate::artifact::LayerPrecision::Fp32,
+                ] {
+                    if count(p) > 0 {
+                        notes.push(format!(
+                            "{} of {} layers {}",
+                            count(p),
+                            layers.len(),
+                            p.as_str()
+                        ));
+                    }
+                }
+                format!("int8 ({})", notes.join("; "))
+            }
         }
     }
 

@@ -231,3 +231,103 @@ fn quantize_rejects_bad_input() {
         .unwrap();
     assert_user_error(&export, "already int8");
 }
+
+/// `--dynamic` needs no calibration; `--exclude` keeps layers in fp32; both artifacts
+/// load and run in `eval` and `bench`, and the report says how each layer runs.
+#[test]
+fn quantize_dynamic_and_mixed_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let eval_data = tiny_data().display().to_string();
+    let dynamic = mlops(dir.path())
+        .args(["quantize", "model.safetensors", "--int8", "--dynamic"])
+        .args([
+            "--out",
+            "dynamic.safetensors",
+            "--json",
+            "--eval-data",
+            &eval_data,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dynamic.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dynamic.stderr)
+    );
+    let m = &json_of(&dynamic)["metrics"];
+    assert_eq!(m["activations"], "dynamic");
+    assert_eq!(m["layers"][2]["precision"], "int8-dynamic");
+    assert!(m["layers"][2]["input_scale"].is_null());
+    assert!(m["eval"]["top1_agreement"].as_f64().unwrap() > 0.9);
+    // With no calibration images, layers are compared on the evaluation images.
+    assert_eq!(m["comparison"]["data"], "evaluation");
+    assert!(m["layers"][2]["output_cosine"].as_f64().unwrap() > 0.99);
+
+    let mixed = quantize(
+        dir.path(),
+        &[
+            "--exclude",
+            "0,layers.7",
+            "--out",
+            "mixed.safetensors",
+            "--json",
+        ],
+    );
+    assert!(
+        mixed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mixed.stderr)
+    );
+    let m = &json_of(&mixed)["metrics"];
+    assert_eq!(
+        m["layers_fp32"],
+        serde_json::json!(["layers.0.weight", "layers.7.weight"])
+    );
+    assert_eq!(m["layers_int8"].as_array().unwrap().len(), 3);
+    assert_eq!(m["layers"][0]["precision"], "fp32");
+    assert!(m["compute"]
+        .as_str()
+        .unwrap()
+        .contains("2 of 5 layers fp32"));
+
+    for artifact in ["dynamic.safetensors", "mixed.safetensors"] {
+        let eval = mlops(dir.path())
+            .args(["eval", artifact, "--json", "--data"])
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert!(eval.status.success(), "{artifact}");
+        assert!(json_of(&eval)["metrics"]["accuracy"].as_f64().unwrap() > 0.5);
+    }
+
+    let unknown = mlops(dir.path())
+        .args(["quantize", "model.safetensors", "--int8", "--dynamic"])
+        .args(["--exclude", "layers.3"])
+        .output()
+        .unwrap();
+    assert_user_error(&unknown, "did you mean");
+
+    let dry = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--dry-run",
+            "--json",
+        ])
+        .args(["--exclude", "7"])
+        .output()
+        .unwrap();
+    let tensors = json_of(&dry)["metrics"]["tensors"].clone();
+    let to = |name: &str| {
+        tensors
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tensor"] == name)
+            .map(|t| t["to"].clone())
+    };
+    assert_eq!(to("layers.7.weight"), Some("F32".into()));
+    assert_eq!(to("layers.6.weight"), Some("I8".into()));
+}

@@ -56,8 +56,9 @@ struct StaticLayer {
 
 #[derive(Debug, Clone)]
 enum StaticOutput {
-    /// Requantized to the next int8 layer's input bytes (ReLU fused in the clamp).
-    Bytes(Requant),
+    /// Requantized to the next int8 layer's input bytes (ReLU fused in the clamp), whose
+    /// quantization is the `ActQuant`.
+    Bytes(Requant, ActQuant),
     /// Dequantized to floats `(acc + offset) * multiplier` (logits, or the input of a
     /// layer that is not static int8).
     Floats {
@@ -73,6 +74,8 @@ enum StaticOutput {
 #[derive(Debug, Clone)]
 struct DynamicLayer {
     conv: Option<ConvOp>,
+    /// The 2x2 max-pool that follows is fused (dequantization is increasing in the sum).
+    pool2: bool,
     weights: PackedWeights,
     weight_scale: Vec<f32>,
     bias: Vec<f32>,
@@ -190,6 +193,17 @@ fn layer_kind(artifact: &Artifact, name: &str) -> Result<LayerPrecision> {
     }
 }
 
+/// Whether `next` is a 2x2, stride-2 max-pool over all of `conv`'s output windows, which
+/// the GEMM can fuse (see `ConvGeometry::pool2`).
+fn fusable_pool(conv: Option<&ConvOp>, next: Option<&Op>) -> bool {
+    match (conv, next) {
+        (Some(c), Some(Op::MaxPool(p))) => {
+            p.size == 2 && p.stride == 2 && p.output[..2] == [c.output[0] / 2, c.output[1] / 2]
+        }
+        _ => false,
+    }
+}
+
 /// The weight index, output channels, reduction length and fused ReLU of a conv/dense.
 fn layer_shape(op: &Op) -> Option<(usize, usize, usize, bool)> {
     match op {
@@ -202,6 +216,41 @@ fn layer_shape(op: &Op) -> Option<(usize, usize, usize, bool)> {
 impl Int8Model {
     /// Compiles an int8 artifact; `threads` shards the batch; `kernel` picks the GEMM.
     pub fn new(artifact: &Artifact, threads: usize, kernel: Kernel) -> Result<Self> {
+        Self::compile(artifact, threads, kernel, true)
+    }
+
+    /// Every conv/dense layer's output (dequantized to floats, before any pooling) for
+    /// images `x`, as the model computes them: what per-layer error reports compare
+    /// against fp32.
+    pub fn layer_outputs(artifact: &Artifact, x: &[f32], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let mut model = Self::compile(artifact, 1, Kernel::detect(), false)?;
+        let scratch = &mut model.scratch[0];
+        forward(&model.steps, model.kernel, x, batch, scratch);
+        let mut outputs = Vec::new();
+        for (i, step) in model.steps.iter().enumerate() {
+            match step {
+                Step::Static(layer) => match &layer.output {
+                    StaticOutput::Bytes(_, q) => outputs.push(
+                        scratch.bytes[i]
+                            .iter()
+                            .map(|&b| (b as i32 - q.zero_point as i32) as f32 * q.scale)
+                            .collect(),
+                    ),
+                    StaticOutput::Floats { .. } => outputs.push(scratch.floats[i].clone()),
+                },
+                Step::Dynamic(_) | Step::Float(_) => outputs.push(scratch.floats[i].clone()),
+                _ => {}
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn compile(
+        artifact: &Artifact,
+        threads: usize,
+        kernel: Kernel,
+        fuse_pools: bool,
+    ) -> Result<Self> {
         if artifact.precision != Precision::Int8 {
             return Err(Error::Config(
                 "the int8 runtime needs an int8 artifact".into(),
@@ -279,15 +328,18 @@ impl Int8Model {
                     let output = match next_static {
                         Some(out) => {
                             domain = Domain::Bytes(out);
-                            StaticOutput::Bytes(Requant {
-                                offset,
-                                multiplier: weight_scale
-                                    .iter()
-                                    .map(|s| input.scale * s / out.scale)
-                                    .collect(),
-                                zero_point: out.zero_point as f32,
-                                low: if relu { out.zero_point as f32 } else { 0.0 },
-                            })
+                            StaticOutput::Bytes(
+                                Requant {
+                                    offset,
+                                    multiplier: weight_scale
+                                        .iter()
+                                        .map(|s| input.scale * s / out.scale)
+                                        .collect(),
+                                    zero_point: out.zero_point as f32,
+                                    low: if relu { out.zero_point as f32 } else { 0.0 },
+                                },
+                                out,
+                            )
                         }
                         None => {
                             domain = Domain::Floats;
@@ -299,14 +351,9 @@ impl Int8Model {
                         }
                     };
                     // A 2x2/2 max-pool right after a conv with byte output: fused.
-                    let pool2 = match (&conv, &output, plan.ops.get(index + 1)) {
-                        (Some(c), StaticOutput::Bytes(_), Some(Op::MaxPool(p))) => {
-                            p.size == 2
-                                && p.stride == 2
-                                && p.output[..2] == [c.output[0] / 2, c.output[1] / 2]
-                        }
-                        _ => false,
-                    };
+                    let pool2 = matches!(output, StaticOutput::Bytes(..))
+                        && fuse_pools
+                        && fusable_pool(conv.as_ref(), plan.ops.get(index + 1));
                     fused_pool = pool2;
                     steps.push(Step::Static(Box::new(StaticLayer {
                         conv,
@@ -322,8 +369,11 @@ impl Int8Model {
                         steps.push(Step::Dequantize(current));
                     }
                     let (weights, weight_scale) = int8_weights()?;
+                    let pool2 = fuse_pools && fusable_pool(conv.as_ref(), plan.ops.get(index + 1));
+                    fused_pool = pool2;
                     steps.push(Step::Dynamic(Box::new(DynamicLayer {
                         conv,
+                        pool2,
                         weights,
                         weight_scale,
                         bias,
@@ -465,7 +515,7 @@ fn forward(steps: &[Step], kernel: Kernel, x: &[f32], batch: usize, s: &mut Scra
                 );
                 let n = layer.weights.n;
                 match &layer.output {
-                    StaticOutput::Bytes(requant) => {
+                    StaticOutput::Bytes(requant, _) => {
                         out_bytes.resize(rows * n, 0);
                         let sink = Sink::Requant {
                             requant,
@@ -609,12 +659,14 @@ fn layer_source<'a>(
         batch * oh * ow
     };
     let mut x: &'a [u8] = x;
-    if conv.pad != (0, 0) {
-        // Same padding: copy into a frame of zero-point bytes, then read in place.
-        let (ph, pw) = (
-            (oh - 1) * conv.stride + conv.kernel,
-            (ow - 1) * conv.stride + conv.kernel,
-        );
+    // The input extent the windows cover; larger than the input with same padding
+    // (also when all the padding is at the bottom/right, so `pad` is (0, 0)).
+    let (ph, pw) = (
+        (oh - 1) * conv.stride + conv.kernel,
+        (ow - 1) * conv.stride + conv.kernel,
+    );
+    if conv.pad != (0, 0) || ph > h || pw > w {
+        // Copy into a frame of zero-point bytes, then read in place.
         let (top, left) = conv.pad;
         frame.resize(batch * ph * pw * c, 0);
         for b in 0..batch {
@@ -713,9 +765,7 @@ fn dynamic_layer(
         .chunks_exact(per_image)
         .zip(bytes.chunks_exact_mut(per_image))
     {
-        let (min, max) = image
-            .iter()
-            .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (min, max) = value_range(image);
         let q = ActQuant::from_range(min, max);
         quantize_input(q, image, dst);
         image_quant.push(q);
@@ -723,7 +773,7 @@ fn dynamic_layer(
     let fills: Vec<u8> = image_quant.iter().map(|q| q.zero_point).collect();
     let (source, rows) = layer_source(
         layer.conv.as_ref(),
-        false,
+        layer.pool2,
         &layer.weights,
         bytes,
         batch,
@@ -735,14 +785,61 @@ fn dynamic_layer(
     gemm(kernel, source, rows, &layer.weights, Sink::Int32(acc));
     out.resize(rows * n, 0.0);
     let rows_per_image = rows / batch.max(1);
-    for (r, (sums, dst)) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
-        let q = image_quant[r / rows_per_image];
-        let zp = q.zero_point as i32;
-        for (j, o) in dst.iter_mut().enumerate() {
-            let real = (sums[j] - zp * layer.weights.sums[j]) as f32
-                * (q.scale * layer.weight_scale[j])
-                + layer.bias[j];
-            *o = if layer.relu { real.max(0.0) } else { real };
+    let (mut correction, mut multiplier) = (vec![0i32; n], vec![0f32; n]);
+    for (b, q) in image_quant.iter().enumerate() {
+        for j in 0..n {
+            correction[j] = q.zero_point as i32 * layer.weights.sums[j];
+            multiplier[j] = q.scale * layer.weight_scale[j];
+        }
+        let span = b * rows_per_image * n..(b + 1) * rows_per_image * n;
+        dequantize_rows(
+            &acc[span.clone()],
+            (&correction, &multiplier, &layer.bias),
+            layer.relu,
+            &mut out[span],
+        );
+    }
+}
+
+/// `[min, max]` of `x` and 0.0 (vectorized: sixteen running lanes).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+fn value_range(x: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([0.0f32; 16], [0.0f32; 16]);
+    let mut chunks = x.chunks_exact(16);
+    for chunk in &mut chunks {
+        for i in 0..16 {
+            lo[i] = if chunk[i] < lo[i] { chunk[i] } else { lo[i] };
+            hi[i] = if chunk[i] > hi[i] { chunk[i] } else { hi[i] };
+        }
+    }
+    let fold = |lanes: [f32; 16], rest: &[f32], pick: fn(f32, f32) -> f32| {
+        lanes.iter().chain(rest).copied().fold(0.0, pick)
+    };
+    (
+        fold(lo, chunks.remainder(), f32::min),
+        fold(hi, chunks.remainder(), f32::max),
+    )
+}
+
+/// int32 sums of one image's rows to floats: `(acc - correction) * multiplier + bias`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+fn dequantize_rows(
+    acc: &[i32],
+    (correction, multiplier, bias): (&[i32], &[f32], &[f32]),
+    relu: bool,
+    out: &mut [f32],
+) {
+    let n = correction.len();
+    for (sums, dst) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        for ((((o, &a), &c), &m), &b) in dst
+            .iter_mut()
+            .zip(sums)
+            .zip(correction)
+            .zip(multiplier)
+            .zip(bias)
+        {
+            let real = (a - c) as f32 * m + b;
+            *o = if relu { real.max(0.0) } else { real };
         }
     }
 }
