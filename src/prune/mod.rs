@@ -91,6 +91,10 @@ impl Schedule {
 pub struct Masks {
     /// Parameter indices (spec order) of the pruned weights.
     pub params: Vec<usize>,
+    /// Weights pruned together: runs of `block` consecutive values along the innermost
+    /// (input) axis, ranked by their mean magnitude (TF-MOT's `block_size=(1, block)`).
+    /// 1 is element-wise pruning.
+    pub block: usize,
     masks: Vec<Vec<bool>>,
 }
 
@@ -112,29 +116,36 @@ pub fn default_layers(spec: &ModelSpec) -> Result<Vec<String>> {
 }
 
 impl Masks {
-    /// All-keep masks for the given parameters.
-    pub fn new(params: &[Vec<f32>], pruned: Vec<usize>) -> Self {
+    /// All-keep masks for the given parameters, pruned in blocks of `block` (see
+    /// [`Masks::block`]; every pruned tensor's length must be a multiple of it).
+    pub fn new(params: &[Vec<f32>], pruned: Vec<usize>, block: usize) -> Self {
         let masks = pruned
             .iter()
             .map(|&i| vec![true; params[i].len()])
             .collect();
         Masks {
             params: pruned,
+            block: block.max(1),
             masks,
         }
     }
 
     /// Recomputes each mask to drop the `sparsity` share of smallest-magnitude weights
-    /// (ties broken by position, so the count is exact).
+    /// (or blocks; ties broken by position, so the count is exact).
     pub fn update(&mut self, params: &[Vec<f32>], sparsity: f32) {
+        let block = self.block;
         for (mask, &p) in self.masks.iter_mut().zip(&self.params) {
-            let values = &params[p];
-            let drop = ((sparsity as f64) * values.len() as f64).round() as usize;
-            let mut order: Vec<usize> = (0..values.len()).collect();
-            order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
+            let magnitude: Vec<f32> = params[p]
+                .chunks(block)
+                .map(|b| b.iter().map(|v| v.abs()).sum::<f32>() / b.len() as f32)
+                .collect();
+            let drop = ((sparsity as f64) * magnitude.len() as f64).round() as usize;
+            let mut order: Vec<usize> = (0..magnitude.len()).collect();
+            order.sort_by(|&a, &b| magnitude[a].total_cmp(&magnitude[b]).then(a.cmp(&b)));
             mask.fill(true);
-            for &i in &order[..drop.min(values.len())] {
-                mask[i] = false;
+            for &i in &order[..drop.min(magnitude.len())] {
+                let end = ((i + 1) * block).min(mask.len());
+                mask[i * block..end].fill(false);
             }
         }
     }
@@ -235,7 +246,7 @@ mod tests {
     #[test]
     fn masks_survive_optimizer_steps() {
         let mut params = vec![(0..100).map(|i| i as f32 - 50.0).collect::<Vec<f32>>()];
-        let mut masks = Masks::new(&params, vec![0]);
+        let mut masks = Masks::new(&params, vec![0], 1);
         masks.update(&params, 0.5);
         masks.apply(&mut params);
         assert_eq!(params[0].iter().filter(|v| **v == 0.0).count(), 50);
@@ -243,6 +254,22 @@ mod tests {
         params[0].iter_mut().for_each(|v| *v += 0.25);
         masks.apply(&mut params);
         assert_eq!(params[0].iter().filter(|v| **v == 0.0).count(), 50);
+    }
+
+    /// Block masks drop whole runs: the weakest blocks by mean magnitude, exactly the
+    /// requested share of them.
+    #[test]
+    fn block_masks_drop_whole_runs() {
+        // Blocks of 4 with mean magnitudes 0, 1, ..., 9 (signs mixed inside a block).
+        let values: Vec<f32> = (0..40)
+            .map(|i| (i / 4) as f32 * if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let mut params = vec![values];
+        let mut masks = Masks::new(&params, vec![0], 4);
+        masks.update(&params, 0.3);
+        masks.apply(&mut params);
+        let zeros: Vec<usize> = (0..40).filter(|&i| params[0][i] == 0.0).collect();
+        assert_eq!(zeros, (0..12).collect::<Vec<_>>());
     }
 
     #[test]

@@ -168,3 +168,41 @@ fn prune_structured_rejects_bad_keep() {
     assert!(dry.status.success());
     assert!(!dir.path().join("model.slim.safetensors").exists());
 }
+
+/// `--block 4` zeroes whole runs of four weights along the input axis, to the target
+/// sparsity; a block that does not divide a layer's rows is refused, naming the layer.
+#[test]
+fn prune_in_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = prune(dir.path(), &["--sparsity", "0.5", "--block", "4", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let m = json_of(&output)["metrics"].clone();
+    assert_eq!(m["block"], 4);
+    let (artifact, _) =
+        mlops::artifact::Artifact::load(&dir.path().join("model.pruned.safetensors")).unwrap();
+    assert_eq!(artifact.sparsity.as_ref().unwrap()["block"], 4);
+    let params = artifact.params_f32();
+    for (info, values) in artifact.spec.params().unwrap().iter().zip(&params) {
+        if !["layers.2.weight", "layers.4.weight", "layers.6.weight"].contains(&info.name.as_str())
+        {
+            continue;
+        }
+        let zero_blocks = values
+            .chunks(4)
+            .filter(|b| b.iter().all(|v| *v == 0.0))
+            .count();
+        let mixed = values
+            .chunks(4)
+            .filter(|b| b.iter().any(|v| *v == 0.0) && !b.iter().all(|v| *v == 0.0))
+            .count();
+        assert_eq!(zero_blocks * 8, values.len(), "{}", info.name);
+        assert_eq!(mixed, 0, "{}", info.name);
+    }
+
+    let bad = prune(dir.path(), &["--sparsity", "0.5", "--block", "5"]);
+    assert_user_error(&bad, "layers.2.weight");
+}
