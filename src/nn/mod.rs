@@ -6,6 +6,7 @@
 pub mod denormals;
 pub mod executor;
 pub mod gemm;
+pub mod geometry;
 pub mod im2col;
 pub mod layers;
 pub mod plan;

@@ -3,6 +3,7 @@
 //! fp16 and bf16 artifacts are widened to f32 at load (as TFLite does for fp16 weights);
 //! [`evaluate`] measures accuracy, loss, per-class accuracy and the confusion matrix.
 
+pub mod fp32;
 pub mod int8;
 pub mod reference;
 
@@ -26,6 +27,8 @@ enum Engine {
         executor: Executor,
         params: Vec<Vec<f32>>,
     },
+    /// fp32 on the in-place AVX-512 inference kernel (where the CPU has it).
+    Direct(fp32::FloatModel),
     /// int8 artifacts: integer kernels.
     Int8(int8::Int8Model),
 }
@@ -49,6 +52,11 @@ impl Session {
 
     /// A session over parameters already in memory (used while training).
     pub fn from_params(plan: &Plan, params: Vec<Vec<f32>>, threads: usize) -> Result<Self> {
+        if fp32::FloatModel::supported() {
+            return Ok(Session {
+                engine: Engine::Direct(fp32::FloatModel::new(plan, &params, threads)),
+            });
+        }
         Ok(Session {
             engine: Engine::Float {
                 executor: Executor::new(plan, threads),
@@ -61,6 +69,7 @@ impl Session {
     pub fn plan(&self) -> &Plan {
         match &self.engine {
             Engine::Float { executor, .. } => executor.plan(),
+            Engine::Direct(model) => model.plan(),
             Engine::Int8(model) => model.plan(),
         }
     }
@@ -69,6 +78,7 @@ impl Session {
     pub fn compute(&self) -> String {
         match &self.engine {
             Engine::Float { .. } => "fp32".into(),
+            Engine::Direct(_) => "fp32 (avx512)".into(),
             Engine::Int8(model) => {
                 let layers = model.layers();
                 let count = |p: crate::artifact::LayerPrecision| {
@@ -97,6 +107,7 @@ impl Session {
     pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
         match &mut self.engine {
             Engine::Float { executor, params } => executor.predict(params, x, batch, logits),
+            Engine::Direct(model) => model.predict(x, batch, logits),
             Engine::Int8(model) => model.predict(x, batch, logits),
         }
     }

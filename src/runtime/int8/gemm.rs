@@ -99,61 +99,7 @@ impl PackedWeights {
     }
 }
 
-/// A valid (unpadded) convolution's geometry over NHWC bytes, for [`Source::Conv`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvGeometry {
-    /// Input height.
-    pub h: usize,
-    /// Input width.
-    pub w: usize,
-    /// Input channels.
-    pub c: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Vertical step.
-    pub stride_y: usize,
-    /// Horizontal step.
-    pub stride_x: usize,
-    /// Output height.
-    pub oh: usize,
-    /// Output width.
-    pub ow: usize,
-    /// A 2x2, stride-2 max-pool follows, fused: GEMM row `r` is pool window `r`, the
-    /// max of its four output pixels (the conv outputs no window covers are skipped).
-    pub pool2: bool,
-}
-
-impl ConvGeometry {
-    /// Byte offset of output pixel `row`'s receptive field (its top-left input pixel).
-    #[inline(always)]
-    fn row_base(&self, row: usize) -> usize {
-        let per_image = self.oh * self.ow;
-        let (n, p) = (row / per_image, row % per_image);
-        let (oy, ox) = (p / self.ow, p % self.ow);
-        self.pixel_base(n, oy, ox)
-    }
-
-    #[inline(always)]
-    fn pixel_base(&self, n: usize, oy: usize, ox: usize) -> usize {
-        n * self.h * self.w * self.c + (oy * self.stride_y * self.w + ox * self.stride_x) * self.c
-    }
-
-    /// The four output pixels' bases of pool window `row` (see `pool2`).
-    #[inline(always)]
-    fn window_bases(&self, row: usize) -> [usize; 4] {
-        let (ph, pw) = (self.oh / 2, self.ow / 2);
-        let (n, p) = (row / (ph * pw), row % (ph * pw));
-        let (oy, ox) = (2 * (p / pw), 2 * (p % pw));
-        [
-            self.pixel_base(n, oy, ox),
-            self.pixel_base(n, oy, ox + 1),
-            self.pixel_base(n, oy + 1, ox),
-            self.pixel_base(n, oy + 1, ox + 1),
-        ]
-    }
-}
+pub use crate::nn::geometry::ConvGeometry;
 
 /// Where the GEMM's activation rows come from.
 #[derive(Debug, Clone, Copy)]

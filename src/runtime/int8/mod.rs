@@ -659,24 +659,10 @@ fn layer_source<'a>(
         batch * oh * ow
     };
     let mut x: &'a [u8] = x;
-    // The input extent the windows cover; larger than the input with same padding
-    // (also when all the padding is at the bottom/right, so `pad` is (0, 0)).
-    let (ph, pw) = (
-        (oh - 1) * conv.stride + conv.kernel,
-        (ow - 1) * conv.stride + conv.kernel,
-    );
-    if conv.pad != (0, 0) || ph > h || pw > w {
+    if crate::nn::geometry::needs_frame(conv) {
         // Copy into a frame of zero-point bytes, then read in place.
-        let (top, left) = conv.pad;
-        frame.resize(batch * ph * pw * c, 0);
-        for b in 0..batch {
-            let dst = &mut frame[b * ph * pw * c..(b + 1) * ph * pw * c];
-            dst.fill(fill[b.min(fill.len() - 1)]);
-            for y in 0..h.min(ph - top) {
-                let src = &x[(b * h + y) * w * c..][..w.min(pw - left) * c];
-                dst[((top + y) * pw + left) * c..][..src.len()].copy_from_slice(src);
-            }
-        }
+        let (ph, pw) =
+            crate::nn::geometry::frame(conv, x, batch, |b| fill[b.min(fill.len() - 1)], frame);
         (h, w, x) = (ph, pw, frame);
     }
     let geometry = if unfolds(conv) {

@@ -1,0 +1,474 @@
+//! fp32 inference built like the int8 runtime: convolutions read their receptive fields
+//! in place (no im2col copy), and bias, ReLU and a following 2x2 max-pool are applied
+//! while the sums are still in registers (the conv outputs no pool window covers are
+//! never computed).
+//!
+//! Why not the training kernels (im2col + the `gemm` crate)? At inference the copies
+//! around the GEMM cost more than the GEMM: perf showed im2col, the separate bias/ReLU
+//! pass and pooling at over half of the fp32 forward time. Training keeps its path (it
+//! needs the unfolded patches for the weight gradient).
+//!
+//! The kernel is AVX-512F (`vfmadd231ps`, 16 channels per register), chosen at run time;
+//! [`FloatModel::supported`] is false elsewhere and `Session` then runs the training
+//! executor's forward pass, which gives the same results up to summation order (tested).
+
+use rayon::prelude::*;
+
+use crate::nn::geometry::{frame, needs_frame, ConvGeometry};
+use crate::nn::plan::{ConvOp, Op, PoolOp};
+use crate::nn::{layers, Plan};
+
+/// Output channels per register.
+const LANES: usize = 16;
+
+/// Images run through the whole network together, so activations stay in the caches.
+const IMAGES_PER_PASS: usize = 8;
+
+/// A conv/dense layer's weights as `[n / 16][k][16]` (channels zero-padded to 16).
+#[derive(Debug, Clone)]
+struct PackedF32 {
+    n: usize,
+    k: usize,
+    packed: Vec<f32>,
+}
+
+impl PackedF32 {
+    fn new(weights: &[f32], n: usize, k: usize) -> Self {
+        let blocks = n.div_ceil(LANES);
+        let mut packed = vec![0.0; blocks * k * LANES];
+        for row in 0..n {
+            for col in 0..k {
+                packed[((row / LANES) * k + col) * LANES + row % LANES] = weights[row * k + col];
+            }
+        }
+        PackedF32 { n, k, packed }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    conv: Option<ConvOp>,
+    /// The 2x2/2 max-pool that follows is fused.
+    pool2: bool,
+    weights: PackedF32,
+    bias: Vec<f32>,
+    relu: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Layer(Box<Layer>),
+    MaxPool(PoolOp),
+    AvgPool(PoolOp),
+    Relu,
+}
+
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Step `i`'s output.
+    acts: Vec<Vec<f32>>,
+    /// Zero-padded inputs of same-padded convs.
+    frames: Vec<Vec<f32>>,
+    logits: Vec<f32>,
+}
+
+/// An fp32 model compiled for the in-place AVX-512 kernel.
+pub struct FloatModel {
+    plan: Plan,
+    steps: Vec<Step>,
+    scratch: Vec<Scratch>,
+}
+
+impl FloatModel {
+    /// Whether this CPU runs the kernel (AVX-512F).
+    pub fn supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Compiles `plan` with its parameters (spec order); `threads` shards the batch.
+    /// Panics unless [`FloatModel::supported`].
+    pub fn new(plan: &Plan, params: &[Vec<f32>], threads: usize) -> Self {
+        assert!(Self::supported(), "the fp32 kernel needs AVX-512F");
+        let mut steps = Vec::new();
+        let mut skip_next = false;
+        for (index, op) in plan.ops.iter().enumerate() {
+            if std::mem::take(&mut skip_next) {
+                continue;
+            }
+            let (conv, weight, n, k, relu) = match op {
+                Op::Conv(c) => (
+                    Some(c.clone()),
+                    c.weight,
+                    c.output[2],
+                    c.patch_len(),
+                    c.relu,
+                ),
+                Op::Dense(d) => (None, d.weight, d.units, d.inputs, d.relu),
+                Op::MaxPool(p) => {
+                    steps.push(Step::MaxPool(p.clone()));
+                    continue;
+                }
+                Op::AvgPool(p) => {
+                    steps.push(Step::AvgPool(p.clone()));
+                    continue;
+                }
+                Op::Relu { .. } => {
+                    steps.push(Step::Relu);
+                    continue;
+                }
+                Op::Dropout { .. } => continue,
+            };
+            let pool2 = match (&conv, plan.ops.get(index + 1)) {
+                (Some(c), Some(Op::MaxPool(p))) => {
+                    p.size == 2
+                        && p.stride == 2
+                        && p.output[..2] == [c.output[0] / 2, c.output[1] / 2]
+                }
+                _ => false,
+            };
+            skip_next = pool2;
+            steps.push(Step::Layer(Box::new(Layer {
+                conv,
+                pool2,
+                weights: PackedF32::new(&params[weight], n, k),
+                bias: params[weight + 1].clone(),
+                relu,
+            })));
+        }
+        FloatModel {
+            plan: plan.clone(),
+            steps,
+            scratch: (0..threads.max(1)).map(|_| Scratch::default()).collect(),
+        }
+    }
+
+    /// The compiled plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Logits `[batch, classes]` for `x` (`[batch, h, w, c]`, scaled).
+    pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
+        let shards = if batch <= 1 { 1 } else { self.scratch.len() };
+        let ranges: Vec<(usize, usize)> = (0..shards)
+            .map(|i| (i * batch / shards, (i + 1) * batch / shards))
+            .collect();
+        let (steps, plan) = (&self.steps, &self.plan);
+        let run = |scratch: &mut Scratch, (start, end): (usize, usize)| {
+            scratch.logits.clear();
+            let mut first = start;
+            while first < end {
+                let last = (first + IMAGES_PER_PASS).min(end);
+                let input = &x[first * plan.input_len..last * plan.input_len];
+                forward(steps, input, last - first, scratch);
+                let out = scratch.acts.last().map_or(input, |a| a.as_slice());
+                scratch
+                    .logits
+                    .extend_from_slice(&out[..(last - first) * plan.classes]);
+                first = last;
+            }
+        };
+        if shards == 1 {
+            run(&mut self.scratch[0], ranges[0]);
+        } else {
+            self.scratch[..shards]
+                .par_iter_mut()
+                .zip(ranges)
+                .for_each(|(s, r)| run(s, r));
+        }
+        logits.clear();
+        for scratch in &self.scratch[..shards] {
+            logits.extend_from_slice(&scratch.logits);
+        }
+    }
+}
+
+fn forward(steps: &[Step], x: &[f32], batch: usize, s: &mut Scratch) {
+    if s.acts.len() != steps.len() {
+        s.acts = vec![Vec::new(); steps.len()];
+        s.frames = vec![Vec::new(); steps.len()];
+    }
+    for (i, step) in steps.iter().enumerate() {
+        let (before, after) = s.acts.split_at_mut(i);
+        let input: &[f32] = before.last().map_or(x, |a| a.as_slice());
+        let out = &mut after[0];
+        match step {
+            Step::Layer(layer) => run_layer(layer, input, batch, &mut s.frames[i], out),
+            Step::MaxPool(p) => layers::max_pool_forward(p, input, batch, out),
+            Step::AvgPool(p) => layers::avg_pool_forward(p, input, batch, out),
+            Step::Relu => {
+                out.clear();
+                out.extend_from_slice(input);
+                layers::relu_in_place(out);
+            }
+        }
+    }
+}
+
+/// Where a layer's rows are: `k` consecutive values per row, or a conv's windows.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Dense(&'a [f32]),
+    Conv(&'a [f32], ConvGeometry),
+}
+
+fn run_layer(layer: &Layer, x: &[f32], batch: usize, frame_buf: &mut Vec<f32>, out: &mut Vec<f32>) {
+    let n = layer.weights.n;
+    let (rows, m) = match &layer.conv {
+        None => (Rows::Dense(x), batch),
+        Some(conv) => {
+            let [mut h, mut w, c] = conv.input;
+            let mut x = x;
+            if needs_frame(conv) {
+                (h, w) = frame(conv, x, batch, |_| 0.0, frame_buf);
+                x = frame_buf;
+            }
+            let [oh, ow, _] = conv.output;
+            let geometry = ConvGeometry {
+                h,
+                w,
+                c,
+                kh: conv.kernel,
+                kw: conv.kernel,
+                stride_y: conv.stride,
+                stride_x: conv.stride,
+                oh,
+                ow,
+                pool2: layer.pool2,
+            };
+            let m = if layer.pool2 {
+                batch * (oh / 2) * (ow / 2)
+            } else {
+                batch * oh * ow
+            };
+            (Rows::Conv(x, geometry), m)
+        }
+    };
+    out.resize(m * n, 0.0);
+    // Bounds: every row's last value lies inside the input.
+    if m > 0 {
+        let fits = match rows {
+            Rows::Dense(a) => m * layer.weights.k <= a.len(),
+            Rows::Conv(a, g) => {
+                let base = if g.pool2 {
+                    g.window_bases(m - 1)[3]
+                } else {
+                    g.row_base(m - 1)
+                };
+                base + ((g.kh - 1) * g.w + g.kw) * g.c <= a.len()
+            }
+        };
+        assert!(fits, "fp32 kernel input too small");
+    }
+    assert_eq!(layer.bias.len(), n);
+    // SAFETY: `supported()` was checked when the model was built, the bounds of every
+    // row were checked above, and `out` holds `m * n` values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512::gemm(rows, m, layer, out)
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Layer, Rows, LANES};
+
+    /// Rows per tile (also the four pixels of a pool window).
+    const ROWS: usize = 4;
+    /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
+    const BLOCKS: usize = 4;
+
+    /// The input `x`, each row's contiguous runs (offsets from the row base) and their
+    /// length, for the tiles.
+    struct Ctx<'a> {
+        x: *const f32,
+        segments: &'a [usize],
+        run: usize,
+        layer: &'a Layer,
+        out: *mut f32,
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm(rows: Rows<'_>, m: usize, layer: &Layer, out: &mut [f32]) {
+        let w = &layer.weights;
+        let (x, segments, run, geometry) = match rows {
+            Rows::Dense(a) => (a, vec![0], w.k, None),
+            Rows::Conv(a, g) => (
+                a,
+                (0..g.kh).map(|ky| ky * g.w * g.c).collect(),
+                g.kw * g.c,
+                Some(g),
+            ),
+        };
+        let ctx = Ctx {
+            x: x.as_ptr(),
+            segments: &segments,
+            run,
+            layer,
+            out: out.as_mut_ptr(),
+        };
+        let base = |row: usize| match (&rows, geometry) {
+            (Rows::Dense(_), _) => row * w.k,
+            (_, Some(g)) => g.row_base(row),
+            _ => unreachable!(),
+        };
+        let blocks = w.n.div_ceil(LANES);
+        let pooled = geometry.filter(|g| g.pool2);
+        let mut row = 0;
+        while row < m {
+            let (bases, count) = match pooled {
+                Some(g) => (g.window_bases(row), 1),
+                None => {
+                    let count = ROWS.min(m - row);
+                    let mut b = [0usize; ROWS];
+                    for (r, v) in b.iter_mut().enumerate().take(count) {
+                        *v = base(row + r);
+                    }
+                    (b, count)
+                }
+            };
+            let mut b = 0;
+            while b < blocks {
+                let nb = BLOCKS.min(blocks - b);
+                match (pooled.is_some(), count == ROWS, nb) {
+                    (true, _, 4) => tile::<4, 4, true>(&ctx, &bases, row, b),
+                    (true, _, 3) => tile::<4, 3, true>(&ctx, &bases, row, b),
+                    (true, _, 2) => tile::<4, 2, true>(&ctx, &bases, row, b),
+                    (true, _, _) => tile::<4, 1, true>(&ctx, &bases, row, b),
+                    (false, true, 4) => tile::<4, 4, false>(&ctx, &bases, row, b),
+                    (false, true, 3) => tile::<4, 3, false>(&ctx, &bases, row, b),
+                    (false, true, 2) => tile::<4, 2, false>(&ctx, &bases, row, b),
+                    (false, true, _) => tile::<4, 1, false>(&ctx, &bases, row, b),
+                    (false, false, _) => {
+                        for r in 0..count {
+                            for j in 0..nb {
+                                tile::<1, 1, false>(&ctx, &bases[r..], row + r, b + j);
+                            }
+                        }
+                    }
+                }
+                b += nb;
+            }
+            row += if pooled.is_some() { 1 } else { count };
+        }
+    }
+
+    /// `R` rows x `NB` blocks of 16 channels over all of k; then the max of the rows
+    /// (`POOL`), bias, ReLU and a masked store.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
+        ctx: &Ctx<'_>,
+        bases: &[usize],
+        row: usize,
+        block: usize,
+    ) {
+        let layer = ctx.layer;
+        let w = &layer.weights;
+        let mut acc = [[_mm512_setzero_ps(); NB]; R];
+        let w_ptr = w.packed.as_ptr();
+        let mut kk = 0;
+        for &segment in ctx.segments {
+            for t in 0..ctx.run {
+                let mut wv = [_mm512_setzero_ps(); NB];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(w_ptr.add(((block + j) * w.k + kk) * LANES));
+                }
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*ctx.x.add(bases[r] + segment + t));
+                    for (j, v) in acc_row.iter_mut().enumerate() {
+                        *v = _mm512_fmadd_ps(a, wv[j], *v);
+                    }
+                }
+                kk += 1;
+            }
+        }
+        let stored = if POOL {
+            let (first, rest) = acc.split_at_mut(1);
+            for other in rest.iter() {
+                for (best, v) in first[0].iter_mut().zip(other) {
+                    *best = _mm512_max_ps(*best, *v);
+                }
+            }
+            1
+        } else {
+            R
+        };
+        for j in 0..NB {
+            let first = (block + j) * LANES;
+            let width = LANES.min(w.n - first);
+            let mask: __mmask16 = if width == LANES {
+                0xFFFF
+            } else {
+                (1u16 << width) - 1
+            };
+            let bias = _mm512_maskz_loadu_ps(mask, layer.bias.as_ptr().add(first));
+            for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                let mut v = _mm512_add_ps(acc_row[j], bias);
+                if layer.relu {
+                    v = _mm512_max_ps(v, _mm512_setzero_ps());
+                }
+                _mm512_mask_storeu_ps(ctx.out.add((row + r) * w.n + first), mask, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelSpec;
+    use crate::nn::Executor;
+
+    /// The in-place kernel gives the training executor's logits up to summation order,
+    /// on the reference CNN and on a spec with every layer kind and padding case.
+    #[test]
+    fn matches_the_training_forward_pass() {
+        if !FloatModel::supported() {
+            return;
+        }
+        let specs = [
+            ModelSpec::reference_cnn(),
+            ModelSpec::from_yaml(
+                "input: [12, 12, 3]\nclasses: 4\nlayers:\n\
+                 - {type: conv2d, filters: 8, kernel: 3, padding: same, activation: relu}\n\
+                 - {type: max_pool2d, size: 2, stride: 2}\n\
+                 - {type: avg_pool2d, size: 3, stride: 1}\n\
+                 - {type: conv2d, filters: 21, kernel: 3, stride: 2, padding: same}\n\
+                 - {type: relu}\n\
+                 - {type: max_pool2d, size: 2, stride: 1}\n\
+                 - {type: conv2d, filters: 16, kernel: 1, activation: relu}\n\
+                 - {type: flatten}\n\
+                 - {type: dropout, rate: 0.5}\n\
+                 - {type: dense, units: 6, activation: relu}\n\
+                 - {type: dense, units: 4}\n",
+            )
+            .unwrap(),
+        ];
+        for spec in specs {
+            let plan = Plan::compile(&spec).unwrap();
+            let params = plan.init_params(9);
+            let batch = 11;
+            let x: Vec<f32> = (0..batch * plan.input_len)
+                .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+                .collect();
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            Executor::new(&plan, 2).predict(&params, &x, batch, &mut want);
+            FloatModel::new(&plan, &params, 2).predict(&x, batch, &mut got);
+            assert_eq!(want.len(), got.len());
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
+            }
+        }
+    }
+}
