@@ -6,6 +6,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 
 use mlops::model::ModelSpec;
 use mlops::nn::{Executor, Plan};
+use mlops::runtime::Session;
 
 const BATCH: usize = 64;
 
@@ -33,17 +34,47 @@ fn reference_cnn(c: &mut Criterion) {
     group.bench_function("train_step_batch64", |b| {
         b.iter(|| executor.train_step(black_box(&params), black_box(&x), &labels, 0))
     });
-    let mut logits = Vec::new();
-    group.bench_function("forward_batch64", |b| {
-        b.iter(|| executor.predict(black_box(&params), black_box(&x), BATCH, &mut logits))
-    });
+    group.finish();
+}
 
-    let (x1, _) = inputs(&plan, 1);
-    let mut single = Executor::new(&plan, 1);
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("forward_batch1", |b| {
-        b.iter(|| single.predict(black_box(&params), black_box(&x1), 1, &mut logits))
-    });
+/// Whole forward passes as `eval`, `bench` and `serve` run them (`Session`): fp32 on the
+/// in-place kernel, and int8 (static, calibrated on synthetic images) on the integer one.
+fn inference(c: &mut Criterion) {
+    mlops::nn::denormals::flush_denormals_on_this_thread();
+    let spec = ModelSpec::reference_cnn();
+    let plan = Plan::compile(&spec).unwrap();
+    let fp32 = mlops::artifact::Artifact::from_params(&spec, &plan.init_params(0)).unwrap();
+    let (x, _) = inputs(&plan, BATCH);
+    let calib = mlops::data::Split {
+        images: x.iter().map(|v| (v * 255.0) as u8).collect(),
+        labels: vec![0; BATCH],
+        count: BATCH,
+        shape: spec.input,
+        files: Vec::new(),
+    };
+    let config = mlops::quantize::QuantConfig {
+        method: mlops::quantize::CalibMethod::MinMax,
+        samples: BATCH,
+        seed: 0,
+        per_tensor: false,
+        dynamic: false,
+        exclude: Vec::new(),
+    };
+    let (int8, _) = mlops::quantize::quantize(&fp32, Some(&calib), &config).unwrap();
+    let mut group = c.benchmark_group("inference");
+    for (name, artifact) in [("fp32", &fp32), ("int8", &int8)] {
+        let mut session = Session::new(artifact, threads()).unwrap();
+        let mut single = Session::new(artifact, 1).unwrap();
+        let mut logits = Vec::new();
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.bench_function(format!("{name}_forward_batch64"), |b| {
+            b.iter(|| session.predict(black_box(&x), BATCH, &mut logits))
+        });
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(format!("{name}_forward_batch1"), |b| {
+            b.iter(|| single.predict(black_box(&x[..plan.input_len]), 1, &mut logits))
+        });
+    }
     group.finish();
 }
 
@@ -72,5 +103,5 @@ fn int8_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reference_cnn, int8_gemm);
+criterion_group!(benches, reference_cnn, inference, int8_gemm);
 criterion_main!(benches);
