@@ -91,11 +91,7 @@ fn int8_gemm(c: &mut Criterion) {
     let mut out = vec![0i32; m * n];
     let mut group = c.benchmark_group("int8_gemm_conv2");
     group.throughput(Throughput::Elements((m * n * k) as u64));
-    let mut kernels = vec![Kernel::Portable];
-    if Kernel::detect() != Kernel::Portable {
-        kernels.push(Kernel::detect());
-    }
-    for kernel in kernels {
+    for kernel in Kernel::available() {
         group.bench_function(kernel.name(), |b| {
             b.iter(|| gemm_u8i8(kernel, black_box(&a), m, &packed, &mut out))
         });

@@ -2,10 +2,12 @@
 //!
 //! Written with `std::arch` because no well-kept crate fits: candle's quantized matmul
 //! uses GGML blocks with dynamically quantized activations and has no quantized conv, and
-//! the `gemm` crate has no integer kernels. The AVX-512 VNNI path (`vpdpbusd`, 64
-//! multiply-adds per instruction) is chosen at run time; the portable path computes the
-//! same sums in plain Rust. Integer sums are exact and both paths requantize with the same
-//! f32 operations, so the two agree bit for bit (tested).
+//! the `gemm` crate has no integer kernels. The best path is chosen at run time:
+//! AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction), else AVX2 (bytes widened
+//! to 16 bits and `vpmaddwd`, 16 per instruction: `vpmaddubsw` would be faster but
+//! saturates at 16 bits, e.g. 255 x 127 x 2, so its sums would not be exact), else a
+//! portable path in plain Rust. Integer sums are exact and every path requantizes with
+//! the same f32 operations, so they agree bit for bit (tested).
 //!
 //! Two things keep the kernel fed rather than waiting on copies (measured with perf: they
 //! were 60% of int8 inference when done as separate passes):
@@ -20,6 +22,8 @@
 pub enum Kernel {
     /// Plain Rust (any CPU).
     Portable,
+    /// AVX2 `vpmaddwd` on bytes widened to 16 bits (x86-64 with avx2).
+    Avx2,
     /// AVX-512 VNNI `vpdpbusd` (x86-64 with avx512f/bw/vl + avx512vnni).
     Avx512Vnni,
 }
@@ -36,14 +40,31 @@ impl Kernel {
             {
                 return Kernel::Avx512Vnni;
             }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Kernel::Avx2;
+            }
         }
         Kernel::Portable
+    }
+
+    /// Every kernel this CPU can run, slowest first (for tests and benchmarks).
+    pub fn available() -> Vec<Self> {
+        let mut out = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            out.push(Kernel::Avx2);
+        }
+        if Kernel::detect() == Kernel::Avx512Vnni {
+            out.push(Kernel::Avx512Vnni);
+        }
+        out
     }
 
     /// Name for reports.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
             Kernel::Avx512Vnni => "avx512-vnni",
         }
     }
@@ -51,6 +72,8 @@ impl Kernel {
 
 /// Output channels per packed block (one 512-bit register of int32 lanes).
 const BLOCK: usize = 16;
+/// Output channels per AVX2 block (one 256-bit register of int32 lanes).
+const AVX2_BLOCK: usize = 8;
 
 /// int8 weights `[n, k]` packed for the kernels, plus per-row sums for zero points.
 #[derive(Debug, Clone)]
@@ -65,6 +88,9 @@ pub struct PackedWeights {
     raw: Vec<i8>,
     /// `[n / 16][k_padded / 4][16][4]`: 4 consecutive k of 16 channels per 64 bytes.
     packed: Vec<i8>,
+    /// AVX2 layout, widened: `[n / 8][k_padded / 4][2][8][2]`: per 4-byte group, the
+    /// pairs (k0, k1) then (k2, k3) of 8 channels, one 256-bit register each.
+    packed16: Vec<i16>,
     /// `sum_k w[n][k]`, to subtract the activation zero point's contribution.
     pub sums: Vec<i32>,
 }
@@ -84,6 +110,16 @@ impl PackedWeights {
                 packed[((b * groups + g) * BLOCK + lane) * 4 + byte] = weights[row * k + col];
             }
         }
+        let blocks8 = n.div_ceil(AVX2_BLOCK);
+        let mut packed16 = vec![0i16; blocks8 * groups * 2 * AVX2_BLOCK * 2];
+        for row in 0..n {
+            let (b, lane) = (row / AVX2_BLOCK, row % AVX2_BLOCK);
+            for col in 0..k {
+                let (g, half, byte) = (col / 4, (col % 4) / 2, col % 2);
+                let at = (((b * groups + g) * 2 + half) * AVX2_BLOCK + lane) * 2 + byte;
+                packed16[at] = weights[row * k + col] as i16;
+            }
+        }
         let sums = weights
             .chunks_exact(k.max(1))
             .map(|r| r.iter().map(|&v| v as i32).sum())
@@ -94,6 +130,7 @@ impl PackedWeights {
             k_padded,
             raw: weights.to_vec(),
             packed,
+            packed16,
             sums,
         }
     }
@@ -254,6 +291,15 @@ pub fn gemm(kernel: Kernel, source: Source<'_>, m: usize, w: &PackedWeights, mut
             // SAFETY: the CPU supports the features (checked above), and `check` and the
             // asserts above keep every load and store inside the buffers.
             unsafe { vnni::gemm(source, m, w, sink) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => {
+            assert!(
+                std::arch::is_x86_feature_detected!("avx2"),
+                "CPU lacks AVX2"
+            );
+            // SAFETY: as above, for AVX2.
+            unsafe { avx2::gemm(source, m, w, sink) }
         }
         _ => portable(source, m, w, sink),
     }
@@ -477,6 +523,143 @@ mod vnni {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{PackedWeights, Sink, Source, AVX2_BLOCK};
+
+    /// Rows per tile (also the four pixels of a pool window).
+    const ROWS: usize = 4;
+    /// Blocks of 8 channels per tile: 4 x 2 accumulators, 4 weights and 2 activation
+    /// registers fill the 16 ymm registers.
+    const BLOCKS: usize = 2;
+
+    struct Ctx<'a> {
+        a: *const u8,
+        segments: &'a [usize],
+        seg_groups: usize,
+        w: &'a PackedWeights,
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gemm(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
+        let (segments, run) = source.layout(w);
+        let ctx = Ctx {
+            a: source.bytes().as_ptr(),
+            segments: &segments,
+            seg_groups: run / 4,
+            w,
+        };
+        let blocks = w.n.div_ceil(AVX2_BLOCK);
+        let pooled = source.pool2().is_some();
+        let mut row = 0;
+        while row < m {
+            let (bases, count) = if pooled {
+                (source.pixel_bases(row).0, 1)
+            } else {
+                let count = ROWS.min(m - row);
+                let mut b = [0usize; ROWS];
+                for (r, v) in b.iter_mut().enumerate().take(count) {
+                    *v = source.row_base(row + r);
+                }
+                (b, count)
+            };
+            let mut b = 0;
+            while b < blocks {
+                let nb = BLOCKS.min(blocks - b);
+                match (pooled, count == ROWS, nb == BLOCKS) {
+                    (true, _, true) => tile::<4, 2, true>(&ctx, &bases, row, b, &mut sink),
+                    (true, _, false) => tile::<4, 1, true>(&ctx, &bases, row, b, &mut sink),
+                    (false, true, true) => tile::<4, 2, false>(&ctx, &bases, row, b, &mut sink),
+                    (false, true, false) => tile::<4, 1, false>(&ctx, &bases, row, b, &mut sink),
+                    (false, false, _) => {
+                        for r in 0..count {
+                            for j in 0..nb {
+                                tile::<1, 1, false>(&ctx, &bases[r..], row + r, b + j, &mut sink);
+                            }
+                        }
+                    }
+                }
+                b += nb;
+            }
+            row += if pooled { 1 } else { count };
+        }
+    }
+
+    /// `R` rows x `NB` blocks of 8 channels: each 4-byte group of a row is split into
+    /// the zero-extended pairs (a0, a1) and (a2, a3), multiplied with the widened weight
+    /// pairs and summed into int32 (`vpmaddwd`: exact, no saturation).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
+        ctx: &Ctx<'_>,
+        bases: &[usize],
+        row: usize,
+        block: usize,
+        sink: &mut Sink<'_>,
+    ) {
+        let w = ctx.w;
+        let groups = w.k_padded / 4;
+        // Byte shuffles: (a0, 0, a1, 0) and (a2, 0, a3, 0) in every 32-bit lane.
+        let low_pairs = _mm256_set1_epi32(0x8001_8000u32 as i32);
+        let high_pairs = _mm256_set1_epi32(0x8003_8002u32 as i32);
+        let mut acc = [[_mm256_setzero_si256(); NB]; R];
+        let w_ptr = w.packed16.as_ptr();
+        let mut g = 0;
+        for &segment in ctx.segments {
+            for s in 0..ctx.seg_groups {
+                let mut wv = [[_mm256_setzero_si256(); 2]; NB];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    let at = ((block + j) * groups + g) * 2 * AVX2_BLOCK * 2;
+                    v[0] = _mm256_loadu_si256(w_ptr.add(at) as *const _);
+                    v[1] = _mm256_loadu_si256(w_ptr.add(at + AVX2_BLOCK * 2) as *const _);
+                }
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let at = bases[r] + segment + s * 4;
+                    let four = _mm256_set1_epi32((ctx.a.add(at) as *const i32).read_unaligned());
+                    let lo = _mm256_shuffle_epi8(four, low_pairs);
+                    let hi = _mm256_shuffle_epi8(four, high_pairs);
+                    for (j, v) in acc_row.iter_mut().enumerate() {
+                        *v = _mm256_add_epi32(*v, _mm256_madd_epi16(lo, wv[j][0]));
+                        *v = _mm256_add_epi32(*v, _mm256_madd_epi16(hi, wv[j][1]));
+                    }
+                }
+                g += 1;
+            }
+        }
+        let stored = if POOL {
+            let (first, rest) = acc.split_at_mut(1);
+            for other in rest.iter() {
+                for (best, v) in first[0].iter_mut().zip(other) {
+                    *best = _mm256_max_epi32(*best, *v);
+                }
+            }
+            1
+        } else {
+            R
+        };
+        for (r, acc_row) in acc.iter().enumerate().take(stored) {
+            for (j, v) in acc_row.iter().enumerate() {
+                let first = (block + j) * AVX2_BLOCK;
+                let width = AVX2_BLOCK.min(w.n - first);
+                let mut lanes = [0i32; AVX2_BLOCK];
+                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut _, *v);
+                let at = (row + r) * w.n + first;
+                // The scalar definition: bit-identical to the other paths by construction.
+                match sink {
+                    Sink::Int32(c) => c[at..at + width].copy_from_slice(&lanes[..width]),
+                    Sink::Requant { requant, out } => {
+                        for (i, &sum) in lanes[..width].iter().enumerate() {
+                            out[at + i] = requant.byte(first + i, sum);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,11 +687,7 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let mut out = vec![Kernel::Portable];
-        if Kernel::detect() != Kernel::Portable {
-            out.push(Kernel::detect());
-        }
-        out
+        Kernel::available()
     }
 
     #[test]
