@@ -102,3 +102,38 @@ pub fn frame<T: Copy + Default>(
     }
     (ph, pw)
 }
+
+/// Pixels per register tile: 4 consecutive output rows, or the 4 pixels of a pool window.
+pub const TILE_ROWS: usize = 4;
+
+/// Walks `m` GEMM output rows in register tiles, the loop every in-place kernel shares:
+/// `tile(row, bases, pixels)` gets the tile's first output row, the input offsets of its
+/// pixels and how many there are. Plain rows come [`TILE_ROWS`] at a time (fewer at the
+/// end, offsets from `base`); with `pooled`, output row `r` is pool window `r`, always
+/// four pixels.
+#[inline(always)]
+pub fn for_each_tile(
+    m: usize,
+    pooled: Option<&ConvGeometry>,
+    base: impl Fn(usize) -> usize,
+    mut tile: impl FnMut(usize, &[usize; TILE_ROWS], usize),
+) {
+    let mut row = 0;
+    while row < m {
+        match pooled {
+            Some(g) => {
+                tile(row, &g.window_bases(row), TILE_ROWS);
+                row += 1;
+            }
+            None => {
+                let count = TILE_ROWS.min(m - row);
+                let mut bases = [0usize; TILE_ROWS];
+                for (r, b) in bases.iter_mut().enumerate().take(count) {
+                    *b = base(row + r);
+                }
+                tile(row, &bases, count);
+                row += count;
+            }
+        }
+    }
+}

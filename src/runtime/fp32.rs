@@ -12,17 +12,13 @@
 //! [`FloatModel::supported`] is false elsewhere and `Session` then runs the training
 //! executor's forward pass, which gives the same results up to summation order (tested).
 
-use rayon::prelude::*;
-
+use super::passes::Shards;
 use crate::nn::geometry::{frame, needs_frame, ConvGeometry};
 use crate::nn::plan::{ConvOp, Op, PoolOp};
 use crate::nn::{layers, Plan};
 
 /// Output channels per register.
 const LANES: usize = 16;
-
-/// Images run through the whole network together, so activations stay in the caches.
-const IMAGES_PER_PASS: usize = 8;
 
 /// A conv/dense layer's weights as `[n / 16][k][16]` (channels zero-padded to 16).
 #[derive(Debug, Clone)]
@@ -69,14 +65,13 @@ struct Scratch {
     acts: Vec<Vec<f32>>,
     /// Zero-padded inputs of same-padded convs.
     frames: Vec<Vec<f32>>,
-    logits: Vec<f32>,
 }
 
 /// An fp32 model compiled for the in-place AVX-512 kernel.
 pub struct FloatModel {
     plan: Plan,
     steps: Vec<Step>,
-    scratch: Vec<Scratch>,
+    scratch: Shards<Scratch>,
 }
 
 impl FloatModel {
@@ -145,7 +140,7 @@ impl FloatModel {
         FloatModel {
             plan: plan.clone(),
             steps,
-            scratch: (0..threads.max(1)).map(|_| Scratch::default()).collect(),
+            scratch: Shards::new(threads),
         }
     }
 
@@ -156,37 +151,13 @@ impl FloatModel {
 
     /// Logits `[batch, classes]` for `x` (`[batch, h, w, c]`, scaled).
     pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
-        let shards = if batch <= 1 { 1 } else { self.scratch.len() };
-        let ranges: Vec<(usize, usize)> = (0..shards)
-            .map(|i| (i * batch / shards, (i + 1) * batch / shards))
-            .collect();
         let (steps, plan) = (&self.steps, &self.plan);
-        let run = |scratch: &mut Scratch, (start, end): (usize, usize)| {
-            scratch.logits.clear();
-            let mut first = start;
-            while first < end {
-                let last = (first + IMAGES_PER_PASS).min(end);
-                let input = &x[first * plan.input_len..last * plan.input_len];
-                forward(steps, input, last - first, scratch);
-                let out = scratch.acts.last().map_or(input, |a| a.as_slice());
-                scratch
-                    .logits
-                    .extend_from_slice(&out[..(last - first) * plan.classes]);
-                first = last;
-            }
+        let pass = |scratch: &mut Scratch, images: &[f32], count: usize, out: &mut Vec<f32>| {
+            forward(steps, images, count, scratch);
+            let last = scratch.acts.last().map_or(images, |a| a.as_slice());
+            out.extend_from_slice(&last[..count * plan.classes]);
         };
-        if shards == 1 {
-            run(&mut self.scratch[0], ranges[0]);
-        } else {
-            self.scratch[..shards]
-                .par_iter_mut()
-                .zip(ranges)
-                .for_each(|(s, r)| run(s, r));
-        }
-        logits.clear();
-        for scratch in &self.scratch[..shards] {
-            logits.extend_from_slice(&scratch.logits);
-        }
+        self.scratch.predict(x, batch, plan.input_len, logits, pass);
     }
 }
 
@@ -281,9 +252,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Layer, Rows, LANES};
+    use crate::nn::geometry::{for_each_tile, TILE_ROWS as ROWS};
 
-    /// Rows per tile (also the four pixels of a pool window).
-    const ROWS: usize = 4;
     /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
     const BLOCKS: usize = 4;
 
@@ -323,43 +293,34 @@ mod avx512 {
         };
         let blocks = w.n.div_ceil(LANES);
         let pooled = geometry.filter(|g| g.pool2);
-        let mut row = 0;
-        while row < m {
-            let (bases, count) = match pooled {
-                Some(g) => (g.window_bases(row), 1),
-                None => {
-                    let count = ROWS.min(m - row);
-                    let mut b = [0usize; ROWS];
-                    for (r, v) in b.iter_mut().enumerate().take(count) {
-                        *v = base(row + r);
-                    }
-                    (b, count)
-                }
-            };
+        for_each_tile(m, pooled.as_ref(), base, |row, bases, pixels| {
             let mut b = 0;
             while b < blocks {
                 let nb = BLOCKS.min(blocks - b);
-                match (pooled.is_some(), count == ROWS, nb) {
-                    (true, _, 4) => tile::<4, 4, true>(&ctx, &bases, row, b),
-                    (true, _, 3) => tile::<4, 3, true>(&ctx, &bases, row, b),
-                    (true, _, 2) => tile::<4, 2, true>(&ctx, &bases, row, b),
-                    (true, _, _) => tile::<4, 1, true>(&ctx, &bases, row, b),
-                    (false, true, 4) => tile::<4, 4, false>(&ctx, &bases, row, b),
-                    (false, true, 3) => tile::<4, 3, false>(&ctx, &bases, row, b),
-                    (false, true, 2) => tile::<4, 2, false>(&ctx, &bases, row, b),
-                    (false, true, _) => tile::<4, 1, false>(&ctx, &bases, row, b),
+                match (pooled.is_some(), pixels == ROWS, nb) {
+                    (true, _, 4) => tile::<4, 4, true>(&ctx, bases, row, b),
+                    (true, _, 3) => tile::<4, 3, true>(&ctx, bases, row, b),
+                    (true, _, 2) => tile::<4, 2, true>(&ctx, bases, row, b),
+                    (true, _, _) => tile::<4, 1, true>(&ctx, bases, row, b),
+                    (false, true, 4) => tile::<4, 4, false>(&ctx, bases, row, b),
+                    (false, true, 3) => tile::<4, 3, false>(&ctx, bases, row, b),
+                    (false, true, 2) => tile::<4, 2, false>(&ctx, bases, row, b),
+                    (false, true, _) => tile::<4, 1, false>(&ctx, bases, row, b),
                     (false, false, _) => {
-                        for r in 0..count {
-                            for j in 0..nb {
-                                tile::<1, 1, false>(&ctx, &bases[r..], row + r, b + j);
+                        for r in 0..pixels {
+                            let (bases, row) = (&bases[r..], row + r);
+                            match nb {
+                                4 => tile::<1, 4, false>(&ctx, bases, row, b),
+                                3 => tile::<1, 3, false>(&ctx, bases, row, b),
+                                2 => tile::<1, 2, false>(&ctx, bases, row, b),
+                                _ => tile::<1, 1, false>(&ctx, bases, row, b),
                             }
                         }
                     }
                 }
                 b += nb;
             }
-            row += if pooled.is_some() { 1 } else { count };
-        }
+        });
     }
 
     /// `R` rows x `NB` blocks of 16 channels over all of k; then the max of the rows

@@ -5,6 +5,7 @@
 
 pub mod fp32;
 pub mod int8;
+mod passes;
 pub mod reference;
 
 use std::time::Instant;

@@ -349,9 +349,8 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::{PackedWeights, Sink, Source, BLOCK};
+    use crate::nn::geometry::{for_each_tile, TILE_ROWS as ROWS};
 
-    /// Rows per tile: each row reuses the same weight registers.
-    const ROWS: usize = 4;
     /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
     const BLOCKS: usize = 4;
 
@@ -374,63 +373,36 @@ mod vnni {
             w,
         };
         let blocks = w.n.div_ceil(BLOCK);
-        if source.pool2().is_some() {
-            // Each pool window is one tile of its four pixels, reduced by max.
-            for row in 0..m {
-                let (bases, _) = source.pixel_bases(row);
-                let mut b = 0;
-                while b < blocks {
-                    let nb = BLOCKS.min(blocks - b);
-                    match nb {
-                        4 => tile::<4, 4, true>(&ctx, &bases, row, b, &mut sink),
-                        3 => tile::<4, 3, true>(&ctx, &bases, row, b, &mut sink),
-                        2 => tile::<4, 2, true>(&ctx, &bases, row, b, &mut sink),
-                        _ => tile::<4, 1, true>(&ctx, &bases, row, b, &mut sink),
-                    }
-                    b += nb;
-                }
-            }
-            return;
-        }
-        let mut row = 0;
-        while row < m {
-            let rows = ROWS.min(m - row);
-            let mut bases = [0usize; ROWS];
-            for (r, b) in bases.iter_mut().enumerate().take(rows) {
-                *b = source.row_base(row + r);
-            }
+        let pooled = source.pool2().is_some();
+        let base = |row| source.row_base(row);
+        for_each_tile(m, source.pool2(), base, |row, bases, pixels| {
             let mut b = 0;
             while b < blocks {
                 let nb = BLOCKS.min(blocks - b);
-                if rows == ROWS {
-                    match nb {
-                        4 => tile::<ROWS, 4, false>(&ctx, &bases, row, b, &mut sink),
-                        3 => tile::<ROWS, 3, false>(&ctx, &bases, row, b, &mut sink),
-                        2 => tile::<ROWS, 2, false>(&ctx, &bases, row, b, &mut sink),
-                        _ => tile::<ROWS, 1, false>(&ctx, &bases, row, b, &mut sink),
-                    }
-                } else {
-                    for r in 0..rows {
-                        match nb {
-                            4 => tile::<1, 4, false>(&ctx, &bases[r..], row + r, b, &mut sink),
-                            _ => {
-                                for j in 0..nb {
-                                    tile::<1, 1, false>(
-                                        &ctx,
-                                        &bases[r..],
-                                        row + r,
-                                        b + j,
-                                        &mut sink,
-                                    )
-                                }
+                match (pooled, pixels == ROWS, nb) {
+                    (true, _, 4) => tile::<4, 4, true>(&ctx, bases, row, b, &mut sink),
+                    (true, _, 3) => tile::<4, 3, true>(&ctx, bases, row, b, &mut sink),
+                    (true, _, 2) => tile::<4, 2, true>(&ctx, bases, row, b, &mut sink),
+                    (true, _, _) => tile::<4, 1, true>(&ctx, bases, row, b, &mut sink),
+                    (false, true, 4) => tile::<4, 4, false>(&ctx, bases, row, b, &mut sink),
+                    (false, true, 3) => tile::<4, 3, false>(&ctx, bases, row, b, &mut sink),
+                    (false, true, 2) => tile::<4, 2, false>(&ctx, bases, row, b, &mut sink),
+                    (false, true, _) => tile::<4, 1, false>(&ctx, bases, row, b, &mut sink),
+                    (false, false, _) => {
+                        for r in 0..pixels {
+                            let (bases, row) = (&bases[r..], row + r);
+                            match nb {
+                                4 => tile::<1, 4, false>(&ctx, bases, row, b, &mut sink),
+                                3 => tile::<1, 3, false>(&ctx, bases, row, b, &mut sink),
+                                2 => tile::<1, 2, false>(&ctx, bases, row, b, &mut sink),
+                                _ => tile::<1, 1, false>(&ctx, bases, row, b, &mut sink),
                             }
                         }
                     }
                 }
                 b += nb;
             }
-            row += rows;
-        }
+        });
     }
 
     /// `R` rows x `NB` blocks of 16 channels, accumulated in registers over all of k,
@@ -528,9 +500,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{PackedWeights, Sink, Source, AVX2_BLOCK};
+    use crate::nn::geometry::{for_each_tile, TILE_ROWS as ROWS};
 
-    /// Rows per tile (also the four pixels of a pool window).
-    const ROWS: usize = 4;
     /// Blocks of 8 channels per tile: 4 x 2 accumulators, 4 weights and 2 activation
     /// registers fill the 16 ymm registers.
     const BLOCKS: usize = 2;
@@ -553,38 +524,29 @@ mod avx2 {
         };
         let blocks = w.n.div_ceil(AVX2_BLOCK);
         let pooled = source.pool2().is_some();
-        let mut row = 0;
-        while row < m {
-            let (bases, count) = if pooled {
-                (source.pixel_bases(row).0, 1)
-            } else {
-                let count = ROWS.min(m - row);
-                let mut b = [0usize; ROWS];
-                for (r, v) in b.iter_mut().enumerate().take(count) {
-                    *v = source.row_base(row + r);
-                }
-                (b, count)
-            };
+        let base = |row| source.row_base(row);
+        for_each_tile(m, source.pool2(), base, |row, bases, pixels| {
             let mut b = 0;
             while b < blocks {
                 let nb = BLOCKS.min(blocks - b);
-                match (pooled, count == ROWS, nb == BLOCKS) {
-                    (true, _, true) => tile::<4, 2, true>(&ctx, &bases, row, b, &mut sink),
-                    (true, _, false) => tile::<4, 1, true>(&ctx, &bases, row, b, &mut sink),
-                    (false, true, true) => tile::<4, 2, false>(&ctx, &bases, row, b, &mut sink),
-                    (false, true, false) => tile::<4, 1, false>(&ctx, &bases, row, b, &mut sink),
+                match (pooled, pixels == ROWS, nb == BLOCKS) {
+                    (true, _, true) => tile::<4, 2, true>(&ctx, bases, row, b, &mut sink),
+                    (true, _, false) => tile::<4, 1, true>(&ctx, bases, row, b, &mut sink),
+                    (false, true, true) => tile::<4, 2, false>(&ctx, bases, row, b, &mut sink),
+                    (false, true, false) => tile::<4, 1, false>(&ctx, bases, row, b, &mut sink),
                     (false, false, _) => {
-                        for r in 0..count {
-                            for j in 0..nb {
-                                tile::<1, 1, false>(&ctx, &bases[r..], row + r, b + j, &mut sink);
+                        for r in 0..pixels {
+                            let (bases, row) = (&bases[r..], row + r);
+                            match nb {
+                                2 => tile::<1, 2, false>(&ctx, bases, row, b, &mut sink),
+                                _ => tile::<1, 1, false>(&ctx, bases, row, b, &mut sink),
                             }
                         }
                     }
                 }
                 b += nb;
             }
-            row += if pooled { 1 } else { count };
-        }
+        });
     }
 
     /// `R` rows x `NB` blocks of 8 channels: each 4-byte group of a row is split into

@@ -9,9 +9,9 @@
 pub mod gemm;
 
 use multiversion::multiversion;
-use rayon::prelude::*;
 
 use self::gemm::{gemm, ConvGeometry, Kernel, PackedWeights, Requant, Sink, Source};
+use super::passes::Shards;
 use crate::artifact::{Artifact, LayerPrecision, Precision, TensorData};
 use crate::nn::plan::{ConvOp, Op, PoolOp};
 use crate::nn::Plan;
@@ -125,12 +125,7 @@ struct Scratch {
     acc: Vec<Vec<i32>>,
     /// Per-image input quantization of dynamic layers.
     image_quant: Vec<ActQuant>,
-    /// This shard's logits.
-    logits: Vec<f32>,
 }
-
-/// Images run through the whole network together (see [`Int8Model::predict`]).
-const IMAGES_PER_PASS: usize = 8;
 
 /// How each conv/dense layer of a model runs, for reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +142,7 @@ pub struct Int8Model {
     steps: Vec<Step>,
     layers: Vec<LayerRun>,
     kernel: Kernel,
-    scratch: Vec<Scratch>,
+    scratch: Shards<Scratch>,
 }
 
 fn f32s(artifact: &Artifact, name: &str) -> Result<Vec<f32>> {
@@ -224,7 +219,7 @@ impl Int8Model {
     /// against fp32.
     pub fn layer_outputs(artifact: &Artifact, x: &[f32], batch: usize) -> Result<Vec<Vec<f32>>> {
         let mut model = Self::compile(artifact, 1, Kernel::detect(), false)?;
-        let scratch = &mut model.scratch[0];
+        let scratch = model.scratch.first();
         forward(&model.steps, model.kernel, x, batch, scratch);
         let mut outputs = Vec::new();
         for (i, step) in model.steps.iter().enumerate() {
@@ -407,7 +402,7 @@ impl Int8Model {
             steps,
             layers,
             kernel,
-            scratch: (0..threads.max(1)).map(|_| Scratch::default()).collect(),
+            scratch: Shards::new(threads),
         })
     }
 
@@ -428,44 +423,13 @@ impl Int8Model {
 
     /// Logits `[batch, classes]` for float input `x` (`[batch, h, w, c]`, scaled).
     pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
-        let shards = if batch <= 1 { 1 } else { self.scratch.len() };
-        let ranges: Vec<(usize, usize)> = (0..shards)
-            .map(|i| (i * batch / shards, (i + 1) * batch / shards))
-            .collect();
         let (steps, plan, kernel) = (&self.steps, &self.plan, self.kernel);
-        let run = |scratch: &mut Scratch, (start, end): (usize, usize)| {
-            scratch.logits.clear();
-            // A few images at a time through the whole network, so the activations stay
-            // in the core's own caches (a 64-image conv1 output alone is 1.4 MB).
-            let mut first = start;
-            while first < end {
-                let last = (first + IMAGES_PER_PASS).min(end);
-                forward(
-                    steps,
-                    kernel,
-                    &x[first * plan.input_len..last * plan.input_len],
-                    last - first,
-                    scratch,
-                );
-                let out = scratch.floats.last().expect("a step ran");
-                scratch
-                    .logits
-                    .extend_from_slice(&out[..(last - first) * plan.classes]);
-                first = last;
-            }
+        let pass = |scratch: &mut Scratch, images: &[f32], count: usize, out: &mut Vec<f32>| {
+            forward(steps, kernel, images, count, scratch);
+            let last = scratch.floats.last().expect("a step ran");
+            out.extend_from_slice(&last[..count * plan.classes]);
         };
-        if shards == 1 {
-            run(&mut self.scratch[0], ranges[0]);
-        } else {
-            self.scratch[..shards]
-                .par_iter_mut()
-                .zip(ranges.clone())
-                .for_each(|(s, r)| run(s, r));
-        }
-        logits.clear();
-        for scratch in &self.scratch[..shards] {
-            logits.extend_from_slice(&scratch.logits);
-        }
+        self.scratch.predict(x, batch, plan.input_len, logits, pass);
     }
 }
 
