@@ -3,6 +3,8 @@
 //! fp16 and bf16 artifacts are widened to f32 at load (as TFLite does for fp16 weights);
 //! [`evaluate`] measures accuracy, loss, per-class accuracy and the confusion matrix.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fp32;
 pub mod int8;
 mod passes;

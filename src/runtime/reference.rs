@@ -1,7 +1,7 @@
 //! A second, independent forward pass written with candle's tensor ops.
 //!
 //! It exists to check the hand-written kernels in `nn` against a well-kept library
-//! (see the tests below), and is the starting point for the CUDA path. It supports
+//! (see the tests below), and is what the CUDA path runs (`runtime::cuda`). It supports
 //! every layer type, with `same` padding for odd kernels (candle pads symmetrically).
 
 use candle_core::{DType, Device, Tensor};
@@ -17,66 +17,110 @@ pub fn forward(
     batch: usize,
     device: &Device,
 ) -> Result<Vec<f32>> {
-    let shapes = spec.shapes()?;
+    let weights = Weights::upload(spec, params, device)?;
     let [h, w, c] = spec.input;
-    // Candle convolves NCHW tensors with [out, in, kh, kw] kernels.
-    let mut xs = Tensor::from_slice(x, (batch, h, w, c), device)?.permute((0, 3, 1, 2))?;
-    let mut next = 0;
-    for (index, layer) in spec.layers.iter().enumerate() {
-        xs = match layer {
-            LayerSpec::Conv2d {
-                filters,
-                kernel,
-                stride,
-                padding,
-                activation,
-            } => {
-                let Shape::Spatial([_, _, in_c]) = shapes[index] else {
-                    unreachable!("validated spec")
-                };
-                let pad = match padding {
-                    Padding::Valid => 0,
-                    Padding::Same if kernel % 2 == 1 && *stride == 1 => kernel / 2,
-                    Padding::Same => {
-                        return Err(Error::Config(
-                            "the candle reference handles `same` padding only for odd kernels, stride 1".into(),
-                        ))
-                    }
-                };
-                let weight =
-                    Tensor::from_slice(&params[next], (*filters, *kernel, *kernel, in_c), device)?
-                        .permute((0, 3, 1, 2))?
+    let xs = Tensor::from_slice(x, (batch, h, w, c), device)?;
+    Ok(weights.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A model's parameters as candle tensors on one device, laid out for candle's ops
+/// (conv kernels `[out, in, kh, kw]`), so a device keeps them between calls.
+pub struct Weights {
+    spec: ModelSpec,
+    /// Per conv/dense layer in order: weight and bias.
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl Weights {
+    /// Uploads `params` (spec order, our layouts) to `device`.
+    pub fn upload(spec: &ModelSpec, params: &[Vec<f32>], device: &Device) -> Result<Self> {
+        let shapes = spec.shapes()?;
+        let mut layers = Vec::new();
+        let mut next = 0;
+        for (index, layer) in spec.layers.iter().enumerate() {
+            match layer {
+                LayerSpec::Conv2d {
+                    filters, kernel, ..
+                } => {
+                    let Shape::Spatial([_, _, in_c]) = shapes[index] else {
+                        unreachable!("validated spec")
+                    };
+                    let weight = Tensor::from_slice(
+                        &params[next],
+                        (*filters, *kernel, *kernel, in_c),
+                        device,
+                    )?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?;
+                    let bias = Tensor::from_slice(&params[next + 1], (1, *filters, 1, 1), device)?;
+                    layers.push((weight, bias));
+                    next += 2;
+                }
+                LayerSpec::Dense { units, .. } => {
+                    let inputs = shapes[index].len();
+                    let weight = Tensor::from_slice(&params[next], (*units, inputs), device)?
+                        .t()?
                         .contiguous()?;
-                let bias = Tensor::from_slice(&params[next + 1], (1, *filters, 1, 1), device)?;
-                next += 2;
-                let ys = xs
-                    .conv2d(&weight, pad, *stride, 1, 1)?
-                    .broadcast_add(&bias)?;
-                activate(ys, *activation)?
+                    let bias = Tensor::from_slice(&params[next + 1], *units, device)?;
+                    layers.push((weight, bias));
+                    next += 2;
+                }
+                _ => {}
             }
-            LayerSpec::MaxPool2d { size, stride } => {
-                xs.max_pool2d_with_stride(*size, stride.unwrap_or(*size))?
-            }
-            LayerSpec::AvgPool2d { size, stride } => {
-                xs.avg_pool2d_with_stride(*size, stride.unwrap_or(*size))?
-            }
-            LayerSpec::Flatten => {
-                // Back to NHWC so the flattened order is (h, w, c), as in our artifacts.
-                xs.permute((0, 2, 3, 1))?.contiguous()?.flatten_from(1)?
-            }
-            LayerSpec::Dense { units, activation } => {
-                let inputs = shapes[index].len();
-                let weight = Tensor::from_slice(&params[next], (*units, inputs), device)?;
-                let bias = Tensor::from_slice(&params[next + 1], *units, device)?;
-                next += 2;
-                let ys = xs.matmul(&weight.t()?)?.broadcast_add(&bias)?;
-                activate(ys, *activation)?
-            }
-            LayerSpec::Dropout { .. } => xs,
-            LayerSpec::Relu => xs.relu()?,
-        };
+        }
+        Ok(Weights {
+            spec: spec.clone(),
+            layers,
+        })
     }
-    Ok(xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+
+    /// Logits `[batch, classes]` of an NHWC input tensor on the weights' device.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Candle convolves NCHW tensors.
+        let mut xs = x.permute((0, 3, 1, 2))?;
+        let mut next = self.layers.iter();
+        for layer in &self.spec.layers {
+            xs = match layer {
+                LayerSpec::Conv2d {
+                    kernel,
+                    stride,
+                    padding,
+                    activation,
+                    ..
+                } => {
+                    let pad = match padding {
+                        Padding::Valid => 0,
+                        Padding::Same if kernel % 2 == 1 && *stride == 1 => kernel / 2,
+                        Padding::Same => return Err(Error::Config(
+                            "the candle path handles `same` padding only for odd kernels, stride 1"
+                                .into(),
+                        )),
+                    };
+                    let (weight, bias) = next.next().expect("one per conv/dense");
+                    let ys = xs.conv2d(weight, pad, *stride, 1, 1)?.broadcast_add(bias)?;
+                    activate(ys, *activation)?
+                }
+                LayerSpec::MaxPool2d { size, stride } => {
+                    xs.max_pool2d_with_stride(*size, stride.unwrap_or(*size))?
+                }
+                LayerSpec::AvgPool2d { size, stride } => {
+                    xs.avg_pool2d_with_stride(*size, stride.unwrap_or(*size))?
+                }
+                LayerSpec::Flatten => {
+                    // Back to NHWC so the flattened order is (h, w, c), as in our artifacts.
+                    xs.permute((0, 2, 3, 1))?.contiguous()?.flatten_from(1)?
+                }
+                LayerSpec::Dense { activation, .. } => {
+                    let (weight, bias) = next.next().expect("one per conv/dense");
+                    let ys = xs.matmul(weight)?.broadcast_add(bias)?;
+                    activate(ys, *activation)?
+                }
+                LayerSpec::Dropout { .. } => xs,
+                LayerSpec::Relu => xs.relu()?,
+            };
+        }
+        Ok(xs.to_dtype(DType::F32)?)
+    }
 }
 
 fn activate(xs: Tensor, activation: Activation) -> Result<Tensor> {
