@@ -227,8 +227,12 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     } else {
         print_doc(&mut std::io::stdout().lock(), &doc, args.format)?;
     }
-    ctx.printer
-        .report(&step, "", false, args.report.as_deref())?;
+    // The document above is bench's own output (`--format`); only `--report` remains.
+    let output = super::ReportArgs {
+        report: args.report.clone(),
+        json: false,
+    };
+    ctx.printer.report(&step, "", &output)?;
     Ok(step)
 }
 

@@ -75,8 +75,7 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
     ctx.printer.report(
         &step,
         &human(&report, &args.artifact, artifact.precision.as_str()),
-        args.output.json,
-        args.output.report.as_deref(),
+        &args.output,
     )?;
     Ok(step)
 }

@@ -91,11 +91,6 @@ pub(crate) fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<StepReport
         100.0 * ratio,
         max_abs_error
     );
-    ctx.printer.report(
-        &step,
-        &human,
-        args.output.json,
-        args.output.report.as_deref(),
-    )?;
+    ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
 }

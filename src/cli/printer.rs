@@ -4,7 +4,6 @@
 //! `MLOPS_NO_PROGRESS` is set; nothing is coloured, so `NO_COLOR` always holds.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -47,9 +46,9 @@ impl Printer {
         &self,
         step: &StepReport,
         human: &str,
-        json: bool,
-        report_file: Option<&Path>,
+        output: &super::ReportArgs,
     ) -> anyhow::Result<()> {
+        let (json, report_file) = (output.json, output.report.as_deref());
         if !self.quiet {
             eprint!("{human}");
             for warning in &step.warnings {

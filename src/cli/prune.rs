@@ -165,12 +165,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
             serde_json::json!({"dry_run": true, "target_sparsity": args.sparsity, "tensors": rows});
         step.finish(started);
         let human = format!("\n{table}\ndry run: nothing written\n");
-        ctx.printer.report(
-            &step,
-            &human,
-            args.output.json,
-            args.output.report.as_deref(),
-        )?;
+        ctx.printer.report(&step, &human, &args.output)?;
         return Ok(step);
     }
 
@@ -293,12 +288,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         gz_after,
         gz_before as f64 / gz_after.max(1) as f64,
     );
-    ctx.printer.report(
-        &step,
-        &human,
-        args.output.json,
-        args.output.report.as_deref(),
-    )?;
+    ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
 }
 
@@ -345,12 +335,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         });
         step.finish(started);
         let human = format!("\n{table}\n{summary}\ndry run: nothing written\n");
-        ctx.printer.report(
-            &step,
-            &human,
-            args.output.json,
-            args.output.report.as_deref(),
-        )?;
+        ctx.printer.report(&step, &human, &args.output)?;
         return Ok(step);
     }
     let (data, eval_split) = load_data(args, &spec)?;
@@ -428,12 +413,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         args.artifact.display(),
         out_path.display(),
     );
-    ctx.printer.report(
-        &step,
-        &human,
-        args.output.json,
-        args.output.report.as_deref(),
-    )?;
+    ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
 }
 

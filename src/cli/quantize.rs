@@ -380,12 +380,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         100.0 * written.bytes as f64 / record.bytes as f64,
         report.bits_per_weight,
     );
-    ctx.printer.report(
-        &step,
-        &human,
-        args.output.json,
-        args.output.report.as_deref(),
-    )?;
+    ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
 }
 
@@ -451,11 +446,6 @@ fn dry_run(
         "\n{table}\ndry run: weights {before} -> {after} bytes ({:.1}%); nothing written\n",
         100.0 * after as f64 / before.max(1) as f64
     );
-    ctx.printer.report(
-        &step,
-        &human,
-        args.output.json,
-        args.output.report.as_deref(),
-    )?;
+    ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
 }

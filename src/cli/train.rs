@@ -197,12 +197,8 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
     }
     step.metrics = serde_json::to_value(&report)?;
     step.finish(started);
-    ctx.printer.report(
-        &step,
-        &human(&report, &model_path),
-        args.output.json,
-        args.output.report.as_deref(),
-    )?;
+    ctx.printer
+        .report(&step, &human(&report, &model_path), &args.output)?;
     Ok(step)
 }
 
