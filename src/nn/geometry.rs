@@ -47,6 +47,30 @@ impl ConvGeometry {
         n * self.h * self.w * self.c + (oy * self.stride_y * self.w + ox * self.stride_x) * self.c
     }
 
+    /// The contiguous runs one receptive field is read as: one per kernel row.
+    pub fn runs(&self) -> Runs {
+        Runs {
+            count: self.kh,
+            step: self.w * self.c,
+            len: self.kw * self.c,
+        }
+    }
+
+    /// One past the last element that `m` GEMM rows (pool windows with `pool2`) read:
+    /// what the input buffer must hold.
+    pub fn end(&self, m: usize) -> usize {
+        if m == 0 {
+            return 0;
+        }
+        let last = if self.pool2 {
+            self.window_bases(m - 1)[3]
+        } else {
+            self.row_base(m - 1)
+        };
+        let runs = self.runs();
+        last + (runs.count - 1) * runs.step + runs.len
+    }
+
     /// The four output pixels' bases of pool window `row` (see `pool2`).
     #[inline(always)]
     pub fn window_bases(&self, row: usize) -> [usize; 4] {
@@ -59,6 +83,26 @@ impl ConvGeometry {
             self.pixel_base(n, oy + 1, ox),
             self.pixel_base(n, oy + 1, ox + 1),
         ]
+    }
+}
+
+/// The contiguous runs of values one GEMM row reads: `count` runs of `len` values, the
+/// `i`-th at `i * step` from the row's base (a plain row is one run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    /// Runs per row.
+    pub count: usize,
+    /// Distance between run starts.
+    pub step: usize,
+    /// Values per run.
+    pub len: usize,
+}
+
+impl Runs {
+    /// The runs' offsets from the row base.
+    #[inline(always)]
+    pub fn offsets(self) -> impl Iterator<Item = usize> {
+        (0..self.count).map(move |i| i * self.step)
     }
 }
 

@@ -227,14 +227,7 @@ fn run_layer(layer: &Layer, x: &[f32], batch: usize, frame_buf: &mut Vec<f32>, o
     if m > 0 {
         let fits = match rows {
             Rows::Dense(a) => m * layer.weights.k <= a.len(),
-            Rows::Conv(a, g) => {
-                let base = if g.pool2 {
-                    g.window_bases(m - 1)[3]
-                } else {
-                    g.row_base(m - 1)
-                };
-                base + ((g.kh - 1) * g.w + g.kw) * g.c <= a.len()
-            }
+            Rows::Conv(a, g) => g.end(m) <= a.len(),
         };
         assert!(fits, "fp32 kernel input too small");
     }
@@ -252,7 +245,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Layer, Rows, LANES};
-    use crate::nn::geometry::{for_each_tile, TILE_ROWS as ROWS};
+    use crate::nn::geometry::{for_each_tile, Runs, TILE_ROWS as ROWS};
 
     /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
     const BLOCKS: usize = 4;
@@ -261,8 +254,7 @@ mod avx512 {
     /// length, for the tiles.
     struct Ctx<'a> {
         x: *const f32,
-        segments: &'a [usize],
-        run: usize,
+        runs: Runs,
         layer: &'a Layer,
         out: *mut f32,
     }
@@ -270,19 +262,21 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn gemm(rows: Rows<'_>, m: usize, layer: &Layer, out: &mut [f32]) {
         let w = &layer.weights;
-        let (x, segments, run, geometry) = match rows {
-            Rows::Dense(a) => (a, vec![0], w.k, None),
-            Rows::Conv(a, g) => (
+        let (x, runs, geometry) = match rows {
+            Rows::Dense(a) => (
                 a,
-                (0..g.kh).map(|ky| ky * g.w * g.c).collect(),
-                g.kw * g.c,
-                Some(g),
+                Runs {
+                    count: 1,
+                    step: 0,
+                    len: w.k,
+                },
+                None,
             ),
+            Rows::Conv(a, g) => (a, g.runs(), Some(g)),
         };
         let ctx = Ctx {
             x: x.as_ptr(),
-            segments: &segments,
-            run,
+            runs,
             layer,
             out: out.as_mut_ptr(),
         };
@@ -338,8 +332,8 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); NB]; R];
         let w_ptr = w.packed.as_ptr();
         let mut kk = 0;
-        for &segment in ctx.segments {
-            for t in 0..ctx.run {
+        for segment in ctx.runs.offsets() {
+            for t in 0..ctx.runs.len {
                 let mut wv = [_mm512_setzero_ps(); NB];
                 for (j, v) in wv.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(w_ptr.add(((block + j) * w.k + kk) * LANES));

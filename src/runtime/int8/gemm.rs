@@ -137,6 +137,7 @@ impl PackedWeights {
 }
 
 pub use crate::nn::geometry::ConvGeometry;
+use crate::nn::geometry::Runs;
 
 /// Where the GEMM's activation rows come from.
 #[derive(Debug, Clone, Copy)]
@@ -160,13 +161,15 @@ pub enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// Row starts and the offsets and length (in bytes) of each contiguous run of a row.
-    fn layout(&self, w: &PackedWeights) -> (Vec<usize>, usize) {
+    /// The contiguous runs (in bytes) of one row.
+    fn runs(&self, w: &PackedWeights) -> Runs {
         match self {
-            Source::Rows { .. } => (vec![0], w.k_padded),
-            Source::Conv { geometry: g, .. } => {
-                ((0..g.kh).map(|ky| ky * g.w * g.c).collect(), g.kw * g.c)
-            }
+            Source::Rows { .. } => Runs {
+                count: 1,
+                step: 0,
+                len: w.k_padded,
+            },
+            Source::Conv { geometry, .. } => geometry.runs(),
         }
     }
 
@@ -207,24 +210,22 @@ impl Source<'_> {
         if m == 0 {
             return;
         }
-        let (segments, run) = self.layout(w);
-        match self {
-            Source::Rows { stride, .. } => assert!(*stride >= w.k, "row stride below k"),
+        let end = match self {
+            Source::Rows { stride, .. } => {
+                assert!(*stride >= w.k, "row stride below k");
+                (m - 1) * stride + w.k_padded
+            }
             Source::Conv { geometry: g, .. } => {
                 assert_eq!(g.kh * g.kw * g.c, w.k, "conv geometry does not match k");
                 assert_eq!(
-                    run % 4,
+                    g.runs().len % 4,
                     0,
                     "kernel width * channels must be a multiple of 4"
                 );
+                g.end(m)
             }
-        }
-        let last = match self.pool2() {
-            Some(g) => g.window_bases(m - 1)[3],
-            None => self.row_base(m - 1),
-        } + segments.last().copied().unwrap_or(0)
-            + run;
-        assert!(last <= self.bytes().len(), "activation buffer too small");
+        };
+        assert!(end <= self.bytes().len(), "activation buffer too small");
     }
 }
 
@@ -315,8 +316,8 @@ pub fn gemm_u8i8(kernel: Kernel, a: &[u8], m: usize, w: &PackedWeights, c: &mut 
 }
 
 fn portable(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
-    let (segments, run) = source.layout(w);
-    let run = run.min(w.k); // plain rows: the padding past k is not part of the sum
+    let runs = source.runs(w);
+    let run = runs.len.min(w.k); // plain rows: the padding past k is not part of the sum
     let bytes = source.bytes();
     for row in 0..m {
         let (bases, pixels) = source.pixel_bases(row);
@@ -325,7 +326,7 @@ fn portable(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>)
             let mut best = i32::MIN;
             for &base in &bases[..pixels] {
                 let mut sum = 0i32;
-                for (s, &offset) in segments.iter().enumerate() {
+                for (s, offset) in runs.offsets().enumerate() {
                     let a = &bytes[base + offset..base + offset + run];
                     let wr = &weights[s * run..(s + 1) * run];
                     sum += a
@@ -348,7 +349,7 @@ fn portable(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>)
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{PackedWeights, Sink, Source, BLOCK};
+    use super::{PackedWeights, Runs, Sink, Source, BLOCK};
     use crate::nn::geometry::{for_each_tile, TILE_ROWS as ROWS};
 
     /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
@@ -357,19 +358,15 @@ mod vnni {
     /// Per-call constants of a tile.
     struct Ctx<'a> {
         a: *const u8,
-        segments: &'a [usize],
-        /// 4-byte groups per segment.
-        seg_groups: usize,
+        runs: Runs,
         w: &'a PackedWeights,
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn gemm(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
-        let (segments, run) = source.layout(w);
         let ctx = Ctx {
             a: source.bytes().as_ptr(),
-            segments: &segments,
-            seg_groups: run / 4,
+            runs: source.runs(w),
             w,
         };
         let blocks = w.n.div_ceil(BLOCK);
@@ -421,8 +418,8 @@ mod vnni {
         let mut acc = [[_mm512_setzero_si512(); NB]; R];
         let w_ptr = w.packed.as_ptr();
         let mut g = 0;
-        for &segment in ctx.segments {
-            for s in 0..ctx.seg_groups {
+        for segment in ctx.runs.offsets() {
+            for s in 0..ctx.runs.len / 4 {
                 let mut wv = [_mm512_setzero_si512(); NB];
                 for (j, v) in wv.iter_mut().enumerate() {
                     let at = ((block + j) * groups + g) * BLOCK * 4;
@@ -499,7 +496,7 @@ mod vnni {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PackedWeights, Sink, Source, AVX2_BLOCK};
+    use super::{PackedWeights, Runs, Sink, Source, AVX2_BLOCK};
     use crate::nn::geometry::{for_each_tile, TILE_ROWS as ROWS};
 
     /// Blocks of 8 channels per tile: 4 x 2 accumulators, 4 weights and 2 activation
@@ -508,18 +505,15 @@ mod avx2 {
 
     struct Ctx<'a> {
         a: *const u8,
-        segments: &'a [usize],
-        seg_groups: usize,
+        runs: Runs,
         w: &'a PackedWeights,
     }
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn gemm(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
-        let (segments, run) = source.layout(w);
         let ctx = Ctx {
             a: source.bytes().as_ptr(),
-            segments: &segments,
-            seg_groups: run / 4,
+            runs: source.runs(w),
             w,
         };
         let blocks = w.n.div_ceil(AVX2_BLOCK);
@@ -569,8 +563,8 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_si256(); NB]; R];
         let w_ptr = w.packed16.as_ptr();
         let mut g = 0;
-        for &segment in ctx.segments {
-            for s in 0..ctx.seg_groups {
+        for segment in ctx.runs.offsets() {
+            for s in 0..ctx.runs.len / 4 {
                 let mut wv = [[_mm256_setzero_si256(); 2]; NB];
                 for (j, v) in wv.iter_mut().enumerate() {
                     let at = ((block + j) * groups + g) * 2 * AVX2_BLOCK * 2;
