@@ -467,14 +467,13 @@ fn forward(steps: &[Step], kernel: Kernel, x: &[f32], batch: usize, s: &mut Scra
                 );
             }
             Step::Static(layer) => {
-                let fill = [layer.input.zero_point];
                 let (source, rows) = layer_source(
                     layer.conv.as_ref(),
                     layer.pool2,
                     &layer.weights,
                     in_bytes,
                     batch,
-                    &fill,
+                    |_| layer.input.zero_point,
                     staging,
                 );
                 let n = layer.weights.n;
@@ -589,15 +588,15 @@ fn pack_weights(conv: Option<&ConvOp>, q: &[i8], n: usize, k: usize) -> PackedWe
 
 /// The GEMM's rows for a conv/dense layer over the bytes `x` of `batch` images, and
 /// their count: in place when the layout allows, else through `staging` (a padded copy,
-/// or rows unfolded along the width); with `pool2` a row is a 2x2 pool window. `fill[b]` is the byte of real 0.0 for image `b`
-/// (one value: all images).
+/// or rows unfolded along the width); with `pool2` a row is a 2x2 pool window. `fill(b)`
+/// is the byte of real 0.0 for image `b` (what same padding pads with).
 fn layer_source<'a>(
     conv: Option<&ConvOp>,
     pool2: bool,
     weights: &PackedWeights,
     x: &'a [u8],
     batch: usize,
-    fill: &[u8],
+    fill: impl Fn(usize) -> u8,
     staging: &'a mut [Vec<u8>; 2],
 ) -> (Source<'a>, usize) {
     let [frame, unfolded] = staging;
@@ -625,8 +624,7 @@ fn layer_source<'a>(
     let mut x: &'a [u8] = x;
     if crate::nn::geometry::needs_frame(conv) {
         // Copy into a frame of zero-point bytes, then read in place.
-        let (ph, pw) =
-            crate::nn::geometry::frame(conv, x, batch, |b| fill[b.min(fill.len() - 1)], frame);
+        let (ph, pw) = crate::nn::geometry::frame(conv, x, batch, fill, frame);
         (h, w, x) = (ph, pw, frame);
     }
     let geometry = if unfolds(conv) {
@@ -720,14 +718,13 @@ fn dynamic_layer(
         quantize_input(q, image, dst);
         image_quant.push(q);
     }
-    let fills: Vec<u8> = image_quant.iter().map(|q| q.zero_point).collect();
     let (source, rows) = layer_source(
         layer.conv.as_ref(),
         layer.pool2,
         &layer.weights,
         bytes,
         batch,
-        &fills,
+        |b| image_quant[b].zero_point,
         staging,
     );
     let n = layer.weights.n;
@@ -735,19 +732,9 @@ fn dynamic_layer(
     gemm(kernel, source, rows, &layer.weights, Sink::Int32(acc));
     out.resize(rows * n, 0.0);
     let rows_per_image = rows / batch.max(1);
-    let (mut correction, mut multiplier) = (vec![0i32; n], vec![0f32; n]);
-    for (b, q) in image_quant.iter().enumerate() {
-        for j in 0..n {
-            correction[j] = q.zero_point as i32 * layer.weights.sums[j];
-            multiplier[j] = q.scale * layer.weight_scale[j];
-        }
+    for (b, &q) in image_quant.iter().enumerate() {
         let span = b * rows_per_image * n..(b + 1) * rows_per_image * n;
-        dequantize_rows(
-            &acc[span.clone()],
-            (&correction, &multiplier, &layer.bias),
-            layer.relu,
-            &mut out[span],
-        );
+        dequantize_rows(&acc[span.clone()], q, layer, &mut out[span]);
     }
 }
 
@@ -771,25 +758,21 @@ fn value_range(x: &[f32]) -> (f32, f32) {
     )
 }
 
-/// int32 sums of one image's rows to floats: `(acc - correction) * multiplier + bias`.
+/// int32 sums of one image's rows to floats:
+/// `(acc - zero_point * weight_sum) * (scale * weight_scale) + bias`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
-fn dequantize_rows(
-    acc: &[i32],
-    (correction, multiplier, bias): (&[i32], &[f32], &[f32]),
-    relu: bool,
-    out: &mut [f32],
-) {
-    let n = correction.len();
+fn dequantize_rows(acc: &[i32], q: ActQuant, layer: &DynamicLayer, out: &mut [f32]) {
+    let (n, zp) = (layer.weights.n, q.zero_point as i32);
     for (sums, dst) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        for ((((o, &a), &c), &m), &b) in dst
+        for ((((o, &a), &w_sum), &w_scale), &b) in dst
             .iter_mut()
             .zip(sums)
-            .zip(correction)
-            .zip(multiplier)
-            .zip(bias)
+            .zip(&layer.weights.sums)
+            .zip(&layer.weight_scale)
+            .zip(&layer.bias)
         {
-            let real = (a - c) as f32 * m + b;
-            *o = if relu { real.max(0.0) } else { real };
+            let real = (a - zp * w_sum) as f32 * (q.scale * w_scale) + b;
+            *o = if layer.relu { real.max(0.0) } else { real };
         }
     }
 }
