@@ -286,9 +286,22 @@ pub fn dense_backward(
 /// Max pooling forward, vectorized across channels.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
 pub fn max_pool_forward(op: &PoolOp, x: &[f32], batch: usize, out: &mut Vec<f32>) {
+    max_pool(op, x, batch, out);
+}
+
+/// Max pooling on the int8 runtime's bytes: the max commutes with the (increasing)
+/// quantization, so pooling bytes gives the bytes of the pooled floats.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+pub fn max_pool_bytes(op: &PoolOp, x: &[u8], batch: usize, out: &mut Vec<u8>) {
+    max_pool(op, x, batch, out);
+}
+
+/// The one max-pooling loop, inlined into each compiled variant above.
+#[inline(always)]
+fn max_pool<T: Copy + Default + PartialOrd>(op: &PoolOp, x: &[T], batch: usize, out: &mut Vec<T>) {
     let [h, w, c] = op.input;
     let [oh, ow, _] = op.output;
-    out.resize(batch * oh * ow * c, 0.0);
+    out.resize(batch * oh * ow * c, T::default());
     let mut o = 0;
     for n in 0..batch {
         let base = n * h * w * c;

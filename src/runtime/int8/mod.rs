@@ -536,7 +536,9 @@ fn forward(steps: &[Step], kernel: Kernel, x: &[f32], batch: usize, s: &mut Scra
                 ),
                 _ => unreachable!("float layers are conv or dense"),
             },
-            Step::MaxPool(pool, Domain::Bytes(_)) => max_pool_u8(pool, in_bytes, batch, out_bytes),
+            Step::MaxPool(pool, Domain::Bytes(_)) => {
+                crate::nn::layers::max_pool_bytes(pool, in_bytes, batch, out_bytes)
+            }
             Step::AvgPool(pool, Domain::Bytes(_)) => avg_pool_u8(pool, in_bytes, batch, out_bytes),
             Step::MaxPool(pool, Domain::Floats) => {
                 crate::nn::layers::max_pool_forward(pool, in_floats, batch, out_floats)
@@ -796,44 +798,6 @@ fn pad_rows(x: &[u8], rows: usize, len: usize, stride: usize, out: &mut Vec<u8>)
     out.resize(rows * stride, 0);
     for r in 0..rows {
         out[r * stride..r * stride + len].copy_from_slice(&x[r * len..(r + 1) * len]);
-    }
-}
-
-#[inline(never)]
-fn max_pool_u8(op: &PoolOp, x: &[u8], batch: usize, out: &mut Vec<u8>) {
-    let [h, w, c] = op.input;
-    let [oh, ow, _] = op.output;
-    out.resize(batch * oh * ow * c, 0);
-    let mut o = 0;
-    for n in 0..batch {
-        let base = n * h * w * c;
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let first = base + (oy * op.stride * w + ox * op.stride) * c;
-                let dst = &mut out[o..o + c];
-                o += c;
-                if op.size == 2 {
-                    // The common window, as one branch-free pass (no memcpy/memset calls).
-                    let (r0, r1) = (first, first + w * c);
-                    let (a, b) = (&x[r0..r0 + c], &x[r0 + c..r0 + 2 * c]);
-                    let (p, q) = (&x[r1..r1 + c], &x[r1 + c..r1 + 2 * c]);
-                    for ch in 0..c {
-                        dst[ch] = a[ch].max(b[ch]).max(p[ch].max(q[ch]));
-                    }
-                    continue;
-                }
-                // Bytes are >= 0, so 0 is the identity of max.
-                dst.fill(0);
-                for ky in 0..op.size {
-                    for kx in 0..op.size {
-                        let at = first + (ky * w + kx) * c;
-                        for (d, &v) in dst.iter_mut().zip(&x[at..at + c]) {
-                            *d = (*d).max(v);
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
