@@ -14,8 +14,9 @@ use mlops::prune::{default_layers, measure, Masks, Schedule};
 use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport, MLOPS_VERSION};
 use mlops::runtime::{evaluate, Session};
-use mlops::train::{fit, LrSchedule, Start, TrainConfig};
+use mlops::train::{fit, Start, TrainConfig};
 
+use super::train::LrScheduleArg;
 use super::{Context, ReportArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,9 +66,13 @@ pub(crate) struct PruneArgs {
     /// Use only the first N training images
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Fine-tuning learning rate (Adam, constant)
+    /// Fine-tuning learning rate (Adam; the peak with `--lr-schedule cosine`)
     #[arg(long, default_value_t = 0.001)]
     pub lr: f32,
+    /// Fine-tuning learning-rate schedule: `cosine` decays from `--lr` to zero over the
+    /// fine-tuning steps and recovers more accuracy than `constant` (README: prune figures)
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Cosine)]
+    pub lr_schedule: LrScheduleArg,
     /// Images per step
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -173,15 +178,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let mut before_session = Session::new(&artifact, ctx.threads)?;
     let before = evaluate(&mut before_session, &eval_split, 256);
 
-    let config = TrainConfig {
-        epochs: args.fine_tune_epochs.max(1),
-        batch_size: args.batch_size.max(1),
-        learning_rate: args.lr,
-        schedule: LrSchedule::Constant,
-        seed: args.seed,
-        threads: ctx.threads,
-        stop_after: None,
-    };
+    let config = fine_tune_config(args, args.fine_tune_epochs.max(1), ctx.threads);
     let total_steps = data.train.count.div_ceil(config.batch_size) as u64 * config.epochs as u64;
     let end = args
         .end_step
@@ -227,7 +224,8 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     lineage_args.insert("sparsity".to_string(), (sparsity as f64).into());
     lineage_args.insert("schedule".to_string(), format!("{schedule:?}").into());
     lineage_args.insert("block".to_string(), args.block.into());
-    lineage_args.insert("fine_tune_epochs".to_string(), config.epochs.into());
+    let fine_tuning = fine_tuning_record(args, config.epochs);
+    lineage_args.extend(fine_tuning.clone());
     lineage_args.insert("layers".to_string(), names.clone().into());
     derive_from(&mut out_artifact, &artifact, &record.sha256, lineage_args);
     out_artifact.sparsity = Some(serde_json::json!({
@@ -253,6 +251,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         "block": args.block,
         "end_step": end,
         "fine_tune_steps": total_steps,
+        "fine_tuning": fine_tuning,
         "total_sparsity": total,
         "layers": layers,
         "accuracy_before": before.accuracy,
@@ -346,15 +345,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         let untuned = Artifact::from_params(&small_spec, &tuned)?;
         accuracy_before_fine_tune =
             Some(evaluate(&mut Session::new(&untuned, ctx.threads)?, &eval_split, 256).accuracy);
-        let config = TrainConfig {
-            epochs: args.fine_tune_epochs,
-            batch_size: args.batch_size.max(1),
-            learning_rate: args.lr,
-            schedule: LrSchedule::Constant,
-            seed: args.seed,
-            threads: ctx.threads,
-            stop_after: None,
-        };
+        let config = fine_tune_config(args, args.fine_tune_epochs, ctx.threads);
         let progress = ctx.printer.progress();
         tuned = fit(
             &small_spec,
@@ -373,7 +364,8 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     lineage_args.insert("keep".to_string(), (keep as f64).into());
     lineage_args.insert("global".to_string(), args.global.into());
     lineage_args.insert("layers".to_string(), names.clone().into());
-    lineage_args.insert("fine_tune_epochs".to_string(), args.fine_tune_epochs.into());
+    let fine_tuning = fine_tuning_record(args, args.fine_tune_epochs);
+    lineage_args.extend(fine_tuning.clone());
     derive_from(&mut out_artifact, &artifact, &record.sha256, lineage_args);
     let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
     let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "slim");
@@ -397,6 +389,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         "bytes_after": written.bytes,
         "accuracy_before": before.accuracy,
         "accuracy_after_pruning": accuracy_before_fine_tune,
+        "fine_tuning": fine_tuning,
         "accuracy_after": after.accuracy,
         "accuracy_drop": drop,
     });
@@ -419,6 +412,35 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
 
 /// The training data and the evaluation split (`--eval-data`, else `--data`'s test split),
 /// both checked against the model.
+/// Fine-tuning settings shared by both kinds of pruning, so they train alike.
+fn fine_tune_config(args: &PruneArgs, epochs: usize, threads: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: args.batch_size.max(1),
+        learning_rate: args.lr,
+        schedule: args.lr_schedule.into(),
+        seed: args.seed,
+        threads,
+        stop_after: None,
+    }
+}
+
+/// The fine-tuning settings as recorded in the lineage and the report, so a pruned
+/// artifact says how it was recovered (the learning-rate schedule alone moves accuracy by
+/// tenths of a point).
+fn fine_tuning_record(args: &PruneArgs, epochs: usize) -> BTreeMap<String, serde_json::Value> {
+    BTreeMap::from([
+        ("fine_tune_epochs".to_string(), epochs.into()),
+        ("lr".to_string(), (args.lr as f64).into()),
+        (
+            "lr_schedule".to_string(),
+            format!("{:?}", args.lr_schedule).to_lowercase().into(),
+        ),
+        ("batch_size".to_string(), args.batch_size.into()),
+        ("seed".to_string(), args.seed.into()),
+    ])
+}
+
 fn load_data(
     args: &PruneArgs,
     spec: &mlops::model::ModelSpec,

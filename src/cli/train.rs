@@ -17,10 +17,20 @@ use super::{Context, ReportArgs};
 /// Default data folder: the full MNIST committed to the repository.
 pub(crate) const DEFAULT_DATA: &str = "fixtures/mnist";
 
+/// Learning-rate schedule as the command line names it (train and prune's fine-tuning).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum ScheduleArg {
+pub(crate) enum LrScheduleArg {
     Constant,
     Cosine,
+}
+
+impl From<LrScheduleArg> for LrSchedule {
+    fn from(arg: LrScheduleArg) -> Self {
+        match arg {
+            LrScheduleArg::Constant => LrSchedule::Constant,
+            LrScheduleArg::Cosine => LrSchedule::Cosine,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -41,8 +51,8 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value_t = 0.001)]
     pub lr: f32,
     /// Learning-rate schedule over the planned steps
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
-    pub schedule: ScheduleArg,
+    #[arg(long, value_enum, default_value_t = LrScheduleArg::Cosine)]
+    pub schedule: LrScheduleArg,
     /// Seed of initialization, shuffling and dropout
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -123,10 +133,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         epochs: args.epochs,
         batch_size: args.batch_size,
         learning_rate: args.lr,
-        schedule: match args.schedule {
-            ScheduleArg::Constant => LrSchedule::Constant,
-            ScheduleArg::Cosine => LrSchedule::Cosine,
-        },
+        schedule: args.schedule.into(),
         seed: args.seed,
         threads: ctx.threads,
         stop_after: args.stop_after,

@@ -44,6 +44,7 @@ fn prune_reaches_the_target_sparsity_and_reports_it() {
         m["gzip_ratio"]
     );
     assert!(m["accuracy_after"].as_f64().unwrap() > 0.5);
+    assert_eq!(m["fine_tuning"]["lr_schedule"], "cosine");
 
     // The zeros are real in the written artifact, and it runs and quantizes like any other.
     let inspect = mlops(dir.path())
@@ -93,6 +94,53 @@ fn prune_constant_schedule_and_named_layers() {
     assert_eq!(pruned.len(), 1);
     assert_eq!(pruned[0]["name"], "layers.4.weight");
     assert!((pruned[0]["sparsity"].as_f64().unwrap() - 0.3).abs() <= 0.01);
+}
+
+/// `--lr-schedule` reaches the fine-tuning: same seed and data, other weights, and the
+/// choice is recorded in the report and the artifact's lineage.
+#[test]
+fn prune_lr_schedule_changes_the_fine_tuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = |file: &str| {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        tensors.tensor("layers.4.weight").unwrap().data().to_vec()
+    };
+    let cosine = prune(dir.path(), &["--sparsity", "0.5", "--json"]);
+    assert!(cosine.status.success());
+    let constant = prune(
+        dir.path(),
+        &[
+            "--sparsity",
+            "0.5",
+            "--lr-schedule",
+            "constant",
+            "--out",
+            "constant.safetensors",
+            "--json",
+        ],
+    );
+    assert!(
+        constant.status.success(),
+        "{}",
+        String::from_utf8_lossy(&constant.stderr)
+    );
+    assert_eq!(
+        json_of(&constant)["metrics"]["fine_tuning"]["lr_schedule"],
+        "constant"
+    );
+    assert_ne!(
+        weights("model.pruned.safetensors"),
+        weights("constant.safetensors")
+    );
+    let inspect = mlops(dir.path())
+        .args(["inspect", "constant.safetensors", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        json_of(&inspect)["metrics"]["lineage"][1]["args"]["lr_schedule"],
+        "constant"
+    );
 }
 
 #[test]
