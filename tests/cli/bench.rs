@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use crate::util::{assert_user_error, json_of, mlops, trained_model};
+use crate::util::{assert_success, assert_user_error, json_of, mlops, trained_model};
 
 /// Quick settings: a few calls per row, no minimum duration.
 const QUICK: [&str; 8] = [
@@ -38,11 +38,7 @@ fn bench(dir: &Path, args: &[&str]) -> std::process::Output {
 fn bench_json_follows_the_documented_schema() {
     let dir = tempfile::tempdir().unwrap();
     let output = bench(dir.path(), &["--format", "json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let doc = json_of(&output);
     for key in ["mlops_version", "git_commit", "machine", "rows"] {
         assert!(doc.get(key).is_some(), "missing `{key}`");

@@ -1,4 +1,4 @@
-use crate::util::{json_of, mlops, tiny_data, trained_model};
+use crate::util::{assert_success, json_of, mlops, tiny_data, trained_model};
 
 #[test]
 fn eval_reports_accuracy_confusion_and_per_class() {
@@ -11,11 +11,7 @@ fn eval_reports_accuracy_confusion_and_per_class() {
         .arg("--json")
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let report = json_of(&output);
     let m = &report["metrics"];
     assert_eq!(m["images"], 256);

@@ -1,4 +1,4 @@
-use crate::util::{json_of, mlops, tiny_data, trained_model};
+use crate::util::{assert_success, dir_with_model, json_of, mlops, tiny_data, trained_model};
 
 fn accuracy(dir: &std::path::Path, artifact: &std::path::Path) -> f64 {
     let output = mlops(dir)
@@ -26,11 +26,7 @@ fn export_half_precisions_halve_the_file_and_keep_accuracy() {
             .arg(&out)
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_success(&output);
         let report = json_of(&output);
         let ratio = std::fs::metadata(&out).unwrap().len() as f64 / fp32_bytes;
         assert!(
@@ -65,8 +61,7 @@ fn export_half_precisions_halve_the_file_and_keep_accuracy() {
 
 #[test]
 fn export_default_name_sits_beside_the_input() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let dir = dir_with_model();
     mlops(dir.path())
         .args(["export", "model.safetensors", "--precision", "bf16"])
         .assert()

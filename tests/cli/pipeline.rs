@@ -1,4 +1,4 @@
-use crate::util::{mlops, tiny_data};
+use crate::util::{assert_user_error, mlops, tiny_data};
 
 #[test]
 fn pipeline_runs_every_step_into_one_report() {
@@ -46,7 +46,7 @@ fn pipeline_rejects_an_unknown_flag_before_running_anything() {
         .args(["pipeline", "p.yaml"])
         .output()
         .unwrap();
-    crate::util::assert_user_error(&output, "step 2");
+    assert_user_error(&output, "step 2");
     assert!(!dir.path().join("x/model.safetensors").exists());
 }
 
@@ -74,5 +74,5 @@ fn default_pipeline_parses_and_starts() {
         stderr.contains(&format!("pipeline (built-in default): {steps} steps")),
         "{stderr}"
     );
-    crate::util::assert_user_error(&output, "fixtures/mnist");
+    assert_user_error(&output, "fixtures/mnist");
 }

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use crate::util::{assert_user_error, json_of, mlops, tiny_data, trained_model};
+use crate::util::{assert_success, assert_user_error, json_of, mlops, tiny_data, trained_model};
 
 fn prune(dir: &Path, extra: &[&str]) -> std::process::Output {
     std::fs::copy(trained_model(), dir.join("model.safetensors")).unwrap();
@@ -24,11 +24,7 @@ fn prune(dir: &Path, extra: &[&str]) -> std::process::Output {
 fn prune_reaches_the_target_sparsity_and_reports_it() {
     let dir = tempfile::tempdir().unwrap();
     let output = prune(dir.path(), &["--sparsity", "0.5", "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let m = json_of(&output)["metrics"].clone();
     for layer in m["layers"].as_array().unwrap() {
         let s = layer["sparsity"].as_f64().unwrap();
@@ -57,11 +53,7 @@ fn prune_reaches_the_target_sparsity_and_reports_it() {
         .arg(tiny_data())
         .output()
         .unwrap();
-    assert!(
-        quantize.status.success(),
-        "{}",
-        String::from_utf8_lossy(&quantize.stderr)
-    );
+    assert_success(&quantize);
 }
 
 #[test]
@@ -79,11 +71,7 @@ fn prune_constant_schedule_and_named_layers() {
             "--json",
         ],
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let layers = json_of(&output)["metrics"]["layers"].clone();
     let pruned: Vec<&serde_json::Value> = layers
         .as_array()
@@ -120,11 +108,7 @@ fn prune_lr_schedule_changes_the_fine_tuning() {
             "--json",
         ],
     );
-    assert!(
-        constant.status.success(),
-        "{}",
-        String::from_utf8_lossy(&constant.stderr)
-    );
+    assert_success(&constant);
     assert_eq!(
         json_of(&constant)["metrics"]["fine_tuning"]["lr_schedule"],
         "constant"
@@ -176,11 +160,7 @@ fn prune_rejects_bad_input() {
 fn prune_structured_makes_a_smaller_model() {
     let dir = tempfile::tempdir().unwrap();
     let output = prune(dir.path(), &["--structured", "--keep", "0.5", "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let m = json_of(&output)["metrics"].clone();
     let ratio = m["params_after"].as_f64().unwrap() / m["params_before"].as_f64().unwrap();
     assert!(ratio < 0.4, "parameters kept: {ratio}");
@@ -198,11 +178,7 @@ fn prune_structured_makes_a_smaller_model() {
         .arg(tiny_data())
         .output()
         .unwrap();
-    assert!(
-        quantize.status.success(),
-        "{}",
-        String::from_utf8_lossy(&quantize.stderr)
-    );
+    assert_success(&quantize);
 }
 
 #[test]
@@ -223,11 +199,7 @@ fn prune_structured_rejects_bad_keep() {
 fn prune_in_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let output = prune(dir.path(), &["--sparsity", "0.5", "--block", "4", "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let m = json_of(&output)["metrics"].clone();
     assert_eq!(m["block"], 4);
     let (artifact, _) =

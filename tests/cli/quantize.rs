@@ -1,6 +1,8 @@
 use std::path::Path;
 
-use crate::util::{assert_user_error, json_of, mlops, tiny_data, trained_model};
+use crate::util::{
+    assert_success, assert_user_error, dir_with_model, json_of, mlops, tiny_data, trained_model,
+};
 
 fn quantize(dir: &Path, extra: &[&str]) -> std::process::Output {
     std::fs::copy(trained_model(), dir.join("model.safetensors")).unwrap();
@@ -17,11 +19,7 @@ fn quantize_int8_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let eval_data = tiny_data().display().to_string();
     let output = quantize(dir.path(), &["--eval-data", &eval_data, "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let report = json_of(&output);
     let m = &report["metrics"];
     assert_eq!(m["layers"].as_array().unwrap().len(), 5);
@@ -133,11 +131,7 @@ fn quantize_calibrates_on_a_folder_of_images() {
         .args(["--eval-data", &eval_data])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let report = json_of(&output);
     assert_eq!(report["metrics"]["samples"], 40);
     assert!(
@@ -163,8 +157,7 @@ fn quantize_calibrates_on_a_folder_of_images() {
 
 #[test]
 fn quantize_dry_run_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let dir = dir_with_model();
     let output = mlops(dir.path())
         .args([
             "quantize",
@@ -183,8 +176,7 @@ fn quantize_dry_run_writes_nothing() {
 
 #[test]
 fn quantize_rejects_bad_input() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let dir = dir_with_model();
     let no_calib = mlops(dir.path())
         .args(["quantize", "model.safetensors", "--int8"])
         .output()
@@ -236,8 +228,7 @@ fn quantize_rejects_bad_input() {
 /// load and run in `eval` and `bench`, and the report says how each layer runs.
 #[test]
 fn quantize_dynamic_and_mixed_precision() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let dir = dir_with_model();
     let eval_data = tiny_data().display().to_string();
     let dynamic = mlops(dir.path())
         .args(["quantize", "model.safetensors", "--int8", "--dynamic"])
@@ -250,11 +241,7 @@ fn quantize_dynamic_and_mixed_precision() {
         ])
         .output()
         .unwrap();
-    assert!(
-        dynamic.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dynamic.stderr)
-    );
+    assert_success(&dynamic);
     let m = &json_of(&dynamic)["metrics"];
     assert_eq!(m["activations"], "dynamic");
     assert_eq!(m["layers"][2]["precision"], "int8-dynamic");
@@ -274,11 +261,7 @@ fn quantize_dynamic_and_mixed_precision() {
             "--json",
         ],
     );
-    assert!(
-        mixed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mixed.stderr)
-    );
+    assert_success(&mixed);
     let m = &json_of(&mixed)["metrics"];
     assert_eq!(
         m["layers_fp32"],

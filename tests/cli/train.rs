@@ -1,4 +1,4 @@
-use crate::util::{assert_user_error, fixture, json_of, mlops, tiny_data};
+use crate::util::{assert_success, assert_user_error, fixture, json_of, mlops, tiny_data};
 
 fn train_args(out: &str) -> Vec<String> {
     let mut args: Vec<String> = ["train", "--threads", "2", "--out", out]
@@ -27,11 +27,7 @@ fn train_end_to_end_learns_well_above_chance() {
         ])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let report = json_of(&output);
     assert_eq!(report["step"], "train");
     let accuracy = report["metrics"]["test_accuracy"].as_f64().unwrap();
@@ -169,11 +165,7 @@ fn train_accepts_a_yaml_spec() {
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/mlp.yaml"))
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let report = json_of(&output);
     assert_eq!(report["metrics"]["model"], "mlp-128");
     assert!(report["metrics"]["test_accuracy"].as_f64().unwrap() > 0.5);

@@ -72,3 +72,19 @@ pub fn assert_user_error(output: &std::process::Output, needle: &str) {
     assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }
+
+/// Asserts the command succeeded, showing its stderr when it did not.
+pub fn assert_success(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A fresh temp dir holding a copy of the shared trained model as `model.safetensors`.
+pub fn dir_with_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).expect("copy model");
+    dir
+}
