@@ -78,6 +78,30 @@ fn inference(c: &mut Criterion) {
     group.finish();
 }
 
+/// The fp32 forward pass at batch 64 on every engine this CPU has: each in-place kernel
+/// and the training executor (what CPUs with neither AVX-512 nor AVX2 run).
+fn fp32_kernels(c: &mut Criterion) {
+    use mlops::runtime::fp32::{FloatModel, Kernel};
+    mlops::nn::denormals::flush_denormals_on_this_thread();
+    let plan = Plan::compile(&ModelSpec::reference_cnn()).unwrap();
+    let params = plan.init_params(0);
+    let (x, _) = inputs(&plan, BATCH);
+    let mut logits = Vec::new();
+    let mut group = c.benchmark_group("fp32_forward_batch64");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for kernel in Kernel::available() {
+        let mut model = FloatModel::new(&plan, &params, threads(), kernel);
+        group.bench_function(kernel.name(), |b| {
+            b.iter(|| model.predict(black_box(&x), BATCH, &mut logits))
+        });
+    }
+    let mut executor = Executor::new(&plan, threads());
+    group.bench_function("executor", |b| {
+        b.iter(|| executor.predict(&params, black_box(&x), BATCH, &mut logits))
+    });
+    group.finish();
+}
+
 /// The int8 GEMM on the reference CNN's second conv (batch 32 per thread): throughput in
 /// multiply-adds, for each kernel this CPU has.
 fn int8_gemm(c: &mut Criterion) {
@@ -99,5 +123,5 @@ fn int8_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reference_cnn, inference, int8_gemm);
+criterion_group!(benches, reference_cnn, inference, fp32_kernels, int8_gemm);
 criterion_main!(benches);

@@ -8,9 +8,11 @@
 //! pass and pooling at over half of the fp32 forward time. Training keeps its path (it
 //! needs the unfolded patches for the weight gradient).
 //!
-//! The kernel is AVX-512F (`vfmadd231ps`, 16 channels per register), chosen at run time;
-//! [`FloatModel::supported`] is false elsewhere and `Session` then runs the training
-//! executor's forward pass, which gives the same results up to summation order (tested).
+//! Two kernels, chosen at run time ([`Kernel::detect`]): AVX-512F (`vfmadd231ps`, 16
+//! channels per register) and AVX2 + FMA (8 per register; most AMD Zen 2/3 and pre-2017
+//! Intel CPUs, where CI runners often are). Elsewhere [`FloatModel::supported`] is false
+//! and `Session` runs the training executor's forward pass. All give the same results up
+//! to summation order (tested).
 
 use super::passes::Shards;
 use crate::nn::geometry::{frame, needs_frame, ConvGeometry};
@@ -67,30 +69,69 @@ struct Scratch {
     frames: Vec<Vec<f32>>,
 }
 
-/// An fp32 model compiled for the in-place AVX-512 kernel.
+/// Which instruction set computes the conv and dense layers; reports name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512F, 16 channels per register.
+    Avx512,
+    /// AVX2 + FMA, 8 channels per register.
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs, if any.
+    pub fn detect() -> Option<Self> {
+        Self::available().into_iter().next()
+    }
+
+    /// Every kernel this CPU runs, fastest first (tests and benches compare them).
+    pub fn available() -> Vec<Self> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                out.push(Kernel::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                out.push(Kernel::Avx2);
+            }
+        }
+        out
+    }
+
+    /// The name reports and benches use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2 => "avx2",
+        }
+    }
+}
+
+/// An fp32 model compiled for an in-place SIMD kernel.
 pub struct FloatModel {
     plan: Plan,
     steps: Vec<Step>,
+    kernel: Kernel,
     scratch: Shards<Scratch>,
 }
 
 impl FloatModel {
-    /// Whether this CPU runs the kernel (AVX-512F).
+    /// Whether this CPU runs one of the kernels.
     pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        Kernel::detect().is_some()
     }
 
-    /// Compiles `plan` with its parameters (spec order); `threads` shards the batch.
-    /// Panics unless [`FloatModel::supported`].
-    pub fn new(plan: &Plan, params: &[Vec<f32>], threads: usize) -> Self {
-        assert!(Self::supported(), "the fp32 kernel needs AVX-512F");
+    /// Compiles `plan` with its parameters (spec order) for `kernel`; `threads` shards
+    /// the batch. Panics unless `kernel` is in [`Kernel::available`].
+    pub fn new(plan: &Plan, params: &[Vec<f32>], threads: usize, kernel: Kernel) -> Self {
+        assert!(
+            Kernel::available().contains(&kernel),
+            "this CPU cannot run the fp32 {} kernel",
+            kernel.name()
+        );
         let mut steps = Vec::new();
         let mut skip_next = false;
         for (index, op) in plan.ops.iter().enumerate() {
@@ -140,8 +181,14 @@ impl FloatModel {
         FloatModel {
             plan: plan.clone(),
             steps,
+            kernel,
             scratch: Shards::new(threads),
         }
+    }
+
+    /// The kernel it runs on.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
     }
 
     /// The compiled plan.
@@ -151,9 +198,9 @@ impl FloatModel {
 
     /// Logits `[batch, classes]` for `x` (`[batch, h, w, c]`, scaled).
     pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
-        let (steps, plan) = (&self.steps, &self.plan);
+        let (steps, plan, kernel) = (&self.steps, &self.plan, self.kernel);
         let pass = |scratch: &mut Scratch, images: &[f32], count: usize, out: &mut Vec<f32>| {
-            forward(steps, images, count, scratch);
+            forward(steps, kernel, images, count, scratch);
             let last = scratch.acts.last().map_or(images, |a| a.as_slice());
             out.extend_from_slice(&last[..count * plan.classes]);
         };
@@ -161,7 +208,7 @@ impl FloatModel {
     }
 }
 
-fn forward(steps: &[Step], x: &[f32], batch: usize, s: &mut Scratch) {
+fn forward(steps: &[Step], kernel: Kernel, x: &[f32], batch: usize, s: &mut Scratch) {
     if s.acts.len() != steps.len() {
         s.acts = vec![Vec::new(); steps.len()];
         s.frames = vec![Vec::new(); steps.len()];
@@ -171,7 +218,7 @@ fn forward(steps: &[Step], x: &[f32], batch: usize, s: &mut Scratch) {
         let input: &[f32] = before.last().map_or(x, |a| a.as_slice());
         let out = &mut after[0];
         match step {
-            Step::Layer(layer) => run_layer(layer, input, batch, &mut s.frames[i], out),
+            Step::Layer(layer) => run_layer(layer, kernel, input, batch, &mut s.frames[i], out),
             Step::MaxPool(p) => layers::max_pool_forward(p, input, batch, out),
             Step::AvgPool(p) => layers::avg_pool_forward(p, input, batch, out),
             Step::Relu => {
@@ -190,7 +237,14 @@ enum Rows<'a> {
     Conv(&'a [f32], ConvGeometry),
 }
 
-fn run_layer(layer: &Layer, x: &[f32], batch: usize, frame_buf: &mut Vec<f32>, out: &mut Vec<f32>) {
+fn run_layer(
+    layer: &Layer,
+    kernel: Kernel,
+    x: &[f32],
+    batch: usize,
+    frame_buf: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+) {
     let n = layer.weights.n;
     let (rows, m) = match &layer.conv {
         None => (Rows::Dense(x), batch),
@@ -232,35 +286,60 @@ fn run_layer(layer: &Layer, x: &[f32], batch: usize, frame_buf: &mut Vec<f32>, o
         assert!(fits, "fp32 kernel input too small");
     }
     assert_eq!(layer.bias.len(), n);
-    // SAFETY: `supported()` was checked when the model was built, the bounds of every
-    // row were checked above, and `out` holds `m * n` values.
+    // SAFETY: the kernel was checked against the CPU when the model was built, the
+    // bounds of every row were checked above, and `out` holds `m * n` values.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        avx512::gemm(rows, m, layer, out)
+        match kernel {
+            Kernel::Avx512 => simd::gemm_avx512(rows, m, layer, out),
+            Kernel::Avx2 => simd::gemm_avx2(rows, m, layer, out),
+        }
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (kernel, rows);
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod simd {
     use std::arch::x86_64::*;
 
     use super::{Layer, Rows, LANES};
     use crate::nn::geometry::{for_each_tile, Runs, TILE_ROWS as ROWS};
 
-    /// Blocks of 16 channels per tile: 4 x 4 accumulators + 4 weights fit the registers.
-    const BLOCKS: usize = 4;
-
     /// The input `x`, each row's contiguous runs (offsets from the row base) and their
     /// length, for the tiles.
-    struct Ctx<'a> {
+    pub(super) struct Ctx<'a> {
         x: *const f32,
         runs: Runs,
         layer: &'a Layer,
         out: *mut f32,
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm(rows: Rows<'_>, m: usize, layer: &Layer, out: &mut [f32]) {
+    /// One instruction set's register tile: `R` rows x `NB` blocks of 16 channels over
+    /// all of k, then the max of the rows (`POOL`), bias, ReLU and the store. The walk
+    /// over rows and blocks ([`gemm`]) is shared; only the tile knows the registers.
+    pub(super) trait Tile {
+        /// Blocks of 16 channels per tile that fit the registers next to 4 rows.
+        const BLOCKS: usize;
+
+        /// # Safety
+        /// The CPU has the kernel's features; `bases[..R]` plus every run of k stay
+        /// inside the input, and rows `row..row + R` (one with `POOL`) inside the output.
+        unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
+            ctx: &Ctx<'_>,
+            bases: &[usize],
+            row: usize,
+            block: usize,
+        );
+    }
+
+    /// Walks the layer's output rows in tiles of [`ROWS`] rows x `K::BLOCKS` blocks.
+    /// Inlined into each kernel's `#[target_feature]` entry point, so the tiles inline too.
+    ///
+    /// # Safety
+    /// As [`Tile::tile`], for all `m` rows (checked by the caller).
+    #[inline(always)]
+    unsafe fn gemm<K: Tile>(rows: Rows<'_>, m: usize, layer: &Layer, out: &mut [f32]) {
         let w = &layer.weights;
         let (x, runs, geometry) = match rows {
             Rows::Dense(a) => (
@@ -290,24 +369,24 @@ mod avx512 {
         for_each_tile(m, pooled.as_ref(), base, |row, bases, pixels| {
             let mut b = 0;
             while b < blocks {
-                let nb = BLOCKS.min(blocks - b);
+                let nb = K::BLOCKS.min(blocks - b);
                 match (pooled.is_some(), pixels == ROWS, nb) {
-                    (true, _, 4) => tile::<4, 4, true>(&ctx, bases, row, b),
-                    (true, _, 3) => tile::<4, 3, true>(&ctx, bases, row, b),
-                    (true, _, 2) => tile::<4, 2, true>(&ctx, bases, row, b),
-                    (true, _, _) => tile::<4, 1, true>(&ctx, bases, row, b),
-                    (false, true, 4) => tile::<4, 4, false>(&ctx, bases, row, b),
-                    (false, true, 3) => tile::<4, 3, false>(&ctx, bases, row, b),
-                    (false, true, 2) => tile::<4, 2, false>(&ctx, bases, row, b),
-                    (false, true, _) => tile::<4, 1, false>(&ctx, bases, row, b),
+                    (true, _, 4) => K::tile::<4, 4, true>(&ctx, bases, row, b),
+                    (true, _, 3) => K::tile::<4, 3, true>(&ctx, bases, row, b),
+                    (true, _, 2) => K::tile::<4, 2, true>(&ctx, bases, row, b),
+                    (true, _, _) => K::tile::<4, 1, true>(&ctx, bases, row, b),
+                    (false, true, 4) => K::tile::<4, 4, false>(&ctx, bases, row, b),
+                    (false, true, 3) => K::tile::<4, 3, false>(&ctx, bases, row, b),
+                    (false, true, 2) => K::tile::<4, 2, false>(&ctx, bases, row, b),
+                    (false, true, _) => K::tile::<4, 1, false>(&ctx, bases, row, b),
                     (false, false, _) => {
                         for r in 0..pixels {
                             let (bases, row) = (&bases[r..], row + r);
                             match nb {
-                                4 => tile::<1, 4, false>(&ctx, bases, row, b),
-                                3 => tile::<1, 3, false>(&ctx, bases, row, b),
-                                2 => tile::<1, 2, false>(&ctx, bases, row, b),
-                                _ => tile::<1, 1, false>(&ctx, bases, row, b),
+                                4 => K::tile::<1, 4, false>(&ctx, bases, row, b),
+                                3 => K::tile::<1, 3, false>(&ctx, bases, row, b),
+                                2 => K::tile::<1, 2, false>(&ctx, bases, row, b),
+                                _ => K::tile::<1, 1, false>(&ctx, bases, row, b),
                             }
                         }
                     }
@@ -317,62 +396,166 @@ mod avx512 {
         });
     }
 
-    /// `R` rows x `NB` blocks of 16 channels over all of k; then the max of the rows
-    /// (`POOL`), bias, ReLU and a masked store.
-    #[inline]
+    /// AVX-512F: a block is one zmm register; 4 x 4 accumulators + 4 weights.
+    pub(super) struct Avx512;
+
+    /// # Safety
+    /// The CPU has AVX-512F; as [`gemm`].
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
-        ctx: &Ctx<'_>,
-        bases: &[usize],
-        row: usize,
-        block: usize,
-    ) {
-        let layer = ctx.layer;
-        let w = &layer.weights;
-        let mut acc = [[_mm512_setzero_ps(); NB]; R];
-        let w_ptr = w.packed.as_ptr();
-        let mut kk = 0;
-        for segment in ctx.runs.offsets() {
-            for t in 0..ctx.runs.len {
-                let mut wv = [_mm512_setzero_ps(); NB];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(w_ptr.add(((block + j) * w.k + kk) * LANES));
+    pub(super) unsafe fn gemm_avx512(rows: Rows<'_>, m: usize, layer: &Layer, out: &mut [f32]) {
+        gemm::<Avx512>(rows, m, layer, out)
+    }
+
+    impl Tile for Avx512 {
+        const BLOCKS: usize = 4;
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
+            ctx: &Ctx<'_>,
+            bases: &[usize],
+            row: usize,
+            block: usize,
+        ) {
+            let layer = ctx.layer;
+            let w = &layer.weights;
+            let mut acc = [[_mm512_setzero_ps(); NB]; R];
+            let w_ptr = w.packed.as_ptr();
+            let mut kk = 0;
+            for segment in ctx.runs.offsets() {
+                for t in 0..ctx.runs.len {
+                    let mut wv = [_mm512_setzero_ps(); NB];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(w_ptr.add(((block + j) * w.k + kk) * LANES));
+                    }
+                    for (r, acc_row) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*ctx.x.add(bases[r] + segment + t));
+                        for (j, v) in acc_row.iter_mut().enumerate() {
+                            *v = _mm512_fmadd_ps(a, wv[j], *v);
+                        }
+                    }
+                    kk += 1;
                 }
-                for (r, acc_row) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*ctx.x.add(bases[r] + segment + t));
-                    for (j, v) in acc_row.iter_mut().enumerate() {
-                        *v = _mm512_fmadd_ps(a, wv[j], *v);
+            }
+            let stored = if POOL {
+                let (first, rest) = acc.split_at_mut(1);
+                for other in rest.iter() {
+                    for (best, v) in first[0].iter_mut().zip(other) {
+                        *best = _mm512_max_ps(*best, *v);
                     }
                 }
-                kk += 1;
+                1
+            } else {
+                R
+            };
+            for j in 0..NB {
+                let first = (block + j) * LANES;
+                let width = LANES.min(w.n - first);
+                let mask: __mmask16 = if width == LANES {
+                    0xFFFF
+                } else {
+                    (1u16 << width) - 1
+                };
+                let bias = _mm512_maskz_loadu_ps(mask, layer.bias.as_ptr().add(first));
+                for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                    let mut v = _mm512_add_ps(acc_row[j], bias);
+                    if layer.relu {
+                        v = _mm512_max_ps(v, _mm512_setzero_ps());
+                    }
+                    _mm512_mask_storeu_ps(ctx.out.add((row + r) * w.n + first), mask, v);
+                }
             }
         }
-        let stored = if POOL {
-            let (first, rest) = acc.split_at_mut(1);
-            for other in rest.iter() {
-                for (best, v) in first[0].iter_mut().zip(other) {
-                    *best = _mm512_max_ps(*best, *v);
+    }
+
+    /// AVX2 + FMA: a block of 16 channels is two ymm registers; 4 rows x 1 block = 8
+    /// accumulators + 2 weights + 1 broadcast of the 16 registers.
+    pub(super) struct Avx2;
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as [`gemm`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_avx2(rows: Rows<'_>, m: usize, layer: &Layer, out: &mut [f32]) {
+        gemm::<Avx2>(rows, m, layer, out)
+    }
+
+    impl Tile for Avx2 {
+        const BLOCKS: usize = 1;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
+            ctx: &Ctx<'_>,
+            bases: &[usize],
+            row: usize,
+            block: usize,
+        ) {
+            let layer = ctx.layer;
+            let w = &layer.weights;
+            // [row][block][half]: NB is 1 in practice (BLOCKS), larger ones are never run.
+            let mut acc = [[[_mm256_setzero_ps(); 2]; NB]; R];
+            let w_ptr = w.packed.as_ptr();
+            let mut kk = 0;
+            for segment in ctx.runs.offsets() {
+                for t in 0..ctx.runs.len {
+                    let mut wv = [[_mm256_setzero_ps(); 2]; NB];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        let at = w_ptr.add(((block + j) * w.k + kk) * LANES);
+                        *v = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+                    }
+                    for (r, acc_row) in acc.iter_mut().enumerate() {
+                        let a = _mm256_set1_ps(*ctx.x.add(bases[r] + segment + t));
+                        for (j, v) in acc_row.iter_mut().enumerate() {
+                            v[0] = _mm256_fmadd_ps(a, wv[j][0], v[0]);
+                            v[1] = _mm256_fmadd_ps(a, wv[j][1], v[1]);
+                        }
+                    }
+                    kk += 1;
                 }
             }
-            1
-        } else {
-            R
-        };
-        for j in 0..NB {
-            let first = (block + j) * LANES;
-            let width = LANES.min(w.n - first);
-            let mask: __mmask16 = if width == LANES {
-                0xFFFF
-            } else {
-                (1u16 << width) - 1
-            };
-            let bias = _mm512_maskz_loadu_ps(mask, layer.bias.as_ptr().add(first));
-            for (r, acc_row) in acc.iter().enumerate().take(stored) {
-                let mut v = _mm512_add_ps(acc_row[j], bias);
-                if layer.relu {
-                    v = _mm512_max_ps(v, _mm512_setzero_ps());
+            let stored = if POOL {
+                let (first, rest) = acc.split_at_mut(1);
+                for other in rest.iter() {
+                    for (best, v) in first[0].iter_mut().zip(other) {
+                        best[0] = _mm256_max_ps(best[0], v[0]);
+                        best[1] = _mm256_max_ps(best[1], v[1]);
+                    }
                 }
-                _mm512_mask_storeu_ps(ctx.out.add((row + r) * w.n + first), mask, v);
+                1
+            } else {
+                R
+            };
+            for j in 0..NB {
+                let first = (block + j) * LANES;
+                let width = LANES.min(w.n - first);
+                // Bias and stores go through a 16-value buffer when the block is partial
+                // (AVX2 has no cheap masked float load/store of arbitrary width).
+                let mut bias = [0.0f32; LANES];
+                bias[..width].copy_from_slice(&layer.bias[first..first + width]);
+                let bias = [
+                    _mm256_loadu_ps(bias.as_ptr()),
+                    _mm256_loadu_ps(bias.as_ptr().add(8)),
+                ];
+                for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                    let mut v = [
+                        _mm256_add_ps(acc_row[j][0], bias[0]),
+                        _mm256_add_ps(acc_row[j][1], bias[1]),
+                    ];
+                    if layer.relu {
+                        v[0] = _mm256_max_ps(v[0], _mm256_setzero_ps());
+                        v[1] = _mm256_max_ps(v[1], _mm256_setzero_ps());
+                    }
+                    let dst = ctx.out.add((row + r) * w.n + first);
+                    if width == LANES {
+                        _mm256_storeu_ps(dst, v[0]);
+                        _mm256_storeu_ps(dst.add(8), v[1]);
+                    } else {
+                        let mut buf = [0.0f32; LANES];
+                        _mm256_storeu_ps(buf.as_mut_ptr(), v[0]);
+                        _mm256_storeu_ps(buf.as_mut_ptr().add(8), v[1]);
+                        std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, width);
+                    }
+                }
             }
         }
     }
@@ -384,13 +567,11 @@ mod tests {
     use crate::model::ModelSpec;
     use crate::nn::Executor;
 
-    /// The in-place kernel gives the training executor's logits up to summation order,
-    /// on the reference CNN and on a spec with every layer kind and padding case.
+    /// Every in-place kernel this CPU runs gives the training executor's logits up to
+    /// summation order, on the reference CNN and on a spec with every layer kind, padding
+    /// case and partial channel block (21, 6 and 4 channels).
     #[test]
     fn matches_the_training_forward_pass() {
-        if !FloatModel::supported() {
-            return;
-        }
         let specs = [
             ModelSpec::reference_cnn(),
             ModelSpec::from_yaml(
@@ -416,13 +597,17 @@ mod tests {
             let x: Vec<f32> = (0..batch * plan.input_len)
                 .map(|i| ((i * 7919) % 256) as f32 / 255.0)
                 .collect();
-            let (mut want, mut got) = (Vec::new(), Vec::new());
+            let mut want = Vec::new();
             Executor::new(&plan, 2).predict(&params, &x, batch, &mut want);
-            FloatModel::new(&plan, &params, 2).predict(&x, batch, &mut got);
-            assert_eq!(want.len(), got.len());
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            for (a, b) in want.iter().zip(&got) {
-                assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
+            for kernel in Kernel::available() {
+                let mut got = Vec::new();
+                FloatModel::new(&plan, &params, 2, kernel).predict(&x, batch, &mut got);
+                assert_eq!(want.len(), got.len());
+                for (a, b) in want.iter().zip(&got) {
+                    let name = kernel.name();
+                    assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{name}: {a} vs {b}");
+                }
             }
         }
     }

@@ -30,7 +30,7 @@ enum Engine {
         executor: Executor,
         params: Vec<Vec<f32>>,
     },
-    /// fp32 on the in-place AVX-512 inference kernel (where the CPU has it).
+    /// fp32 on an in-place SIMD inference kernel (AVX-512 or AVX2, where the CPU has one).
     Direct(fp32::FloatModel),
     /// int8 artifacts: integer kernels.
     Int8(int8::Int8Model),
@@ -55,9 +55,9 @@ impl Session {
 
     /// A session over parameters already in memory (used while training).
     pub fn from_params(plan: &Plan, params: Vec<Vec<f32>>, threads: usize) -> Result<Self> {
-        if fp32::FloatModel::supported() {
+        if let Some(kernel) = fp32::Kernel::detect() {
             return Ok(Session {
-                engine: Engine::Direct(fp32::FloatModel::new(plan, &params, threads)),
+                engine: Engine::Direct(fp32::FloatModel::new(plan, &params, threads, kernel)),
             });
         }
         Ok(Session {
@@ -81,7 +81,7 @@ impl Session {
     pub fn compute(&self) -> String {
         match &self.engine {
             Engine::Float { .. } => "fp32".into(),
-            Engine::Direct(_) => "fp32 (avx512)".into(),
+            Engine::Direct(model) => format!("fp32 ({})", model.kernel().name()),
             Engine::Int8(model) => {
                 let layers = model.layers();
                 let count = |p: crate::artifact::LayerPrecision| {
