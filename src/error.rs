@@ -64,6 +64,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A network operation of the server failed (bind, accept).
+    #[error("cannot {action} {addr}")]
+    Network {
+        /// What we tried (listen on, serve on ...).
+        action: &'static str,
+        /// The address.
+        addr: String,
+        /// Why the operating system said no.
+        #[source]
+        source: std::io::Error,
+    },
+
     // === Numerics ===
     /// A tensor operation failed in candle (reference path and CUDA device).
     #[error(transparent)]
@@ -104,6 +116,12 @@ impl Error {
                  (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)"
                     .into(),
             ),
+            Error::Network { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                Some(
+                    "another process listens there: pick another `--port` (0 picks a free one)"
+                        .into(),
+                )
+            }
             Error::SpecLayer { .. } | Error::Spec(_) => {
                 Some("see `examples/models/cnn.yaml` for a valid spec".into())
             }

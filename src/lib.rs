@@ -27,6 +27,7 @@ pub mod prune;
 pub mod quantize;
 pub mod report;
 pub mod runtime;
+pub mod serve;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@ mod pipeline;
 mod printer;
 mod prune;
 mod quantize;
+mod serve;
 mod train;
 
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub(crate) enum Command {
     Bench(bench::BenchArgs),
     /// Show an artifact's metadata, lineage, layers and tensors
     Inspect(inspect::InspectArgs),
+    /// Serve artifacts over HTTP (TF Serving and KServe v2 APIs, metrics, batching, cache)
+    Serve(serve::ServeArgs),
     /// Run the steps of a pipeline config (default: train, export fp16/bf16, eval each)
     Pipeline(pipeline::PipelineArgs),
 }
@@ -119,6 +122,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Bench(args) => bench::run(args, &context)?,
         Command::Quantize(args) => quantize::run(args, &context)?,
         Command::Prune(args) => prune::run(args, &context)?,
+        Command::Serve(args) => serve::run(args, &context)?,
         Command::Pipeline(args) => return pipeline::run(args, &context),
     };
     Ok(Outcome::of(&report))

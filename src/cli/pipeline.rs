@@ -164,6 +164,16 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             )
             .context(e.render().to_string().trim().to_string())
         })?;
+        match cli.command {
+            Command::Pipeline(_) => {
+                bail!("pipeline step {}: a pipeline cannot run a pipeline", index + 1)
+            }
+            Command::Serve(_) => bail!(
+                "pipeline step {}: `serve` runs until stopped; start it on its own after the pipeline",
+                index + 1
+            ),
+            _ => {}
+        }
         commands.push((argv, cli.command));
     }
     ctx.printer.note(&format!(
@@ -187,10 +197,9 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             Command::Bench(a) => super::bench::run(a, ctx)?,
             Command::Quantize(a) => super::quantize::run(a, ctx)?,
             Command::Prune(a) => super::prune::run(a, ctx)?,
-            Command::Pipeline(_) => bail!(
-                "pipeline step {}: a pipeline cannot run a pipeline",
-                index + 1
-            ),
+            Command::Pipeline(_) | Command::Serve(_) => {
+                unreachable!("refused when the steps were parsed")
+            }
         };
         let passed = report.gates_passed();
         reports.push(report);

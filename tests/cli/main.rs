@@ -8,5 +8,6 @@ mod inspect;
 mod pipeline;
 mod prune;
 mod quantize;
+mod serve;
 mod train;
 mod util;

@@ -1,0 +1,92 @@
+//! Prometheus metrics for `GET /metrics` (the `prometheus` crate's registry and text
+//! encoder): requests by model, API and status; request latency; images per forward pass
+//! (how well dynamic batching merges); cache hits and misses.
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// The server's metrics; every handler records into it.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by `model`, `api` (`tfserving`, `v2`) and HTTP `code`.
+    pub requests: IntCounterVec,
+    /// Request latency in seconds by `model` and `api`, parse to answer.
+    pub latency: HistogramVec,
+    /// Images per forward pass by `model`.
+    pub batch_images: HistogramVec,
+    /// Images answered from the cache, by `model`.
+    pub cache_hits: IntCounterVec,
+    /// Images that had to run, by `model` (with caching on).
+    pub cache_misses: IntCounterVec,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("mlops_requests_total", "Inference requests answered"),
+            &["model", "api", "code"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "mlops_request_duration_seconds",
+                "Time from a parsed request to its answer",
+            )
+            .buckets(exponential_buckets(25e-6, 2.0, 16).expect("valid buckets")),
+            &["model", "api"],
+        )
+        .expect("valid metric");
+        let batch_images = HistogramVec::new(
+            HistogramOpts::new("mlops_batch_images", "Images per forward pass")
+                .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
+            &["model"],
+        )
+        .expect("valid metric");
+        let cache_hits = IntCounterVec::new(
+            Opts::new("mlops_cache_hits_total", "Images answered from the cache"),
+            &["model"],
+        )
+        .expect("valid metric");
+        let cache_misses = IntCounterVec::new(
+            Opts::new("mlops_cache_misses_total", "Images not in the cache"),
+            &["model"],
+        )
+        .expect("valid metric");
+        for metric in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(batch_images.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(cache_misses.clone()),
+        ] {
+            registry.register(metric).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            requests,
+            latency,
+            batch_images,
+            cache_hits,
+            cache_misses,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to memory");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
