@@ -30,9 +30,13 @@ pub(crate) struct ServeArgs {
     /// Images per forward pass at most when merging requests
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_batch: usize,
-    /// Microseconds to wait for more requests after the first of a batch (0: run at once)
-    #[arg(long, default_value_t = 500, value_name = "US")]
+    /// Microseconds to wait for more requests after the first of a batch (0: run at once
+    /// with whatever is queued, so batches grow only while the model is busy)
+    #[arg(long, default_value_t = 0, value_name = "US")]
     pub batch_wait_us: u64,
+    /// Threads of each model's forward pass (`--threads` sets the HTTP worker threads)
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub model_threads: usize,
     /// Images whose predictions each model keeps (LRU); 0 turns the cache off
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub cache_size: usize,
@@ -92,6 +96,7 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let config = ServeConfig {
         addr: SocketAddr::new(args.host, args.port),
         threads: ctx.threads,
+        model_threads: args.model_threads,
         batch: BatchConfig {
             max_batch: args.max_batch,
             max_wait: Duration::from_micros(args.batch_wait_us),

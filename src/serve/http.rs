@@ -106,15 +106,6 @@ fn check_signature(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result
         .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()))
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not JSON: {e}"),
-        )
-    })
-}
-
 /// Logits for `batch`: cached images from the cache, the rest through the batcher.
 async fn logits(state: &AppState, model: &Model, batch: Batch) -> Result<Vec<f32>, ApiError> {
     let gone = || {
@@ -219,7 +210,7 @@ async fn tf_predict(
         }
         let model = model(&state, name)?;
         check_signature(&state, &headers, &body)?;
-        let batch = protocol::parse_tf_serving(&parse_json(&body)?, &model.shape)?;
+        let batch = protocol::parse_tf_serving(&body, &model.shape)?;
         let logits = logits(&state, model, batch).await?;
         Ok(protocol::tf_serving_response(&logits, &model.shape))
     };
@@ -304,7 +295,7 @@ async fn v2_infer(
     let handle = async {
         let model = model(&state, &name)?;
         check_signature(&state, &headers, &body)?;
-        let request = protocol::parse_v2(&parse_json(&body)?, &model.shape)?;
+        let request = protocol::parse_v2(&body, &model.shape)?;
         let logits = logits(&state, model, request.batch).await?;
         Ok(protocol::v2_response(
             &name,

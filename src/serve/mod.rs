@@ -35,8 +35,12 @@ use signing::Signer;
 pub struct ServeConfig {
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
-    /// Threads of each model's forward pass (batch shards).
+    /// Threads answering HTTP requests (parsing, cache, JSON answers).
     pub threads: usize,
+    /// Threads of each model's forward pass (batch shards). 1 is usually best: the other
+    /// cores are busy with HTTP, and handing a small batch to a second thread cost more
+    /// than it saved (README: serving figures).
+    pub model_threads: usize,
     /// Dynamic batching.
     pub batch: BatchConfig,
     /// Images kept in each model's prediction cache (0: no cache).
@@ -87,7 +91,7 @@ pub fn serve(
         record,
     } in models
     {
-        let session = Session::new(&artifact, config.threads)?;
+        let session = Session::new(&artifact, config.model_threads.max(1))?;
         let info = json!({
             "file": record.path, "sha256": record.sha256, "bytes": record.bytes,
             "precision": artifact.precision.as_str(), "compute": session.compute(),
@@ -130,13 +134,14 @@ pub fn serve(
         .build()
         .map_err(network("start the server for"))?;
     let address = runtime.block_on(async {
+        let stop = shutdown_signal().map_err(network("install signal handlers for"))?;
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
             .map_err(network("listen on"))?;
         let address = listener.local_addr().map_err(network("listen on"))?;
         on_ready(address);
         axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(stop)
             .await
             .map_err(network("serve on"))?;
         Ok::<_, crate::Error>(address)
@@ -144,21 +149,23 @@ pub fn serve(
     Ok(summarize(&metrics, address))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal right after start-up still stops the
+/// server cleanly (and it still writes its report).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install the SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        #[cfg(unix)]
         tokio::select! {
-            _ = ctrl_c => {},
             _ = term.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn summarize(metrics: &Metrics, address: SocketAddr) -> ServeSummary {

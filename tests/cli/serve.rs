@@ -299,6 +299,22 @@ fn serve_reports_on_sigterm() {
     assert_eq!(step["metrics"]["images_computed"], 1);
 }
 
+/// A SIGTERM right after start-up, before any request, still stops it cleanly (the
+/// signal handler used to be installed only once a request had come in, so this
+/// killed the process with no report).
+#[test]
+fn serve_stops_cleanly_before_any_request() {
+    let dir = dir_with_model();
+    let mut server = Server::start(dir.path(), &["model.safetensors", "--report", "r.json"]);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
+    assert_eq!(report["steps"][0]["metrics"]["requests"], 0);
+}
+
 #[test]
 fn serve_refuses_bad_settings() {
     let dir = dir_with_model();
