@@ -22,10 +22,19 @@ fn main() -> anyhow::Result<()> {
     };
     let (clients, seconds, per_request): (usize, f64, usize) =
         (clients.parse()?, seconds.parse()?, per_request.parse()?);
+    anyhow::ensure!(
+        clients > 0 && seconds > 0.0,
+        "CLIENTS and SECONDS must be positive"
+    );
     let split = mlops::data::load_split(
         std::path::Path::new("fixtures/mnist"),
         mlops::data::SplitKind::Test,
     )?;
+    anyhow::ensure!(
+        (1..=split.count).contains(&per_request),
+        "IMAGES_PER_REQUEST must be 1..={}",
+        split.count
+    );
     // Pre-built bodies, so the clients spend their time on HTTP, not on JSON.
     let requests: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
         (0..split.count / per_request)
@@ -81,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         images += i;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(!latencies.is_empty(), "no request finished in {seconds} s");
     latencies.sort();
     let pct = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     println!(

@@ -359,6 +359,27 @@ impl Artifact {
         })?;
         let input: InputSpec = parse(path, "mlops.input", get("mlops.input")?)?;
         let labels: Vec<String> = parse(path, "mlops.labels", get("mlops.labels")?)?;
+        // Consumers index labels by class and size inputs by `mlops.input` (serve does
+        // both for every request), so a mismatch is refused here, once.
+        if labels.len() != spec.classes {
+            return Err(Error::artifact(
+                path,
+                format!(
+                    "`mlops.labels` names {} classes, the model has {}",
+                    labels.len(),
+                    spec.classes
+                ),
+            ));
+        }
+        if input.shape != spec.input {
+            return Err(Error::artifact(
+                path,
+                format!(
+                    "`mlops.input` shape {:?} differs from the model's input {:?}",
+                    input.shape, spec.input
+                ),
+            ));
+        }
         let lineage: Vec<LineageEntry> = parse(path, "mlops.lineage", get("mlops.lineage")?)?;
         let metrics: Option<EvalMetrics> = metadata
             .get("mlops.metrics")
@@ -556,5 +577,18 @@ mod tests {
         let (tensors, meta) = safetensors::decode(Path::new("m"), &bytes).unwrap();
         let err = Artifact::from_parts(Path::new("m"), tensors, &meta).unwrap_err();
         assert!(err.to_string().contains("mlops/9"), "{err}");
+    }
+
+    /// Labels that do not match the classes are refused at load (serve indexes them by
+    /// class for every answer).
+    #[test]
+    fn labels_must_match_the_classes() {
+        let mut a = tiny();
+        a.labels.pop();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        a.save(&path).unwrap();
+        let err = Artifact::load(&path).unwrap_err().to_string();
+        assert!(err.contains("names 9 classes, the model has 10"), "{err}");
     }
 }

@@ -27,8 +27,10 @@ pub(crate) struct ServeArgs {
     /// Port (8501 is TF Serving's REST port; 0 picks a free one)
     #[arg(long, default_value_t = 8501)]
     pub port: u16,
-    /// Images per forward pass at most when merging requests
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    /// Images per forward pass at most when merging requests; 1 (the default, as TF
+    /// Serving's batching is off by default) runs each request on its own: on CPU our
+    /// kernels cost the same per image in batches, so merging only adds waiting (README)
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub max_batch: usize,
     /// Microseconds to wait for more requests after the first of a batch (0: run at once
     /// with whatever is queued, so batches grow only while the model is busy)

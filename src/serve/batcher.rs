@@ -3,10 +3,16 @@
 //! One worker thread owns the model's [`Session`]. It takes the first queued request,
 //! then keeps taking requests until `max_batch` images are gathered or `max_wait` has
 //! passed since the first, runs them as one batch and hands each request its logits.
-//! Batch-64 passes run ~3x more images per second than batch-1 ones on this model (see
-//! the README's bench figures), which is what a server under load gains.
+//! A batch pays where a model or device costs less per image in batches (large models,
+//! GPUs); our CPU kernels cost about the same per image at batch 1 and 64 on one thread,
+//! so on CPU it mainly keeps one pass per model in flight (README: serving figures).
+//!
+//! The queue is bounded ([`QUEUE_JOBS`]): an overloaded model answers "retry later" at
+//! once instead of growing memory; a forward pass that panics fails its batch's requests
+//! and the worker goes on.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -22,15 +28,45 @@ pub struct BatchConfig {
     pub max_wait: Duration,
 }
 
+/// Requests waiting for a model at most; more are refused with [`BatchError::Overloaded`].
+pub const QUEUE_JOBS: usize = 1024;
+
+/// Why a request got no logits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The queue holds [`QUEUE_JOBS`] requests.
+    #[error("the model's queue is full ({QUEUE_JOBS} requests waiting); retry later")]
+    Overloaded,
+    /// The request's values do not make whole images (a caller bug, not a client's).
+    #[error("{values} values do not make {count} images of {per_image}")]
+    Shape {
+        /// Values given.
+        values: usize,
+        /// Images claimed.
+        count: usize,
+        /// Values per image.
+        per_image: usize,
+    },
+    /// The forward pass panicked on the batch this request was in.
+    #[error("the forward pass failed on this batch (see the server's log)")]
+    Failed,
+    /// The worker thread is gone.
+    #[error("the model stopped running")]
+    Stopped,
+}
+
+/// What a request gets back.
+pub type Answer = oneshot::Receiver<Result<Vec<f32>, BatchError>>;
+
 struct Job {
     images: Vec<f32>,
     count: usize,
-    reply: oneshot::Sender<Vec<f32>>,
+    reply: oneshot::Sender<Result<Vec<f32>, BatchError>>,
 }
 
 /// The sending side of a model's batching worker; cheap to share across handlers.
 pub struct Batcher {
-    jobs: Sender<Job>,
+    jobs: SyncSender<Job>,
     input_len: usize,
 }
 
@@ -41,37 +77,39 @@ impl Batcher {
         mut session: Session,
         config: BatchConfig,
         on_batch: impl Fn(usize) + Send + 'static,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let input_len = session.plan().input_len;
-        let (jobs, queue) = mpsc::channel::<Job>();
+        let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE_JOBS);
         std::thread::Builder::new()
             .name("mlops-batcher".into())
             .spawn(move || {
                 crate::nn::denormals::flush_denormals_on_this_thread();
                 run_worker(&mut session, &queue, config, &on_batch)
-            })
-            .expect("spawn the batching thread");
-        Batcher { jobs, input_len }
+            })?;
+        Ok(Batcher { jobs, input_len })
     }
 
     /// Queues `count` images (`[count, h, w, c]`, preprocessed) and returns where their
-    /// logits (`[count, classes]`) will arrive. The receiver errors only if the worker
-    /// is gone.
-    pub fn submit(&self, images: Vec<f32>, count: usize) -> oneshot::Receiver<Vec<f32>> {
-        assert_eq!(
-            images.len(),
-            count * self.input_len,
-            "batch of wrong length"
-        );
+    /// logits (`[count, classes]`) will arrive; refused at once when the queue is full.
+    pub fn submit(&self, images: Vec<f32>, count: usize) -> Result<Answer, BatchError> {
+        if count == 0 || images.len() != count * self.input_len {
+            return Err(BatchError::Shape {
+                values: images.len(),
+                count,
+                per_image: self.input_len,
+            });
+        }
         let (reply, answer) = oneshot::channel();
-        // A send fails only when the worker has exited; the dropped `reply` then tells
-        // the caller through the receiver.
-        let _ = self.jobs.send(Job {
+        let job = Job {
             images,
             count,
             reply,
-        });
-        answer
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(answer),
+            Err(TrySendError::Full(_)) => Err(BatchError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(BatchError::Stopped),
+        }
     }
 }
 
@@ -119,13 +157,27 @@ fn run_worker(
         for job in &batch {
             x.extend_from_slice(&job.images);
         }
-        session.predict(&x, images, &mut logits);
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            session.predict(&x, images, &mut logits)
+        }));
+        if let Err(panic) = ran {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!("mlops serve: the forward pass failed on a batch of {images} images: {why}");
+            for job in batch {
+                let _ = job.reply.send(Err(BatchError::Failed));
+            }
+            continue;
+        }
         on_batch(images);
         let mut at = 0;
         for job in batch {
             let len = job.count * classes;
             // The requester may have gone (client closed the connection): nothing to do.
-            let _ = job.reply.send(logits[at..at + len].to_vec());
+            let _ = job.reply.send(Ok(logits[at..at + len].to_vec()));
             at += len;
         }
     }
@@ -162,13 +214,16 @@ mod tests {
         };
         let batcher = Batcher::spawn(session(), config, move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
-        });
+        })
+        .unwrap();
         // Eight requests of one image: 6 fill the first batch at once, 2 wait for more
         // until `max_wait`.
-        let answers: Vec<_> = (0..8).map(|i| batcher.submit(image(i), 1)).collect();
+        let answers: Vec<_> = (0..8)
+            .map(|i| batcher.submit(image(i), 1).unwrap())
+            .collect();
         let got: Vec<Vec<f32>> = answers
             .into_iter()
-            .map(|a| a.blocking_recv().unwrap())
+            .map(|a| a.blocking_recv().unwrap().unwrap())
             .collect();
         assert_eq!(batches.load(Ordering::SeqCst), 2);
         let mut alone = session();
@@ -182,18 +237,26 @@ mod tests {
     }
 
     /// With no wait, a lone request runs at once; a request larger than `max_batch` runs
-    /// whole.
+    /// whole; values that are not whole images are refused, not run.
     #[test]
     fn no_wait_and_oversized_requests() {
         let config = BatchConfig {
             max_batch: 2,
             max_wait: Duration::ZERO,
         };
-        let batcher = Batcher::spawn(session(), config, |_| {});
+        let batcher = Batcher::spawn(session(), config, |_| {}).unwrap();
         let five: Vec<f32> = (0..5).flat_map(image).collect();
-        let logits = batcher.submit(five, 5).blocking_recv().unwrap();
-        assert_eq!(logits.len(), 50);
-        let one = batcher.submit(image(9), 1).blocking_recv().unwrap();
-        assert_eq!(one.len(), 10);
+        let logits = batcher.submit(five, 5).unwrap().blocking_recv().unwrap();
+        assert_eq!(logits.unwrap().len(), 50);
+        let one = batcher
+            .submit(image(9), 1)
+            .unwrap()
+            .blocking_recv()
+            .unwrap();
+        assert_eq!(one.unwrap().len(), 10);
+        assert!(matches!(
+            batcher.submit(vec![0.0; 700], 1),
+            Err(BatchError::Shape { .. })
+        ));
     }
 }

@@ -13,13 +13,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::batcher::Batcher;
+use super::batcher::{BatchError, Batcher};
 use super::cache::PredictionCache;
 use super::metrics::Metrics;
 use super::protocol::{self, Batch, ModelShape};
 use super::signing::{Signer, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
-/// Largest request body: 64 images of 28x28 as JSON floats take ~0.4 MB.
+/// Largest request body. One 28x28 image is ~5-10 KB of JSON floats, so this admits
+/// requests of a few thousand images (the parsers cap them at
+/// [`protocol::MAX_IMAGES_PER_REQUEST`]) and refuses a runaway upload early.
 const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// One served model.
@@ -74,8 +76,31 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{name}/ready", get(v2_model_ready))
         .route("/v2/models/{name}/infer", post(v2_infer))
         .route("/metrics", get(metrics))
+        .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+async fn unknown_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route `{}`: use POST /v1/models/NAME:predict, POST /v2/models/NAME/infer, \
+             GET /v1/models/NAME[/metadata], GET /v2/models/NAME[/ready], GET /v2/health/ready \
+             or GET /metrics",
+            uri.path()
+        ),
+    )
+}
+
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        let status = match e {
+            BatchError::Overloaded | BatchError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            BatchError::Shape { .. } | BatchError::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
 }
 
 fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a Model, ApiError> {
@@ -88,7 +113,13 @@ fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a Model, ApiError> {
     })
 }
 
-fn check_signature(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+fn check_signature(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(), ApiError> {
     let Some(signer) = &state.signer else {
         return Ok(());
     };
@@ -100,6 +131,8 @@ fn check_signature(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result
         .verify(
             header(TIMESTAMP_HEADER),
             header(SIGNATURE_HEADER),
+            method,
+            path,
             body,
             now,
         )
@@ -108,20 +141,10 @@ fn check_signature(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result
 
 /// Logits for `batch`: cached images from the cache, the rest through the batcher.
 async fn logits(state: &AppState, model: &Model, batch: Batch) -> Result<Vec<f32>, ApiError> {
-    let gone = || {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("model `{}` stopped running", model.name),
-        )
-    };
     let Some(cache) = &model.cache else {
-        return model
-            .batcher
-            .submit(batch.images, batch.count)
-            .await
-            .map_err(|_| gone());
+        return run(model, batch.images, batch.count).await;
     };
-    let len = batch.images.len() / batch.count;
+    let len = model.shape.input_len();
     let classes = model.shape.labels.len();
     let keys: Vec<_> = batch
         .images
@@ -152,17 +175,19 @@ async fn logits(state: &AppState, model: &Model, batch: Batch) -> Result<Vec<f32
         .with_label_values(&label)
         .inc_by(missing.len() as u64);
     if !missing.is_empty() {
-        let computed = model
-            .batcher
-            .submit(missing_images, missing.len())
-            .await
-            .map_err(|_| gone())?;
+        let computed = run(model, missing_images, missing.len()).await?;
         for (row, &i) in computed.chunks_exact(classes).zip(&missing) {
             out[i * classes..(i + 1) * classes].copy_from_slice(row);
             cache.put(keys[i], row.to_vec());
         }
     }
     Ok(out)
+}
+
+/// Runs images through the model's batcher.
+async fn run(model: &Model, images: Vec<f32>, count: usize) -> Result<Vec<f32>, ApiError> {
+    let answer = model.batcher.submit(images, count)?;
+    Ok(answer.await.map_err(|_| BatchError::Stopped)??)
 }
 
 /// Runs `handle` for `model_name`, recording the request count and latency.
@@ -200,8 +225,12 @@ async fn tf_predict(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (name, verb) = target.split_once(':').unwrap_or((target.as_str(), ""));
+    // The last `:` splits, so a model file name may itself hold one.
+    let (name, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
+    let path = format!("/v1/models/{target}");
     let handle = async {
+        // Signature first: an unsigned client learns nothing, not even model names.
+        check_signature(&state, &headers, "POST", &path, &body)?;
         if verb != "predict" {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
@@ -209,10 +238,13 @@ async fn tf_predict(
             ));
         }
         let model = model(&state, name)?;
-        check_signature(&state, &headers, &body)?;
-        let batch = protocol::parse_tf_serving(&body, &model.shape)?;
-        let logits = logits(&state, model, batch).await?;
-        Ok(protocol::tf_serving_response(&logits, &model.shape))
+        let request = protocol::parse_tf_serving(&body, &model.shape)?;
+        let logits = logits(&state, model, request.batch).await?;
+        Ok(protocol::tf_serving_response(
+            &logits,
+            &model.shape,
+            request.columnar,
+        ))
     };
     recorded(&state, name, "tfserving", handle).await
 }
@@ -251,6 +283,7 @@ async fn tf_metadata(
             "outputs": {
                 "probabilities": tensor("DT_FLOAT", vec![-1, classes], "probabilities"),
                 "class": tensor("DT_INT64", vec![-1], "class"),
+                "label": tensor("DT_STRING", vec![-1], "label"),
             },
             "method_name": "tensorflow/serving/predict",
         }}}},
@@ -274,8 +307,24 @@ async fn v2_model(State(state): Shared, Path(name): Path<String>) -> Result<Json
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
             {"name": "class", "datatype": "INT64", "shape": [-1]},
         ],
-        "parameters": model.info,
+        "parameters": scalar_parameters(&model.info),
     })))
+}
+
+/// v2 model parameters may only be strings, numbers or booleans: lists and objects are
+/// sent as their JSON text, missing values left out.
+fn scalar_parameters(info: &Value) -> Value {
+    let Some(fields) = info.as_object() else {
+        return json!({});
+    };
+    let scalar = fields
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| match v {
+            Value::Array(_) | Value::Object(_) => (k.clone(), Value::String(v.to_string())),
+            _ => (k.clone(), v.clone()),
+        });
+    Value::Object(scalar.collect())
 }
 
 async fn v2_model_ready(
@@ -292,9 +341,10 @@ async fn v2_infer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let path = format!("/v2/models/{name}/infer");
     let handle = async {
+        check_signature(&state, &headers, "POST", &path, &body)?;
         let model = model(&state, &name)?;
-        check_signature(&state, &headers, &body)?;
         let request = protocol::parse_v2(&body, &model.shape)?;
         let logits = logits(&state, model, request.batch).await?;
         Ok(protocol::v2_response(

@@ -1,7 +1,8 @@
 //! `mlops serve`: artifacts behind an HTTP inference server.
 //!
-//! Speaks TF Serving's REST predict API and KServe's Open Inference Protocol v2, so the
-//! clients and load balancers teams already have work unchanged ([`protocol`]). Requests
+//! Speaks the JSON forms of TF Serving's REST predict API and KServe's Open Inference
+//! Protocol v2 ([`protocol`]; unversioned routes, no v2 binary extension), so the clients
+//! and health checks teams already have can talk to it. Requests
 //! from all connections are merged into batches ([`batcher`]), repeated images are
 //! answered from an LRU cache ([`cache`]), requests can be required to carry an
 //! HMAC-SHA256 signature ([`signing`]), and `GET /metrics` exposes Prometheus metrics
@@ -101,7 +102,8 @@ pub fn serve(
         let batch_images = metrics.batch_images.with_label_values(&[name.as_str()]);
         let batcher = Batcher::spawn(session, config.batch, move |images| {
             batch_images.observe(images as f64)
-        });
+        })
+        .map_err(|e| crate::Error::io("start the batching thread for", &record.path, e))?;
         let model = http::Model {
             name: name.clone(),
             shape: ModelShape {

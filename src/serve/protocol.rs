@@ -3,7 +3,8 @@
 //! - TF Serving's REST API (`POST /v1/models/NAME:predict`): `{"instances": [...]}` (row
 //!   format) or `{"inputs": [...]}` (columnar; one input, so the same list), each instance
 //!   an image as nested or flat numbers; the answer is `{"predictions": [{"class",
-//!   "label", "probabilities"}, ...]}`, TF Serving's row form for several named outputs.
+//!   "label", "probabilities"}, ...]}`, TF Serving's row form for several named outputs
+//!   (columnar requests get the columnar `{"outputs": {"class": [...], ...}}`).
 //! - KServe's Open Inference Protocol v2 (`POST /v2/models/NAME/infer`): one input tensor
 //!   `{"name", "shape": [N, H, W, C], "datatype": "FP32" | "UINT8", "data": [...]}`; the
 //!   answer has the outputs `probabilities` (FP32 `[N, classes]`) and `class` (INT64
@@ -32,8 +33,12 @@ pub struct ModelShape {
     pub labels: Vec<String>,
 }
 
+/// Images one request may carry; more are refused before any work is done.
+pub const MAX_IMAGES_PER_REQUEST: usize = 4096;
+
 impl ModelShape {
-    fn input_len(&self) -> usize {
+    /// Values per image.
+    pub(crate) fn input_len(&self) -> usize {
         self.input.shape.iter().product()
     }
 
@@ -86,7 +91,11 @@ impl<'de> Visitor<'de> for FlattenInto<'_> {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.0.push(v as f32);
+        let v = v as f32;
+        if !v.is_finite() {
+            return Err(E::custom("a number is beyond the float32 range"));
+        }
+        self.0.push(v);
         Ok(())
     }
 
@@ -196,8 +205,17 @@ fn unreadable(e: serde_json::Error) -> BadRequest {
     }
 }
 
+/// A parsed TF Serving request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TfServingRequest {
+    /// The images.
+    pub batch: Batch,
+    /// Sent as `inputs` (columnar), so answered as `outputs`.
+    pub columnar: bool,
+}
+
 /// Parses a TF Serving predict body.
-pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<Batch, BadRequest> {
+pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequest, BadRequest> {
     let TfRequest(found) = serde_json::from_slice(body).map_err(unreadable)?;
     let Some((field, instances)) = found else {
         return Err(bad(format!(
@@ -208,6 +226,12 @@ pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<Batch, BadReq
     if instances.counts.is_empty() {
         return Err(bad(format!("`{field}` is empty")));
     }
+    if instances.counts.len() > MAX_IMAGES_PER_REQUEST {
+        return Err(bad(format!(
+            "`{field}` has {} images; send at most {MAX_IMAGES_PER_REQUEST} per request",
+            instances.counts.len()
+        )));
+    }
     let len = shape.input_len();
     if let Some(i) = instances.counts.iter().position(|&n| n != len) {
         return Err(bad(format!(
@@ -216,9 +240,12 @@ pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<Batch, BadReq
             shape.describe()
         )));
     }
-    Ok(Batch {
-        count: instances.counts.len(),
-        images: instances.values,
+    Ok(TfServingRequest {
+        batch: Batch {
+            count: instances.counts.len(),
+            images: instances.values,
+        },
+        columnar: field == "inputs",
     })
 }
 
@@ -229,17 +256,25 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
     exp.into_iter().map(|v| v / sum).collect()
 }
 
-/// The TF Serving answer for `logits` (`[count, classes]`).
-pub fn tf_serving_response(logits: &[f32], shape: &ModelShape) -> Value {
+/// The TF Serving answer for `logits` (`[count, classes]`): row form, or columnar for
+/// requests that came as `inputs`.
+pub fn tf_serving_response(logits: &[f32], shape: &ModelShape, columnar: bool) -> Value {
     let classes = shape.labels.len();
-    let predictions: Vec<Value> = logits
-        .chunks_exact(classes)
-        .map(|row| {
-            let class = crate::runtime::argmax(row);
+    let rows = logits.chunks_exact(classes);
+    let class: Vec<usize> = rows.clone().map(crate::runtime::argmax).collect();
+    let label: Vec<&str> = class.iter().map(|&c| shape.labels[c].as_str()).collect();
+    let probabilities: Vec<Vec<f32>> = rows.map(softmax).collect();
+    if columnar {
+        return json!({ "outputs": {
+            "class": class, "label": label, "probabilities": probabilities,
+        }});
+    }
+    let predictions: Vec<Value> = (0..class.len())
+        .map(|i| {
             json!({
-                "class": class,
-                "label": shape.labels[class],
-                "probabilities": softmax(row),
+                "class": class[i],
+                "label": label[i],
+                "probabilities": probabilities[i],
             })
         })
         .collect();
@@ -302,8 +337,17 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
     let dims = input.shape;
     let len = shape.input_len();
     let count = dims.first().copied().unwrap_or(0);
-    let per_image: usize = dims.iter().skip(1).product();
-    if dims.len() < 2 || count == 0 || per_image != len {
+    if count > MAX_IMAGES_PER_REQUEST {
+        return Err(bad(format!(
+            "`inputs[0].shape` has {count} images; send at most {MAX_IMAGES_PER_REQUEST} per request"
+        )));
+    }
+    // Checked: sizes come from the client and must not wrap around.
+    let per_image = dims
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if dims.len() < 2 || count == 0 || per_image != Some(len) {
         return Err(bad(format!(
             "`inputs[0].shape` is {dims:?}; the model takes [N, ...] with {}",
             shape.describe()
@@ -411,7 +455,9 @@ mod tests {
     #[test]
     fn tf_serving_takes_nested_or_flat_images_and_names_bad_ones() {
         let body = json!({"instances": [[[0.0], [1.0], [0.5], [0.25]], [1, 2, 3, 4]]});
-        let batch = parse_tf_serving(body.to_string().as_bytes(), &shape()).unwrap();
+        let request = parse_tf_serving(body.to_string().as_bytes(), &shape()).unwrap();
+        assert!(!request.columnar);
+        let batch = request.batch;
         assert_eq!(batch.count, 2);
         assert_eq!(batch.images, vec![0.0, 1.0, 0.5, 0.25, 1.0, 2.0, 3.0, 4.0]);
         let short = json!({"instances": [[0.0, 1.0, 0.5, 0.25], [1, 2, 3]]});
@@ -428,11 +474,18 @@ mod tests {
             "{err}"
         );
         assert!(parse_tf_serving(b"{}", &shape()).is_err());
+        let huge = br#"{"instances": [[1e300, 0, 0, 0]]}"#;
+        let err = parse_tf_serving(huge, &shape()).unwrap_err().0;
+        assert!(err.contains("float32 range"), "{err}");
     }
 
     #[test]
     fn tf_serving_answer_has_class_label_and_probabilities() {
-        let answer = tf_serving_response(&[0.0, 2.0, 1.0, 5.0, 0.0, 0.0], &shape());
+        let logits = [0.0, 2.0, 1.0, 5.0, 0.0, 0.0];
+        let columnar = tf_serving_response(&logits, &shape(), true);
+        assert_eq!(columnar["outputs"]["class"], json!([1, 0]));
+        assert_eq!(columnar["outputs"]["label"], json!(["b", "a"]));
+        let answer = tf_serving_response(&logits, &shape(), false);
         let p = &answer["predictions"];
         assert_eq!(p[0]["class"], 1);
         assert_eq!(p[0]["label"], "b");
@@ -492,6 +545,19 @@ mod tests {
             .unwrap_err()
             .0
             .contains("`outputs[0].name`"));
+        // Sizes whose product wraps around a usize are refused, not multiplied.
+        let wraps = json!({"inputs": [{"name": "input", "shape": [1, 1u64 << 62, 16],
+            "datatype": "FP32", "data": [0, 0, 0, 0]}]});
+        let err = parse_v2(wraps.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(err.contains("`inputs[0].shape`"), "{err}");
+        let many = json!({"inputs": [{"name": "input", "shape": [1u64 << 60, 4],
+            "datatype": "FP32", "data": [0, 0, 0, 0]}]});
+        let err = parse_v2(many.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(err.contains("at most"), "{err}");
         let pixels = json!({"inputs": [{"name": "input", "shape": [1, 4],
             "datatype": "UINT8", "data": [0, 0, 0, 300]}]});
         assert!(parse_v2(pixels.to_string().as_bytes(), &shape())

@@ -1,10 +1,13 @@
-//! Signed requests: HMAC-SHA256 over a timestamp and the body, with a shared key.
+//! Signed requests: HMAC-SHA256 over a timestamp, the request line and the body, with a
+//! shared key.
 //!
 //! A client sends `X-Mlops-Timestamp: <unix seconds>` and `X-Mlops-Signature:
-//! sha256=<hex>` where the MAC covers `"<timestamp>.<body>"` (the scheme Stripe and
-//! GitHub webhooks use). Binding the timestamp and rejecting ones more than
-//! [`MAX_SKEW_SECS`] away from the server's clock stops replays of captured requests;
-//! the comparison is constant-time (`hmac`'s `verify_slice`).
+//! sha256=<hex>` where the MAC covers `"<timestamp>.<METHOD> <path>.<body>"` (the
+//! timestamped scheme of Stripe's webhooks, plus the request line so a signed request
+//! cannot be sent to another model). Timestamps more than [`MAX_SKEW_SECS`] away from
+//! the server's clock are refused, which limits replays of a captured request to that
+//! window (no nonces are kept); the comparison is constant-time (`hmac`'s
+//! `verify_slice`).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -44,25 +47,39 @@ impl Signer {
         Signer { key }
     }
 
-    fn mac(&self, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
+    fn mac(&self, timestamp: &str, method: &str, path: &str, body: &[u8]) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key");
-        mac.update(timestamp.as_bytes());
-        mac.update(b".");
+        for part in [
+            timestamp.as_bytes(),
+            b".",
+            method.as_bytes(),
+            b" ",
+            path.as_bytes(),
+            b".",
+        ] {
+            mac.update(part);
+        }
         mac.update(body);
         mac
     }
 
-    /// The `X-Mlops-Signature` value for a body signed at `timestamp` (clients, tests).
-    pub fn sign(&self, timestamp: &str, body: &[u8]) -> String {
-        let tag = self.mac(timestamp, body).finalize().into_bytes();
+    /// The `X-Mlops-Signature` value for a request signed at `timestamp` (clients, tests).
+    pub fn sign(&self, timestamp: &str, method: &str, path: &str, body: &[u8]) -> String {
+        let tag = self
+            .mac(timestamp, method, path, body)
+            .finalize()
+            .into_bytes();
         format!("sha256={}", hex(&tag))
     }
 
-    /// Checks the two headers' values against `body` at server time `now` (unix secs).
+    /// Checks the two headers' values against the request at server time `now` (unix
+    /// seconds).
     pub fn verify(
         &self,
         timestamp: Option<&str>,
         signature: Option<&str>,
+        method: &str,
+        path: &str,
         body: &[u8],
         now: u64,
     ) -> Result<(), SignatureError> {
@@ -81,7 +98,7 @@ impl Signer {
             .strip_prefix("sha256=")
             .and_then(unhex)
             .ok_or(SignatureError::Malformed(SIGNATURE_HEADER))?;
-        self.mac(timestamp.trim(), body)
+        self.mac(timestamp.trim(), method, path, body)
             .verify_slice(&tag)
             .map_err(|_| SignatureError::Mismatch)
     }
@@ -105,47 +122,74 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    const P: &str = "/v1/models/m:predict";
+
     #[test]
     fn accepts_its_own_signature_and_refuses_tampering() {
         let signer = Signer::new(b"secret".to_vec());
         let body = br#"{"instances": [[0.0]]}"#;
-        let sig = signer.sign("1000", body);
-        assert_eq!(signer.verify(Some("1000"), Some(&sig), body, 1000), Ok(()));
-        assert_eq!(signer.verify(Some("1000"), Some(&sig), body, 1200), Ok(()));
+        let sig = signer.sign("1000", "POST", P, body);
         assert_eq!(
-            signer.verify(Some("1000"), Some(&sig), b"{}", 1000),
+            signer.verify(Some("1000"), Some(&sig), "POST", P, body, 1000),
+            Ok(())
+        );
+        assert_eq!(
+            signer.verify(Some("1000"), Some(&sig), "POST", P, body, 1200),
+            Ok(())
+        );
+        assert_eq!(
+            signer.verify(Some("1000"), Some(&sig), "POST", P, b"{}", 1000),
+            Err(SignatureError::Mismatch)
+        );
+        // Another model's route: the request line is signed too.
+        assert_eq!(
+            signer.verify(
+                Some("1000"),
+                Some(&sig),
+                "POST",
+                "/v1/models/n:predict",
+                body,
+                1000
+            ),
             Err(SignatureError::Mismatch)
         );
         assert_eq!(
-            signer.verify(Some("1001"), Some(&sig), body, 1000),
+            signer.verify(Some("1001"), Some(&sig), "POST", P, body, 1000),
             Err(SignatureError::Mismatch)
         );
         assert_eq!(
-            Signer::new(b"other".to_vec()).verify(Some("1000"), Some(&sig), body, 1000),
+            Signer::new(b"other".to_vec()).verify(Some("1000"), Some(&sig), "POST", P, body, 1000),
             Err(SignatureError::Mismatch)
         );
         assert_eq!(
-            signer.verify(Some("1000"), Some(&sig), body, 1000 + MAX_SKEW_SECS + 1),
+            signer.verify(
+                Some("1000"),
+                Some(&sig),
+                "POST",
+                P,
+                body,
+                1000 + MAX_SKEW_SECS + 1
+            ),
             Err(SignatureError::Stale(MAX_SKEW_SECS + 1))
         );
         assert_eq!(
-            signer.verify(None, Some(&sig), body, 1000),
+            signer.verify(None, Some(&sig), "POST", P, body, 1000),
             Err(SignatureError::Missing(TIMESTAMP_HEADER))
         );
         assert_eq!(
-            signer.verify(Some("1000"), Some("sha256=zz"), body, 1000),
+            signer.verify(Some("1000"), Some("sha256=zz"), "POST", P, body, 1000),
             Err(SignatureError::Malformed(SIGNATURE_HEADER))
         );
     }
 
     /// The signature is the one a client computes with any HMAC library over
-    /// `"<timestamp>.<body>"` (this value from Python's `hmac` module).
+    /// `"<timestamp>.<METHOD> <path>.<body>"` (this value from Python's `hmac` module).
     #[test]
     fn matches_an_independent_hmac() {
         let signer = Signer::new(b"secret".to_vec());
         assert_eq!(
-            signer.sign("1000", br#"{"instances": [[0.0]]}"#),
-            "sha256=c6a09e41a6eca127aaf1fc55f62ef44586d3aa30277adbd6e1ebbc2e2bc5fd17"
+            signer.sign("1000", "POST", P, br#"{"instances": [[0.0]]}"#),
+            "sha256=e6c9847134fc6458a17d1a6578354595f4bb774adc6acc424a04131a38e4ed5e"
         );
     }
 }

@@ -184,7 +184,16 @@ fn serve_answers_both_apis_like_the_runtime() {
 fn serve_caches_repeats_and_exports_metrics() {
     let dir = dir_with_model();
     let (pixels, _, _) = expected(&dir.path().join("model.safetensors"));
-    let server = Server::start(dir.path(), &["model.safetensors", "--batch-wait-us", "0"]);
+    let server = Server::start(
+        dir.path(),
+        &[
+            "model.safetensors",
+            "--max-batch",
+            "64",
+            "--batch-wait-us",
+            "100",
+        ],
+    );
     let body = tf_body(&pixels);
     let first = server.json("POST", "/v1/models/model:predict", Some(&body));
     let second = server.json("POST", "/v1/models/model:predict", Some(&body));
@@ -242,6 +251,15 @@ fn serve_names_what_is_wrong_with_a_request() {
     let (code, body) = server.call("POST", "/v2/models/model/infer", Some("{not json"), &[]);
     assert_eq!(code, 400);
     assert!(body.contains("not JSON"), "{body}");
+    let (code, e) = server.json("GET", "/v3/anything", None);
+    assert_eq!(code, 404);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/models/NAME:predict"),
+        "{e}"
+    );
 }
 
 /// With `--hmac-key-file`, unsigned or tampered requests get 401 and signed ones run.
@@ -262,7 +280,7 @@ fn serve_checks_request_signatures() {
         .unwrap()
         .as_secs()
         .to_string();
-    let signature = Signer::new(key.as_bytes().to_vec()).sign(&now, body.as_bytes());
+    let signature = Signer::new(key.as_bytes().to_vec()).sign(&now, "POST", path, body.as_bytes());
     let headers = [
         ("X-Mlops-Timestamp", now.as_str()),
         ("X-Mlops-Signature", signature.as_str()),
@@ -273,9 +291,14 @@ fn serve_checks_request_signatures() {
     let (code, e) = server.call("POST", path, Some(&tampered), &headers);
     assert_eq!(code, 401);
     assert!(e.contains("does not match"), "{e}");
+    // The same signed body sent to another route is refused too, and an unsigned client
+    // does not learn which models exist.
+    let (code, _) = server.call("POST", "/v1/models/other:predict", Some(&body), &headers);
+    assert_eq!(code, 401);
 }
 
 /// SIGTERM stops the server cleanly (exit 0) and writes its step report.
+#[cfg(unix)]
 #[test]
 fn serve_reports_on_sigterm() {
     let dir = dir_with_model();
@@ -302,6 +325,7 @@ fn serve_reports_on_sigterm() {
 /// A SIGTERM right after start-up, before any request, still stops it cleanly (the
 /// signal handler used to be installed only once a request had come in, so this
 /// killed the process with no report).
+#[cfg(unix)]
 #[test]
 fn serve_stops_cleanly_before_any_request() {
     let dir = dir_with_model();
