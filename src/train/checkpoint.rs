@@ -69,6 +69,20 @@ impl Checkpoint {
         write_atomically(path, &encode(&tensors, &metadata)?)
     }
 
+    /// Whether `path` is a training checkpoint (`mlops.checkpoint` metadata). `mlops
+    /// train` writes one beside the model, so `runs/x/*.safetensors` globs include it;
+    /// commands that take many artifacts skip it instead of failing.
+    pub fn is_checkpoint(path: &Path) -> bool {
+        std::fs::read(path).ok().is_some_and(|bytes| {
+            safetensors::SafeTensors::read_metadata(&bytes).is_ok_and(|(_, header)| {
+                header
+                    .metadata()
+                    .as_ref()
+                    .is_some_and(|m| m.contains_key("mlops.checkpoint"))
+            })
+        })
+    }
+
     /// Reads a checkpoint, checking every tensor against the spec inside it.
     pub fn load(path: &Path) -> Result<Self> {
         if !path.is_file() {

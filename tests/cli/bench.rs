@@ -207,3 +207,40 @@ fn bench_rejects_bad_input() {
         .unwrap();
     assert_user_error(&missing, "nope.safetensors");
 }
+
+/// `mlops bench runs/x/*.safetensors` (the README's and CI scripts' form) also matches the
+/// training checkpoint `mlops train` writes beside the model: it is skipped with a
+/// warning, not an error; a checkpoint alone is a clear error.
+#[test]
+fn bench_skips_the_training_checkpoint_in_a_glob() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(trained_model(), dir.path().join("model.safetensors")).unwrap();
+    let checkpoint = trained_model().with_file_name("checkpoint.safetensors");
+    std::fs::copy(&checkpoint, dir.path().join("checkpoint.safetensors")).unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "bench",
+            "checkpoint.safetensors",
+            "model.safetensors",
+            "--batch",
+            "1",
+            "--format",
+            "json",
+        ])
+        .args(QUICK)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    assert_eq!(json_of(&output)["rows"].as_array().unwrap().len(), 1);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("skipped `checkpoint.safetensors`"),
+        "{stderr}"
+    );
+    let alone = mlops(dir.path())
+        .args(["bench", "checkpoint.safetensors"])
+        .args(QUICK)
+        .output()
+        .unwrap();
+    assert_user_error(&alone, "nothing to bench");
+}
