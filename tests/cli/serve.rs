@@ -130,12 +130,16 @@ fn v2_body(pixels: &[Vec<u8>]) -> Value {
 }
 
 /// Both APIs answer what the runtime computes for the same images; health and
-/// metadata endpoints describe the model.
+/// metadata endpoints describe the model. The training checkpoint a `*.safetensors` glob
+/// also matches is skipped, not served and not an error.
 #[test]
 fn serve_answers_both_apis_like_the_runtime() {
     let dir = dir_with_model();
+    let checkpoint = crate::util::trained_model().with_file_name("checkpoint.safetensors");
+    std::fs::copy(checkpoint, dir.path().join("checkpoint.safetensors")).unwrap();
     let (pixels, classes, logits) = expected(&dir.path().join("model.safetensors"));
-    let server = Server::start(dir.path(), &["model.safetensors"]);
+    let server = Server::start(dir.path(), &["checkpoint.safetensors", "model.safetensors"]);
+    assert_eq!(server.json("GET", "/v2/models/checkpoint", None).0, 404);
 
     let (code, tf) = server.json("POST", "/v1/models/model:predict", Some(&tf_body(&pixels)));
     assert_eq!(code, 200, "{tf}");
