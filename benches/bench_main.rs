@@ -123,5 +123,41 @@ fn int8_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reference_cnn, inference, fp32_kernels, int8_gemm);
+/// `mlops serve`'s request parsing, the largest share of its CPU time after HTTP itself:
+/// one TF Serving and one KServe v2 body of 64 images (in bytes per second of JSON).
+fn serve_parse(c: &mut Criterion) {
+    use mlops::serve::protocol::{parse_tf_serving, parse_v2, ModelShape};
+    let spec = ModelSpec::reference_cnn();
+    let shape = ModelShape {
+        input: mlops::artifact::InputSpec::unit_scaled(spec.input),
+        labels: (0..spec.classes).map(|c| c.to_string()).collect(),
+    };
+    let plan = Plan::compile(&spec).unwrap();
+    let (x, _) = inputs(&plan, BATCH);
+    let images: Vec<&[f32]> = x.chunks_exact(plan.input_len).collect();
+    let tf = serde_json::json!({ "instances": images }).to_string();
+    let pixels: Vec<u8> = x.iter().map(|v| (v * 255.0) as u8).collect();
+    let v2 = serde_json::json!({"inputs": [{"name": "input", "shape": [BATCH, 28, 28, 1],
+        "datatype": "UINT8", "data": pixels}]})
+    .to_string();
+    let mut group = c.benchmark_group("serve_parse_batch64");
+    group.throughput(Throughput::Bytes(tf.len() as u64));
+    group.bench_function("tf_serving_fp32", |b| {
+        b.iter(|| parse_tf_serving(black_box(tf.as_bytes()), &shape).unwrap())
+    });
+    group.throughput(Throughput::Bytes(v2.len() as u64));
+    group.bench_function("v2_uint8", |b| {
+        b.iter(|| parse_v2(black_box(v2.as_bytes()), &shape).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    reference_cnn,
+    inference,
+    fp32_kernels,
+    int8_gemm,
+    serve_parse
+);
 criterion_main!(benches);
