@@ -136,6 +136,26 @@ pub struct NamedTensor {
     pub data: TensorData,
 }
 
+/// A file's `__metadata__` from its header alone (the 8-byte length and the JSON after
+/// it), without reading the tensors: for telling kinds of files apart cheaply. `None`
+/// when the file is not readable safetensors.
+pub fn read_header_metadata(path: &Path) -> Option<BTreeMap<String, String>> {
+    use std::io::Read;
+    /// A header larger than this is not one we wrote.
+    const MAX_HEADER: u64 = 100 << 20;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).ok()?;
+    let mut parsed: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    serde_json::from_value(parsed.remove("__metadata__")?).ok()
+}
+
 /// Serializes tensors and string metadata into safetensors bytes with a sorted header.
 pub fn encode(tensors: &[NamedTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.data.to_le_bytes()).collect();

@@ -111,22 +111,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let config = config(args);
     let mode = if args.train { "train" } else { "infer" };
     let mut rows: Vec<BenchRow> = Vec::new();
-    let mut artifacts = Vec::new();
-    for path in &args.artifacts {
-        if mlops::train::Checkpoint::is_checkpoint(path) {
-            let note = format!(
-                "skipped `{}`: a training checkpoint, not an artifact",
-                path.display()
-            );
-            ctx.printer.note(&note);
-            step.warnings.push(note);
-        } else {
-            artifacts.push(path);
-        }
-    }
-    if artifacts.is_empty() {
-        bail!("nothing to bench: every path given is a training checkpoint; pass the model artifacts (e.g. `runs/mnist/model*.safetensors`)");
-    }
+    let artifacts = super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "bench")?;
     for path in artifacts {
         let load = Instant::now();
         let (artifact, record) = super::eval::load_artifact(path)?;

@@ -35,6 +35,37 @@ pub(crate) struct EvalArgs {
     pub output: ReportArgs,
 }
 
+/// The paths of `paths` that are not training checkpoints. `mlops train` writes its
+/// checkpoint beside the model, so `runs/x/*.safetensors` matches it; commands that take
+/// many artifacts (bench, serve) skip it with a note and a report warning, and fail only
+/// when nothing is left.
+pub(crate) fn skip_checkpoints<'a>(
+    paths: &'a [PathBuf],
+    ctx: &super::Context,
+    step: &mut StepReport,
+    command: &str,
+) -> anyhow::Result<Vec<&'a PathBuf>> {
+    let mut artifacts = Vec::new();
+    for path in paths {
+        if mlops::train::Checkpoint::is_checkpoint(path) {
+            let note = format!(
+                "skipped `{}`: a training checkpoint, not an artifact",
+                path.display()
+            );
+            ctx.printer.note(&note);
+            step.warnings.push(note);
+        } else {
+            artifacts.push(path);
+        }
+    }
+    if artifacts.is_empty() {
+        anyhow::bail!(
+            "nothing to {command}: every path given is a training checkpoint; pass the model artifacts (e.g. `runs/mnist/model*.safetensors`)"
+        );
+    }
+    Ok(artifacts)
+}
+
 /// Loads an artifact, naming it in the error.
 pub(crate) fn load_artifact(path: &Path) -> anyhow::Result<(Artifact, mlops::report::FileRecord)> {
     Artifact::load(path).with_context(|| format!("failed to load artifact `{}`", path.display()))

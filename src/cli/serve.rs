@@ -82,17 +82,7 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let (mut step, started) = StepReport::start("serve", "cpu");
     let mut names = BTreeSet::new();
     let mut models = Vec::new();
-    for path in &args.artifacts {
-        if mlops::train::Checkpoint::is_checkpoint(path) {
-            // `mlops serve runs/x/*.safetensors` matches the training checkpoint too.
-            let note = format!(
-                "skipped `{}`: a training checkpoint, not an artifact",
-                path.display()
-            );
-            ctx.printer.note(&note);
-            step.warnings.push(note);
-            continue;
-        }
+    for path in super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "serve")? {
         let (artifact, record) = super::eval::load_artifact(path)?;
         let name = model_name(path);
         if !names.insert(name.clone()) {
@@ -104,9 +94,6 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
             artifact,
             record,
         });
-    }
-    if models.is_empty() {
-        bail!("nothing to serve: every path given is a training checkpoint; pass model artifacts");
     }
     let config = ServeConfig {
         addr: SocketAddr::new(args.host, args.port),

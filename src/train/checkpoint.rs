@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::adam::Adam;
-use crate::artifact::safetensors::{decode, encode, NamedTensor, TensorData};
+use crate::artifact::safetensors::{decode, encode, read_header_metadata, NamedTensor, TensorData};
 use crate::artifact::write_atomically;
 use crate::model::ModelSpec;
 use crate::{Error, Result};
@@ -72,15 +72,9 @@ impl Checkpoint {
     /// Whether `path` is a training checkpoint (`mlops.checkpoint` metadata). `mlops
     /// train` writes one beside the model, so `runs/x/*.safetensors` globs include it;
     /// commands that take many artifacts skip it instead of failing.
+    /// Reads only the header, so artifacts are not read twice.
     pub fn is_checkpoint(path: &Path) -> bool {
-        std::fs::read(path).ok().is_some_and(|bytes| {
-            safetensors::SafeTensors::read_metadata(&bytes).is_ok_and(|(_, header)| {
-                header
-                    .metadata()
-                    .as_ref()
-                    .is_some_and(|m| m.contains_key("mlops.checkpoint"))
-            })
-        })
+        read_header_metadata(path).is_some_and(|m| m.contains_key("mlops.checkpoint"))
     }
 
     /// Reads a checkpoint, checking every tensor against the spec inside it.
