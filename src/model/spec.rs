@@ -433,6 +433,29 @@ impl ModelSpec {
     }
 }
 
+/// A small spec that takes every runtime path: same padding on 3 channels, a fused 2x2
+/// pool, an unfused 3x3/1 average pool, a stride-2 same-padded conv of `filters` channels,
+/// a stand-alone ReLU, an unfused max-pool, a 1x1 conv, dropout and two dense layers. The
+/// int8 tests pick 5 filters (unfolded kernel rows), the fp32 ones 21 (a partial block).
+#[cfg(test)]
+pub(crate) fn every_path_spec(filters: usize) -> ModelSpec {
+    ModelSpec::from_yaml(&format!(
+        "input: [12, 12, 3]\nclasses: 4\nlayers:\n\
+         - {{type: conv2d, filters: 8, kernel: 3, padding: same, activation: relu}}\n\
+         - {{type: max_pool2d, size: 2, stride: 2}}\n\
+         - {{type: avg_pool2d, size: 3, stride: 1}}\n\
+         - {{type: conv2d, filters: {filters}, kernel: 3, stride: 2, padding: same}}\n\
+         - {{type: relu}}\n\
+         - {{type: max_pool2d, size: 2, stride: 1}}\n\
+         - {{type: conv2d, filters: 16, kernel: 1, activation: relu}}\n\
+         - {{type: flatten}}\n\
+         - {{type: dropout, rate: 0.5}}\n\
+         - {{type: dense, units: 6, activation: relu}}\n\
+         - {{type: dense, units: 4}}\n"
+    ))
+    .expect("a valid spec")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -471,26 +471,10 @@ mod tests {
         }
     }
 
-    /// A spec that takes every runtime path: same padding on 3 channels (padded frame and
-    /// width unfolding), a fused 2x2 pool, an unfused 3x3/1 average pool, a stride-2
-    /// 5-channel conv on a padded frame (5 x 3 bytes per kernel row: unfolded), a
-    /// stand-alone ReLU, an unfused max-pool, dropout and two dense layers.
+    /// Every runtime path, with a 5-channel stride-2 conv (5 x 3 bytes per kernel row:
+    /// the width-unfolded case).
     fn odd_spec() -> ModelSpec {
-        ModelSpec::from_yaml(
-            "input: [12, 12, 3]\nclasses: 4\nlayers:\n\
-             - {type: conv2d, filters: 8, kernel: 3, padding: same, activation: relu}\n\
-             - {type: max_pool2d, size: 2, stride: 2}\n\
-             - {type: avg_pool2d, size: 3, stride: 1}\n\
-             - {type: conv2d, filters: 5, kernel: 3, stride: 2, padding: same}\n\
-             - {type: relu}\n\
-             - {type: max_pool2d, size: 2, stride: 1}\n\
-             - {type: conv2d, filters: 16, kernel: 1, activation: relu}\n\
-             - {type: flatten}\n\
-             - {type: dropout, rate: 0.5}\n\
-             - {type: dense, units: 6, activation: relu}\n\
-             - {type: dense, units: 4}\n",
-        )
-        .unwrap()
+        crate::model::spec::every_path_spec(5)
     }
 
     fn random_split(shape: [usize; 3], count: usize) -> Split {

@@ -574,21 +574,7 @@ mod tests {
     fn matches_the_training_forward_pass() {
         let specs = [
             ModelSpec::reference_cnn(),
-            ModelSpec::from_yaml(
-                "input: [12, 12, 3]\nclasses: 4\nlayers:\n\
-                 - {type: conv2d, filters: 8, kernel: 3, padding: same, activation: relu}\n\
-                 - {type: max_pool2d, size: 2, stride: 2}\n\
-                 - {type: avg_pool2d, size: 3, stride: 1}\n\
-                 - {type: conv2d, filters: 21, kernel: 3, stride: 2, padding: same}\n\
-                 - {type: relu}\n\
-                 - {type: max_pool2d, size: 2, stride: 1}\n\
-                 - {type: conv2d, filters: 16, kernel: 1, activation: relu}\n\
-                 - {type: flatten}\n\
-                 - {type: dropout, rate: 0.5}\n\
-                 - {type: dense, units: 6, activation: relu}\n\
-                 - {type: dense, units: 4}\n",
-            )
-            .unwrap(),
+            crate::model::spec::every_path_spec(21),
         ];
         for spec in specs {
             let plan = Plan::compile(&spec).unwrap();
