@@ -83,6 +83,27 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Sends SIGTERM, asserts a clean exit and returns the step report it wrote to
+    /// `report` (a path relative to `dir`).
+    #[cfg(unix)]
+    fn terminate(mut self, dir: &Path, report: &str) -> Value {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        let text = std::fs::read_to_string(dir.join(report)).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["steps"][0].clone()
+    }
+}
+
+/// Asserts an error answer: its status, and `needle` in its JSON `error`.
+fn assert_error((code, answer): (u16, Value), status: u16, needle: &str) {
+    assert_eq!(code, status, "{answer}");
+    let message = answer["error"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "expected `{needle}` in: {answer}");
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -229,41 +250,25 @@ fn serve_caches_repeats_and_exports_metrics() {
 fn serve_names_what_is_wrong_with_a_request() {
     let dir = dir_with_model();
     let server = Server::start(dir.path(), &["model.safetensors"]);
-    let (code, e) = server.json(
-        "POST",
-        "/v1/models/model:predict",
-        Some(&json!({"instances": [[0.5, 0.5]]})),
+    let post = |path: &str, body: Value| server.json("POST", path, Some(&body));
+    let short = json!({"instances": [[0.5, 0.5]]});
+    assert_error(
+        post("/v1/models/model:predict", short),
+        400,
+        "`instances[0]` has 2 values",
     );
-    assert_eq!(code, 400);
-    assert!(
-        e["error"]
-            .as_str()
-            .unwrap()
-            .contains("`instances[0]` has 2 values"),
-        "{e}"
+    let one = json!({"instances": [[0.5]]});
+    assert_error(post("/v1/models/nope:predict", one), 404, "[\"model\"]");
+    assert_error(
+        post("/v1/models/model:classify", json!({})),
+        400,
+        ":predict",
     );
-    let (code, e) = server.json(
-        "POST",
-        "/v1/models/nope:predict",
-        Some(&json!({"instances": [[0.5]]})),
-    );
-    assert_eq!(code, 404);
-    assert!(e["error"].as_str().unwrap().contains("[\"model\"]"), "{e}");
-    let (code, e) = server.json("POST", "/v1/models/model:classify", Some(&json!({})));
-    assert_eq!(code, 400);
-    assert!(e["error"].as_str().unwrap().contains(":predict"), "{e}");
     let (code, body) = server.call("POST", "/v2/models/model/infer", Some("{not json"), &[]);
     assert_eq!(code, 400);
     assert!(body.contains("not JSON"), "{body}");
-    let (code, e) = server.json("GET", "/v3/anything", None);
-    assert_eq!(code, 404);
-    assert!(
-        e["error"]
-            .as_str()
-            .unwrap()
-            .contains("/v1/models/NAME:predict"),
-        "{e}"
-    );
+    let unknown = server.json("GET", "/v3/anything", None);
+    assert_error(unknown, 404, "/v1/models/NAME:predict");
 }
 
 /// With `--hmac-key-file`, unsigned or tampered requests get 401 and signed ones run.
@@ -306,21 +311,14 @@ fn serve_checks_request_signatures() {
 #[test]
 fn serve_reports_on_sigterm() {
     let dir = dir_with_model();
-    let mut server = Server::start(dir.path(), &["model.safetensors", "--report", "serve.json"]);
+    let server = Server::start(dir.path(), &["model.safetensors", "--report", "serve.json"]);
     let (code, _) = server.json(
         "POST",
         "/v1/models/model:predict",
         Some(&json!({"instances": [vec![0.0f32; 784]]})),
     );
     assert_eq!(code, 200);
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
-    let status = server.child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("serve.json")).unwrap())
-            .unwrap();
-    let step = &report["steps"][0];
+    let step = server.terminate(dir.path(), "serve.json");
     assert_eq!(step["step"], "serve");
     assert_eq!(step["metrics"]["requests"], 1);
     assert_eq!(step["metrics"]["images_computed"], 1);
@@ -333,14 +331,9 @@ fn serve_reports_on_sigterm() {
 #[test]
 fn serve_stops_cleanly_before_any_request() {
     let dir = dir_with_model();
-    let mut server = Server::start(dir.path(), &["model.safetensors", "--report", "r.json"]);
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
-    let status = server.child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
-    assert_eq!(report["steps"][0]["metrics"]["requests"], 0);
+    let server = Server::start(dir.path(), &["model.safetensors", "--report", "r.json"]);
+    let step = server.terminate(dir.path(), "r.json");
+    assert_eq!(step["metrics"]["requests"], 0);
 }
 
 #[test]
