@@ -41,7 +41,12 @@ fn main() -> anyhow::Result<()> {
             .map(|r| {
                 let indices: Vec<usize> = (r * per_request..(r + 1) * per_request).collect();
                 let (mut x, mut labels) = (Vec::new(), Vec::new());
-                split.gather(&indices, &mut x, &mut labels);
+                split.gather(
+                    &indices,
+                    &mlops::data::Preprocess::UNIT,
+                    &mut x,
+                    &mut labels,
+                );
                 let instances: Vec<&[f32]> = x.chunks_exact(784).collect();
                 let body = serde_json::json!({ "instances": instances }).to_string();
                 (body, labels)

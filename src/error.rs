@@ -108,14 +108,10 @@ impl Error {
         }
     }
 
-    /// A hint for the user, where one is known for this kind of error.
+    /// A hint for the user, where one follows from the kind of error alone (most hints
+    /// depend on which flag was given, and are added where it is read).
     pub fn hint(&self) -> Option<String> {
         match self {
-            Error::Data { .. } => Some(
-                "`--data` expects a folder of MNIST-layout IDX files \
-                 (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)"
-                    .into(),
-            ),
             Error::Network { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
                 Some(
                     "another process listens there: pick another `--port` (0 picks a free one)"

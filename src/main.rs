@@ -14,7 +14,7 @@ fn main() -> ExitCode {
                 // A closed pipe (`mlops inspect x | head`) is a normal way to stop.
                 return ExitCode::SUCCESS;
             }
-            eprintln!("{}", cli::render_error(&err));
+            cli::printer::to_stderr(format_args!("{}\n", cli::render_error(&err)));
             ExitCode::from(1)
         }
     }

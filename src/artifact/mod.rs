@@ -5,6 +5,7 @@
 //! against the spec; saving goes through a temp file and a rename so a crash never
 //! leaves a half-written model where a good one was.
 
+mod foreign;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -131,6 +132,15 @@ pub struct InputSpec {
 }
 
 impl InputSpec {
+    /// The pixel-to-input mapping every path applies ([`crate::data::Preprocess`]).
+    pub fn preprocess(&self) -> crate::data::Preprocess {
+        crate::data::Preprocess {
+            scale: self.scale,
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+
     /// Pixels scaled to `[0, 1]`, as the trainer feeds them.
     pub fn unit_scaled(shape: [usize; 3]) -> Self {
         InputSpec {
@@ -150,10 +160,51 @@ pub struct LineageEntry {
     pub step: String,
     /// Version of mlops that ran it.
     pub mlops_version: String,
-    /// sha256 of the artifact it started from (none for training from scratch).
+    /// sha256 of the artifact file it started from (none for training from scratch).
     pub parent_sha256: Option<String>,
+    /// [`Artifact::digest`] of the artifact it started from (absent in artifacts written
+    /// before digests existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_digest: Option<String>,
+    /// [`Artifact::digest`] of the weights this step wrote: filled in by
+    /// [`Artifact::to_bytes`] for the newest entry, so entry `i`'s `parent_digest` equals
+    /// entry `i - 1`'s `digest` along an intact chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// The settings that shaped the result.
     pub args: BTreeMap<String, serde_json::Value>,
+}
+
+impl LineageEntry {
+    /// A step made by this mlops from `parent` (none for training from scratch), whose file
+    /// had sha256 `parent_sha256`.
+    pub fn new(
+        step: &str,
+        parent: Option<(&Artifact, &str)>,
+        args: BTreeMap<String, serde_json::Value>,
+    ) -> Self {
+        LineageEntry {
+            step: step.into(),
+            mlops_version: MLOPS_VERSION.into(),
+            parent_sha256: parent.map(|(_, sha)| sha.to_string()),
+            parent_digest: parent.map(|(a, _)| a.digest()),
+            digest: None,
+            args,
+        }
+    }
+}
+
+/// Whether an artifact's recorded lineage hangs together (see [`Artifact::lineage_check`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum LineageCheck {
+    /// Every entry's `parent_digest` equals the previous entry's `digest`, and the last
+    /// entry's `digest` is this artifact's.
+    Intact,
+    /// Entries written before digests existed: nothing to compare.
+    Unrecorded,
+    /// A link does not match: which, and how.
+    Broken(String),
 }
 
 /// Accuracy on an evaluation set (`mlops.metrics`).
@@ -279,8 +330,21 @@ impl Artifact {
         Ok(out)
     }
 
-    /// The safetensors bytes of this artifact (deterministic).
+    /// The safetensors bytes of this artifact (deterministic), with `mlops.digest` and the
+    /// newest lineage entry's `digest` filled in.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when a number would be written non-finite or a scale
+    /// non-positive ([`Artifact::check_numbers`]): no step writes such an artifact.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.check_numbers().map_err(|problem| {
+            Error::Config(format!("refusing to write the artifact: {problem}"))
+        })?;
+        let tensors_digest = self.digest();
+        let mut lineage = self.lineage.clone();
+        if let Some(last) = lineage.last_mut() {
+            last.digest = Some(tensors_digest.clone());
+        }
         let mut metadata = BTreeMap::new();
         metadata.insert("mlops.format".into(), FORMAT.into());
         metadata.insert("mlops.version".into(), MLOPS_VERSION.into());
@@ -288,7 +352,7 @@ impl Artifact {
         metadata.insert("mlops.precision".into(), self.precision.as_str().into());
         metadata.insert("mlops.input".into(), json(&self.input));
         metadata.insert("mlops.labels".into(), json(&self.labels));
-        metadata.insert("mlops.lineage".into(), json(&self.lineage));
+        metadata.insert("mlops.lineage".into(), json(&lineage));
         metadata.insert("mlops.layout".into(), LAYOUT.into());
         if let Some(m) = &self.metrics {
             metadata.insert("mlops.metrics".into(), json(m));
@@ -299,12 +363,24 @@ impl Artifact {
         if let Some(q) = &self.sparsity {
             metadata.insert("mlops.sparsity".into(), json(q));
         }
+        let digest = Digest {
+            algorithm: "sha256".into(),
+            tensors: tensors_digest,
+            metadata: metadata_digest(&metadata),
+        };
+        metadata.insert(DIGEST_KEY.into(), json(&digest));
         safetensors::encode(&self.tensors, &metadata)
     }
 
     /// Writes the artifact atomically and returns its file record.
+    ///
+    /// # Errors
+    /// As [`Artifact::to_bytes`] (naming `path`), or the I/O error of the write.
     pub fn save(&self, path: &Path) -> Result<FileRecord> {
-        let bytes = self.to_bytes()?;
+        let bytes = self.to_bytes().map_err(|e| match e {
+            Error::Config(problem) => Error::artifact(path, problem),
+            other => other,
+        })?;
         write_atomically(path, &bytes)?;
         Ok(FileRecord::of_bytes(path, &bytes))
     }
@@ -315,9 +391,16 @@ impl Artifact {
             return Err(Error::artifact(path, "no such artifact file"));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        if let Some(kind) = crate::artifact::foreign::recognise(path, &bytes) {
+            return Err(Error::artifact(path, kind));
+        }
         let record = FileRecord::of_bytes(path, &bytes);
         let (tensors, metadata) = safetensors::decode(path, &bytes)?;
         let artifact = Self::from_parts(path, tensors, &metadata)?;
+        artifact
+            .check_numbers()
+            .map_err(|problem| Error::artifact(path, problem))?;
+        verify_digest(path, &artifact, &metadata)?;
         Ok((artifact, record))
     }
 
@@ -348,7 +431,7 @@ impl Artifact {
                 .map_err(|e| Error::artifact(path, format!("bad `{key}` metadata: {e}")))
         }
         let spec: ModelSpec = parse(path, "mlops.model", get("mlops.model")?)?;
-        spec.shapes()
+        spec.params()
             .map_err(|e| Error::artifact(path, format!("its model spec is invalid: {e}")))?;
         let precision_name = get("mlops.precision")?;
         let precision = Precision::parse(precision_name).ok_or_else(|| {
@@ -444,6 +527,124 @@ impl Artifact {
         })
     }
 
+    /// sha256 (hex) of the tensors: for each tensor in name order, its name, dtype,
+    /// shape (u64 little-endian per dimension) and stored bytes. safetensors has no
+    /// checksum of its own; this is stored in `mlops.digest` and checked at load, so a
+    /// flipped bit in a weight is an error, not a silently different model. Costs one
+    /// sha256 pass over the weights (~1 ms for the reference CNN's 373 KB).
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut order: Vec<&NamedTensor> = self.tensors.iter().collect();
+        order.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut hasher = Sha256::new();
+        for t in order {
+            hasher.update(t.name.as_bytes());
+            hasher.update([0]);
+            hasher.update(t.data.dtype_name().as_bytes());
+            hasher.update([0]);
+            hasher.update((t.shape.len() as u64).to_le_bytes());
+            for &d in &t.shape {
+                hasher.update((d as u64).to_le_bytes());
+            }
+            hasher.update(t.data.to_le_bytes());
+        }
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Checks every number the runtimes read: weights and biases finite, int8 scales
+    /// finite and positive, `mlops.input` scale and std finite and positive, its mean
+    /// finite, recorded metrics finite. The error names the tensor or key.
+    ///
+    /// # Errors
+    /// A description of the first bad number found.
+    pub fn check_numbers(&self) -> std::result::Result<(), String> {
+        let InputSpec {
+            scale, mean, std, ..
+        } = self.input;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(format!(
+                "`mlops.input` scale is {scale}; it must be finite and positive (1/255 for bytes scaled to [0, 1])"
+            ));
+        }
+        if !mean.is_finite() {
+            return Err(format!("`mlops.input` mean is {mean}; it must be finite"));
+        }
+        if !(std.is_finite() && std > 0.0) {
+            return Err(format!(
+                "`mlops.input` std is {std}; it must be finite and positive (1 when there is no normalisation)"
+            ));
+        }
+        for t in &self.tensors {
+            let is_scale = t.name.ends_with("_scale");
+            let Some(values) = t.data.to_f32() else {
+                continue;
+            };
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(format!(
+                    "tensor `{}` holds a non-finite value ({v} at index {i}); the artifact is damaged or came from a training run that diverged",
+                    t.name
+                ));
+            }
+            if is_scale {
+                if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| **v <= 0.0) {
+                    return Err(format!(
+                        "tensor `{}` holds scale {v} at index {i}; quantization scales must be positive",
+                        t.name
+                    ));
+                }
+            }
+        }
+        if let Some(m) = &self.metrics {
+            if !(m.loss.is_finite() && (0.0..=1.0).contains(&m.accuracy)) {
+                return Err(format!(
+                    "`mlops.metrics` records accuracy {} and loss {}; accuracy must be in [0, 1] and loss finite",
+                    m.accuracy, m.loss
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the recorded lineage is a consistent chain ending at this artifact.
+    pub fn lineage_check(&self) -> LineageCheck {
+        let own = self.digest();
+        let Some(last) = self.lineage.last() else {
+            return LineageCheck::Unrecorded;
+        };
+        if self.lineage.iter().all(|e| e.digest.is_none()) {
+            return LineageCheck::Unrecorded;
+        }
+        if last.digest.as_deref() != Some(own.as_str()) {
+            return LineageCheck::Broken(format!(
+                "the last step (`{}`) recorded weights {}, this file holds {}",
+                last.step,
+                short(last.digest.as_deref().unwrap_or("none")),
+                short(&own)
+            ));
+        }
+        for (i, pair) in self.lineage.windows(2).enumerate() {
+            let (parent, child) = (&pair[0], &pair[1]);
+            if let (Some(made), Some(used)) = (&parent.digest, &child.parent_digest) {
+                if made != used {
+                    return LineageCheck::Broken(format!(
+                        "step {} (`{}`) started from weights {}, but step {} (`{}`) wrote {}",
+                        i + 2,
+                        child.step,
+                        short(used),
+                        i + 1,
+                        parent.step,
+                        short(made)
+                    ));
+                }
+            }
+        }
+        LineageCheck::Intact
+    }
+
     /// Bytes of all weights as stored.
     pub fn weight_bytes(&self) -> usize {
         self.tensors
@@ -490,6 +691,73 @@ pub fn expected_tensors(
         }
     }
     Ok(out)
+}
+
+/// The metadata key of [`Digest`].
+pub const DIGEST_KEY: &str = "mlops.digest";
+
+/// `mlops.digest`: what the file held when mlops wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Digest {
+    /// Always `sha256`.
+    pub algorithm: String,
+    /// [`Artifact::digest`] of the tensors.
+    pub tensors: String,
+    /// sha256 of every other `mlops.*` metadata key and value, in key order, so an edited
+    /// `mlops.metrics` or lineage is noticed too.
+    pub metadata: String,
+}
+
+fn metadata_digest(metadata: &BTreeMap<String, String>) -> String {
+    let mut text = Vec::new();
+    for (key, value) in metadata.iter().filter(|(k, _)| k.as_str() != DIGEST_KEY) {
+        text.extend_from_slice(key.as_bytes());
+        text.push(0);
+        text.extend_from_slice(value.as_bytes());
+        text.push(0);
+    }
+    sha256_hex(&text)
+}
+
+/// Checks `mlops.digest` against what was loaded. Artifacts written before digests
+/// existed have none and load as they are (`mlops inspect` says so).
+fn verify_digest(
+    path: &Path,
+    artifact: &Artifact,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let Some(text) = metadata.get(DIGEST_KEY) else {
+        return Ok(());
+    };
+    let digest: Digest = serde_json::from_str(text)
+        .map_err(|e| Error::artifact(path, format!("bad `{DIGEST_KEY}` metadata: {e}")))?;
+    if digest.algorithm != "sha256" {
+        return Err(Error::artifact(
+            path,
+            format!(
+                "`{DIGEST_KEY}` uses `{}`; this mlops checks sha256",
+                digest.algorithm
+            ),
+        ));
+    }
+    if digest.tensors != artifact.digest() {
+        return Err(Error::artifact(
+            path,
+            "its tensor data does not match the digest recorded when it was written: the file was changed or damaged (a flipped bit in a weight?); restore it from its source or rebuild it",
+        ));
+    }
+    if digest.metadata != metadata_digest(metadata) {
+        return Err(Error::artifact(
+            path,
+            "its `mlops.*` metadata does not match the digest recorded when it was written: the metrics, lineage or settings were edited after mlops wrote it; rebuild it rather than edit it",
+        ));
+    }
+    Ok(())
+}
+
+/// The first 12 characters of a hex digest, for messages.
+pub fn short(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
 }
 
 /// A metadata value: compact JSON (every `mlops.*` key holds one).

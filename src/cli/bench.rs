@@ -17,7 +17,7 @@ use mlops::report::{Gate, StepReport, MLOPS_VERSION};
 use mlops::runtime::{evaluate, Session};
 use mlops::train::Adam;
 
-use super::Context;
+use super::{Context, HintExt as _};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Format {
@@ -37,22 +37,23 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Batch sizes to measure
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64], value_parser = super::parse::batch)]
     pub batch: Vec<usize>,
     /// Warm-up calls before timing
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = super::parse::count)]
     pub warmup: usize,
-    /// Also warm up for at least this many seconds
-    #[arg(long, default_value_t = 0.2, value_name = "S")]
+    /// Also warm up for at least this many seconds (0 to 3600)
+    #[arg(long, default_value_t = 0.2, value_name = "S", value_parser = super::parse::seconds_or_zero)]
     pub warmup_secs: f64,
     /// Timed calls (at least)
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::parse::at_least_one)]
     pub iters: usize,
-    /// Time for at least this many seconds per row (and repeat)
-    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    /// Time for at least this many seconds per row (and repeat), 0 to 3600 (0: just
+    /// `--iters` calls)
+    #[arg(long, default_value_t = 1.0, value_name = "S", value_parser = super::parse::seconds_or_zero)]
     pub duration: f64,
     /// Timed rounds per row; the spread between them shows the run's stability
-    #[arg(long, default_value_t = 1, value_name = "R")]
+    #[arg(long, default_value_t = 1, value_name = "R", value_parser = super::parse::at_least_one)]
     pub repeats: usize,
     /// Measure training steps (forward + backward + Adam) instead of inference
     #[arg(long)]
@@ -67,7 +68,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "REPORT.json")]
     pub baseline: Option<PathBuf>,
     /// Exit 3 when a row's throughput falls more than this fraction below the baseline
-    #[arg(long, default_value_t = 0.10, value_name = "F")]
+    #[arg(long, default_value_t = 0.10, value_name = "F", value_parser = super::parse::fraction_below_one)]
     pub max_regression: f64,
     /// Append this step's report to FILE
     #[arg(long, value_name = "FILE")]
@@ -77,10 +78,10 @@ pub(crate) struct BenchArgs {
 fn config(args: &BenchArgs) -> BenchConfig {
     BenchConfig {
         warmup_iters: args.warmup,
-        warmup_time: Duration::from_secs_f64(args.warmup_secs.max(0.0)),
-        iters: args.iters.max(1),
-        duration: Duration::from_secs_f64(args.duration.max(0.0)),
-        repeats: args.repeats.max(1),
+        warmup_time: Duration::from_secs_f64(args.warmup_secs),
+        iters: args.iters,
+        duration: Duration::from_secs_f64(args.duration),
+        repeats: args.repeats,
     }
 }
 
@@ -103,8 +104,10 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let (mut step, started) = StepReport::start("bench", &device.to_string());
     let eval_split = match &args.eval_data {
         Some(dir) => Some(
-            mlops::data::load_split(dir, mlops::data::SplitKind::Test)
-                .context("cannot load `--eval-data`")?,
+            mlops::data::load_split(dir, mlops::data::SplitKind::Test).hinted(
+                || "cannot load `--eval-data`".into(),
+                &format!("`--eval-data` {}", super::IDX_FOLDER_HINT),
+            )?,
         ),
         None => None,
     };
@@ -135,7 +138,12 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
             let x = match &eval_split {
                 Some(split) if split.count >= batch => {
                     let (mut x, mut labels) = (Vec::new(), Vec::new());
-                    split.gather(&(0..batch).collect::<Vec<_>>(), &mut x, &mut labels);
+                    split.gather(
+                        &(0..batch).collect::<Vec<_>>(),
+                        &artifact.input.preprocess(),
+                        &mut x,
+                        &mut labels,
+                    );
                     x
                 }
                 _ => synthetic_batch(plan.input_len, batch),

@@ -10,7 +10,7 @@ use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport};
 use mlops::runtime::{evaluate, EvalReport, Session};
 
-use super::{Context, ReportArgs};
+use super::{Context, HintExt as _, ReportArgs};
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct EvalArgs {
@@ -20,16 +20,16 @@ pub(crate) struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Use only the first N test images
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub limit: Option<usize>,
     /// Images per forward pass
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::parse::batch)]
     pub batch_size: usize,
     /// `cpu`, `cuda` or `cuda:N`
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Exit 3 when accuracy (0..1) is below F
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", value_parser = super::parse::fraction)]
     pub min_accuracy: Option<f64>,
     #[command(flatten)]
     pub output: ReportArgs,
@@ -83,11 +83,12 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
             .filter(|p| p.is_dir())
             .unwrap_or_else(|| PathBuf::from(super::train::DEFAULT_DATA))
     });
-    let mut split = mlops::data::load_split(&data_dir, mlops::data::SplitKind::Test)
-        .context("cannot load the evaluation data")?;
-    if let Some(n) = args.limit {
-        split.truncate(n);
-    }
+    let split =
+        mlops::data::load_split_limited(&data_dir, mlops::data::SplitKind::Test, args.limit)
+            .hinted(
+                || "cannot load the evaluation data".into(),
+                &format!("`--data` {}", super::IDX_FOLDER_HINT),
+            )?;
     split.check_fits(artifact.spec.input, artifact.spec.classes)?;
     let mut session = Session::new(&artifact, ctx.threads)?;
     let report = evaluate(&mut session, &split, args.batch_size.max(1));

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use mlops::artifact::{LineageEntry, Precision};
-use mlops::report::{StepReport, MLOPS_VERSION};
+use mlops::report::StepReport;
 
 use super::{Context, ReportArgs};
 
@@ -45,18 +45,17 @@ pub(crate) fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<StepReport
     let (mut step, started) = StepReport::start("export", "cpu");
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
     let precision = Precision::from(args.precision);
-    let out = super::output_beside(&args.artifact, args.out.as_ref(), precision.as_str());
+    let out = super::output_beside(&args.artifact, args.out.as_ref(), precision.as_str())?;
     let mut exported = artifact.cast(precision)?;
     exported.metrics = None; // measured on the parent's weights, not these
     let mut lineage_args = BTreeMap::new();
     lineage_args.insert("precision".to_string(), precision.as_str().into());
     lineage_args.insert("from".to_string(), artifact.precision.as_str().into());
-    exported.lineage.push(LineageEntry {
-        step: "export".into(),
-        mlops_version: MLOPS_VERSION.into(),
-        parent_sha256: Some(record.sha256.clone()),
-        args: lineage_args,
-    });
+    exported.lineage.push(LineageEntry::new(
+        "export",
+        Some((&artifact, &record.sha256)),
+        lineage_args,
+    ));
     let max_abs_error = artifact
         .params_f32()
         .iter()

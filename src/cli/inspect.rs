@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use mlops::artifact::LineageCheck;
 use mlops::model::Shape;
 use mlops::report::table::Table;
 use mlops::report::StepReport;
@@ -22,6 +23,9 @@ pub(crate) struct InspectArgs {
 pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     let (mut step, started) = StepReport::start("inspect", "cpu");
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
+    // Loading verified the digest when there is one.
+    let record_has_digest = mlops::artifact::safetensors::read_header_metadata(&args.artifact)
+        .is_some_and(|m| m.contains_key(mlops::artifact::DIGEST_KEY));
     let spec = &artifact.spec;
     let shapes = spec.shapes()?;
     let flops = spec.flops()?;
@@ -65,6 +69,8 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
         "input": artifact.input,
         "labels": artifact.labels,
         "lineage": artifact.lineage,
+        "lineage_check": artifact.lineage_check(),
+        "digest_verified": record_has_digest,
         "metrics": artifact.metrics,
         "param_count": spec.param_count()?,
         "flops_per_image": flops.iter().sum::<u64>(),
@@ -98,7 +104,23 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
             m.data
         ));
     }
-    human.push_str("\nlineage\n");
+    let chain = artifact.lineage_check();
+    human.push_str(&format!(
+        "  integrity  {}\n",
+        if record_has_digest {
+            "tensors and metadata match the digest written with them"
+        } else {
+            "no digest recorded (written by an older mlops): not verified"
+        }
+    ));
+    human.push_str(&format!(
+        "\nlineage: {}\n",
+        match &chain {
+            LineageCheck::Intact => "intact (each step starts from the weights the one before wrote, and the last wrote these)".to_string(),
+            LineageCheck::Unrecorded => "not checkable (no step digests recorded)".to_string(),
+            LineageCheck::Broken(why) => format!("BROKEN: {why}"),
+        }
+    ));
     for (i, entry) in artifact.lineage.iter().enumerate() {
         let args_text: Vec<String> = entry.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
         human.push_str(&format!(
@@ -111,7 +133,7 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
                 .as_ref()
                 .map_or(String::new(), |p| format!(
                     " from {}",
-                    &p[..12.min(p.len())]
+                    mlops::artifact::short(p)
                 )),
             args_text.join(" ")
         ));

@@ -7,8 +7,9 @@ mod bench;
 mod eval;
 mod export;
 mod inspect;
+mod parse;
 mod pipeline;
-mod printer;
+pub(crate) mod printer;
 mod prune;
 mod quantize;
 mod serve;
@@ -38,7 +39,7 @@ pub(crate) struct GlobalArgs {
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// Worker threads (batch shards); defaults to the number of cores
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", value_parser = parse::threads)]
     pub threads: Option<usize>,
 }
 
@@ -138,23 +139,79 @@ pub(crate) struct Context {
 }
 
 /// `--out` when given, else `NAME.SUFFIX.safetensors` beside the input artifact.
+///
+/// # Errors
+/// When `--out` names another format by its extension (`m.onnx`, `m.h5`): mlops writes
+/// safetensors, and a file whose name says otherwise would mislead every tool after it.
 pub(crate) fn output_beside(
     input: &std::path::Path,
     out: Option<&PathBuf>,
     suffix: &str,
-) -> PathBuf {
-    out.cloned().unwrap_or_else(|| {
+) -> anyhow::Result<PathBuf> {
+    if let Some(out) = out {
+        if let Some(ext) = out.extension() {
+            if !ext.eq_ignore_ascii_case("safetensors") {
+                anyhow::bail!(
+                    "`--out {}`: this command writes a safetensors artifact, not `.{}`; name the file `*.safetensors`{}",
+                    out.display(),
+                    ext.to_string_lossy(),
+                    if ext.eq_ignore_ascii_case("onnx") {
+                        " (ONNX export is not built yet)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
+    Ok(out.cloned().unwrap_or_else(|| {
         let stem = input
             .file_stem()
             .map_or("model".into(), |s| s.to_string_lossy().to_string());
         input.with_file_name(format!("{stem}.{suffix}.safetensors"))
-    })
+    }))
 }
 
 /// Parses `--device` and checks it can run in this build.
 pub(crate) fn device(text: &str) -> anyhow::Result<Device> {
     Ok(Device::parse(text)?.ensure_available()?)
 }
+
+/// An error context that carries the fix known at its call site: rendered as the
+/// context's line, and its `hint` as the `hint:` line. Hints belong to the call site (a
+/// `--calib` folder and a `--data` folder fail with the same error kind but need different
+/// advice), so they are attached where the flag is read, not derived from the error kind.
+#[derive(Debug)]
+pub(crate) struct Hinted {
+    pub message: String,
+    pub hint: String,
+}
+
+impl std::fmt::Display for Hinted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// `.hinted(message, hint)` on results: context with a call-site hint.
+pub(crate) trait HintExt<T> {
+    fn hinted(self, message: impl FnOnce() -> String, hint: &str) -> anyhow::Result<T>;
+}
+
+impl<T, E> HintExt<T> for Result<T, E>
+where
+    Result<T, E>: anyhow::Context<T, E>,
+{
+    fn hinted(self, message: impl FnOnce() -> String, hint: &str) -> anyhow::Result<T> {
+        anyhow::Context::with_context(self, || Hinted {
+            message: message(),
+            hint: hint.to_string(),
+        })
+    }
+}
+
+/// The hint of `--data`-style flags that take an IDX folder.
+pub(crate) const IDX_FOLDER_HINT: &str = "expects a folder of MNIST-layout IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)";
 
 /// `error: ...`, each cause on its own line, then a hint where one is known.
 pub(crate) fn render_error(err: &anyhow::Error) -> String {
@@ -163,9 +220,13 @@ pub(crate) fn render_error(err: &anyhow::Error) -> String {
         out.push_str(&format!("\n  Caused by: {cause}"));
     }
     let hint = err
-        .chain()
-        .find_map(|c| c.downcast_ref::<mlops::Error>())
-        .and_then(mlops::Error::hint);
+        .downcast_ref::<Hinted>()
+        .map(|h| h.hint.clone())
+        .or_else(|| {
+            err.chain()
+                .find_map(|c| c.downcast_ref::<mlops::Error>())
+                .and_then(mlops::Error::hint)
+        });
     if let Some(hint) = hint {
         out.push_str(&format!("\n\nhint: {hint}"));
     }

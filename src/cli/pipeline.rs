@@ -216,7 +216,7 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
         .note(&format!("report: `{}`", report_path.display()));
     if args.json {
         let text = std::fs::read_to_string(&report_path)?;
-        print!("{text}");
+        std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
     }
     Ok(Outcome::Success)
 }

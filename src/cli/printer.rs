@@ -11,6 +11,19 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mlops::progress::Progress;
 use mlops::report::{ReportFile, StepReport};
 
+/// Writes `text` to stderr, ignoring failure: a closed stderr (`mlops train 2>&1 | head`)
+/// is no reason to stop a command, so nothing here may panic as `eprint!` does.
+pub(crate) fn to_stderr(text: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(text);
+}
+
+/// `eprintln!` that never panics (see [`to_stderr`]).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cli::printer::to_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 /// Renders reports and progress according to the user's flags and terminal.
 pub(crate) struct Printer {
     quiet: bool,
@@ -37,7 +50,7 @@ impl Printer {
     /// A line for people on stderr (unless quiet).
     pub(crate) fn note(&self, text: &str) {
         if !self.quiet {
-            eprintln!("{text}");
+            say!("{text}");
         }
     }
 
@@ -50,12 +63,12 @@ impl Printer {
     ) -> anyhow::Result<()> {
         let (json, report_file) = (output.json, output.report.as_deref());
         if !self.quiet {
-            eprint!("{human}");
+            to_stderr(format_args!("{human}"));
             for warning in &step.warnings {
-                eprintln!("warning: {warning}");
+                say!("warning: {warning}");
             }
             for gate in &step.gates {
-                eprintln!(
+                say!(
                     "gate {}: {} (value {:.4}, threshold {:.4})",
                     gate.name,
                     if gate.passed { "passed" } else { "FAILED" },
@@ -117,7 +130,7 @@ impl Progress for BarProgress {
         }
         match self.bar.lock().expect("bar lock").as_ref() {
             Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
+            None => say!("{text}"),
         }
     }
 }

@@ -5,19 +5,19 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
 
 use mlops::artifact::{Artifact, EvalMetrics, LineageEntry, Precision};
 use mlops::model::resolve_layers;
-use mlops::prune::{default_layers, measure, Masks, Schedule};
+use mlops::prune::{default_layers, fit_steps, measure, Masks, Schedule};
 use mlops::report::table::Table;
-use mlops::report::{Gate, StepReport, MLOPS_VERSION};
+use mlops::report::{Gate, StepReport};
 use mlops::runtime::{evaluate, Session};
 use mlops::train::{fit, Start, TrainConfig};
 
 use super::train::LrScheduleArg;
-use super::{Context, ReportArgs};
+use super::{Context, HintExt as _, ReportArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ScheduleArg {
@@ -30,13 +30,13 @@ pub(crate) struct PruneArgs {
     /// The fp32 artifact to prune
     pub artifact: PathBuf,
     /// Final share of zero weights in the pruned layers, in [0, 1) (unstructured)
-    #[arg(long, required_unless_present = "structured")]
+    #[arg(long, required_unless_present = "structured", value_parser = super::parse::sparsity)]
     pub sparsity: Option<f32>,
     /// Remove whole conv filters / dense units (smallest L1 norm) instead of single weights
     #[arg(long, conflicts_with = "sparsity", requires = "keep")]
     pub structured: bool,
     /// Share of filters / units each pruned layer keeps, in (0, 1] (with `--structured`)
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse::share)]
     pub keep: Option<f32>,
     /// Rank filters of all pruned layers together instead of per layer
     #[arg(long, requires = "structured")]
@@ -52,29 +52,29 @@ pub(crate) struct PruneArgs {
     #[arg(long)]
     pub end_step: Option<u64>,
     /// Steps between mask updates
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = super::parse::steps)]
     pub frequency: u64,
     /// Exponent of the polynomial schedule
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = super::parse::exponent)]
     pub power: f32,
-    /// Epochs of fine-tuning while pruning
-    #[arg(long, default_value_t = 1)]
+    /// Epochs of fine-tuning while pruning (0 with `--structured` skips fine-tuning)
+    #[arg(long, default_value_t = 1, value_parser = super::parse::count)]
     pub fine_tune_epochs: usize,
     /// Training data folder
     #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_DATA)]
     pub data: PathBuf,
     /// Use only the first N training images
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub limit: Option<usize>,
     /// Fine-tuning learning rate (Adam; the peak with `--lr-schedule cosine`)
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = 0.001, value_parser = super::parse::learning_rate)]
     pub lr: f32,
     /// Fine-tuning learning-rate schedule: `cosine` decays from `--lr` to zero over the
     /// fine-tuning steps and recovers more accuracy than `constant` (README: prune figures)
     #[arg(long, value_enum, default_value_t = LrScheduleArg::Cosine)]
     pub lr_schedule: LrScheduleArg,
     /// Images per step
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::parse::batch)]
     pub batch_size: usize,
     /// Prune runs of N consecutive weights along the input axis together, ranked by mean
     /// magnitude (TF-MOT's `block_size=(1, N)`); 1 prunes single weights. Blocks put the
@@ -83,7 +83,8 @@ pub(crate) struct PruneArgs {
         long,
         default_value_t = 1,
         value_name = "N",
-        conflicts_with = "structured"
+        conflicts_with = "structured",
+        value_parser = super::parse::at_least_one
     )]
     pub block: usize,
     /// Layers to prune (`layers.4` or `4`); default: every conv/dense but the first and last
@@ -96,7 +97,7 @@ pub(crate) struct PruneArgs {
     #[arg(long, value_name = "DIR")]
     pub eval_data: Option<PathBuf>,
     /// Exit 3 when accuracy drops more than F (0..1) against the input artifact
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", value_parser = super::parse::accuracy_drop)]
     pub max_accuracy_drop: Option<f64>,
     /// Output file; defaults to NAME.pruned.safetensors beside the input
     #[arg(long, value_name = "FILE")]
@@ -122,9 +123,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     if !(0.0..1.0).contains(&sparsity) {
         bail!("`--sparsity` {sparsity} is outside [0, 1); e.g. `--sparsity 0.5`");
     }
-    if args.frequency == 0 {
-        bail!("`--frequency` must be at least 1");
-    }
+    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "pruned")?;
     let (artifact, record, names, pruned) = load_prunable(args)?;
     let spec = artifact.spec.clone();
     let infos = spec.params()?;
@@ -178,25 +177,34 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let mut before_session = Session::new(&artifact, ctx.threads)?;
     let before = evaluate(&mut before_session, &eval_split, 256);
 
-    let config = fine_tune_config(args, args.fine_tune_epochs.max(1), ctx.threads);
+    let config = fine_tune_config(
+        args,
+        args.fine_tune_epochs.max(1),
+        ctx.threads,
+        artifact.input.preprocess(),
+    );
     let total_steps = data.train.count.div_ceil(config.batch_size) as u64 * config.epochs as u64;
-    let end = args
-        .end_step
-        .unwrap_or_else(|| ((total_steps.saturating_sub(1)) / args.frequency) * args.frequency)
-        .max(args.begin_step);
+    // Fitted before any training: a schedule past the run's end fails here, not after.
+    let steps = fit_steps(args.begin_step, args.end_step, args.frequency, total_steps)?;
+    for adjustment in &steps.adjustments {
+        let note = format!("pruning schedule fitted to the run: {adjustment}");
+        ctx.printer.note(&note);
+        step.warnings.push(note);
+    }
+    let end = steps.end;
     let schedule = match args.schedule {
         ScheduleArg::Constant => Schedule::Constant {
             sparsity,
-            begin: args.begin_step,
+            begin: steps.begin,
             end,
-            frequency: args.frequency,
+            frequency: steps.frequency,
         },
         ScheduleArg::Polynomial => Schedule::Polynomial {
             initial: 0.0,
             target: sparsity,
-            begin: args.begin_step,
+            begin: steps.begin,
             end,
-            frequency: args.frequency,
+            frequency: steps.frequency,
             power: args.power,
         },
     };
@@ -219,9 +227,24 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         |_, _| Ok(()),
     )?;
     let (layers, total) = measure(&spec, &params, &pruned)?;
+    // The realized sparsity, layer by layer, against the target: a run that did not prune
+    // as asked fails rather than writing a model that claims it did (issue 10).
+    if let Some(short) = layers
+        .iter()
+        .find(|l| l.pruned && l.sparsity + 0.01 < sparsity as f64)
+    {
+        bail!(
+            "pruning reached {:.2}% sparsity in `{}`, not the {:.2}% asked (schedule {schedule:?} over {total_steps} fine-tuning steps); nothing was written. Make the schedule end inside the run: lower `--end-step` / `--frequency` / `--begin-step`, or raise `--fine-tune-epochs`",
+            100.0 * short.sparsity,
+            short.name,
+            100.0 * sparsity
+        );
+    }
     let mut out_artifact = Artifact::from_params(&spec, &params)?;
     let mut lineage_args = BTreeMap::new();
-    lineage_args.insert("sparsity".to_string(), (sparsity as f64).into());
+    // What the weights are (measured), next to the target the schedule aimed at.
+    lineage_args.insert("sparsity".to_string(), total.into());
+    lineage_args.insert("target_sparsity".to_string(), (sparsity as f64).into());
     lineage_args.insert("schedule".to_string(), format!("{schedule:?}").into());
     lineage_args.insert("block".to_string(), args.block.into());
     let fine_tuning = fine_tuning_record(args, config.epochs);
@@ -234,7 +257,6 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         "layers": layers.iter().map(|l| (l.name.clone(), l.sparsity)).collect::<BTreeMap<_, _>>(),
     }));
     let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
-    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "pruned");
     let bytes_before = std::fs::read(&args.artifact)?;
     let bytes_after = out_artifact.to_bytes()?;
     let (gz_before, gz_after) = (gzip_size(&bytes_before)?, gzip_size(&bytes_after)?);
@@ -249,7 +271,10 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         "target_sparsity": sparsity,
         "schedule": format!("{schedule:?}"),
         "block": args.block,
+        "begin_step": steps.begin,
         "end_step": end,
+        "frequency": steps.frequency,
+        "schedule_adjustments": steps.adjustments,
         "fine_tune_steps": total_steps,
         "fine_tuning": fine_tuning,
         "total_sparsity": total,
@@ -276,13 +301,13 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         ]);
     }
     let human = format!(
-        "\n{table}\npruned `{}` -> `{}`: sparsity {:.2}% over the pruned layers; accuracy {:.2}% -> {:.2}% ({:+.2} pt); gzip {} -> {} bytes ({:.2}x smaller)\n",
+        "\n{table}\npruned `{}` -> `{}`: sparsity {:.2}% over the pruned layers; accuracy {:.2}% -> {:.2}% (drop {:+.2} pt); gzip {} -> {} bytes ({:.2}x smaller)\n",
         args.artifact.display(),
         out_path.display(),
         100.0 * total,
         100.0 * before.accuracy,
         100.0 * after.accuracy,
-        -100.0 * drop,
+        100.0 * drop,
         gz_before,
         gz_after,
         gz_before as f64 / gz_after.max(1) as f64,
@@ -295,6 +320,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
 fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     use mlops::prune::structured;
     let keep = args.keep.unwrap_or(1.0);
+    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "slim")?;
     let (artifact, record, names, weights) = load_prunable(args)?;
     let spec = artifact.spec.clone();
     let params = artifact.params_f32();
@@ -342,10 +368,16 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let mut tuned = small_params;
     let mut accuracy_before_fine_tune = None;
     if args.fine_tune_epochs > 0 {
-        let untuned = Artifact::from_params(&small_spec, &tuned)?;
+        let mut untuned = Artifact::from_params(&small_spec, &tuned)?;
+        untuned.input = artifact.input.clone();
         accuracy_before_fine_tune =
             Some(evaluate(&mut Session::new(&untuned, ctx.threads)?, &eval_split, 256).accuracy);
-        let config = fine_tune_config(args, args.fine_tune_epochs, ctx.threads);
+        let config = fine_tune_config(
+            args,
+            args.fine_tune_epochs,
+            ctx.threads,
+            artifact.input.preprocess(),
+        );
         let progress = ctx.printer.progress();
         tuned = fit(
             &small_spec,
@@ -368,7 +400,6 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     lineage_args.extend(fine_tuning.clone());
     derive_from(&mut out_artifact, &artifact, &record.sha256, lineage_args);
     let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
-    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "slim");
     let written = out_artifact.save(&out_path)?;
     let drop = before.accuracy - after.accuracy;
     step.gates
@@ -395,13 +426,13 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     });
     step.finish(started);
     let human = format!(
-        "\n{table}\n{summary}\nwrote `{}`: {} -> {} bytes; accuracy {:.2}% -> {:.2}% ({:+.2} pt){}\nmeasure the speed-up with `mlops bench {} {}`\n",
+        "\n{table}\n{summary}\nwrote `{}`: {} -> {} bytes; accuracy {:.2}% -> {:.2}% (drop {:+.2} pt){}\nmeasure the speed-up with `mlops bench {} {}`\n",
         out_path.display(),
         record.bytes,
         written.bytes,
         100.0 * before.accuracy,
         100.0 * after.accuracy,
-        -100.0 * drop,
+        100.0 * drop,
         accuracy_before_fine_tune.map_or(String::new(), |a| format!(", {:.2}% before fine-tuning", 100.0 * a)),
         args.artifact.display(),
         out_path.display(),
@@ -413,8 +444,14 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
 /// The training data and the evaluation split (`--eval-data`, else `--data`'s test split),
 /// both checked against the model.
 /// Fine-tuning settings shared by both kinds of pruning, so they train alike.
-fn fine_tune_config(args: &PruneArgs, epochs: usize, threads: usize) -> TrainConfig {
+fn fine_tune_config(
+    args: &PruneArgs,
+    epochs: usize,
+    threads: usize,
+    preprocess: mlops::data::Preprocess,
+) -> TrainConfig {
     TrainConfig {
+        preprocess,
         epochs,
         batch_size: args.batch_size.max(1),
         learning_rate: args.lr,
@@ -448,8 +485,10 @@ fn load_data(
     let data = super::train::load_data(&args.data, args.limit, None)?;
     data.train.check_fits(spec.input, spec.classes)?;
     let eval_split = match &args.eval_data {
-        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test)
-            .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?,
+        Some(dir) => mlops::data::load_split(dir, mlops::data::SplitKind::Test).hinted(
+            || format!("cannot load `--eval-data` `{}`", dir.display()),
+            &format!("`--eval-data` {}", super::IDX_FOLDER_HINT),
+        )?,
         None => data.test.clone(),
     };
     eval_split.check_fits(spec.input, spec.classes)?;
@@ -466,12 +505,11 @@ fn derive_from(
     pruned.input = parent.input.clone();
     pruned.labels = parent.labels.clone();
     pruned.lineage = parent.lineage.clone();
-    pruned.lineage.push(LineageEntry {
-        step: "prune".into(),
-        mlops_version: MLOPS_VERSION.into(),
-        parent_sha256: Some(parent_sha256.to_string()),
+    pruned.lineage.push(LineageEntry::new(
+        "prune",
+        Some((parent, parent_sha256)),
         args,
-    });
+    ));
 }
 
 /// Evaluates the pruned artifact and records the result in its `mlops.metrics`.

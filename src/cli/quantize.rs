@@ -4,17 +4,17 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
 
 use mlops::artifact::{expected_tensors, LayerPrecision, LineageEntry, Precision};
 use mlops::data::{load_split, Split, SplitKind};
 use mlops::quantize::{compare_logits, quantize, scheme_metadata, CalibMethod, QuantConfig};
 use mlops::report::table::Table;
-use mlops::report::{FileRecord, Gate, StepReport, MLOPS_VERSION};
+use mlops::report::{FileRecord, Gate, StepReport};
 use mlops::runtime::{evaluate, Session};
 
-use super::{Context, ReportArgs};
+use super::{Context, HintExt as _, ReportArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum MethodArg {
@@ -42,13 +42,13 @@ pub(crate) struct QuantizeArgs {
     #[arg(long, value_name = "DIR")]
     pub calib: Option<PathBuf>,
     /// Calibration images to use, chosen with a fixed seed
-    #[arg(long, default_value_t = 500, value_name = "N")]
+    #[arg(long, default_value_t = 500, value_name = "N", value_parser = super::parse::at_least_one)]
     pub calib_samples: usize,
     /// How activation ranges become scales
     #[arg(long, value_enum, default_value_t = MethodArg::Minmax)]
     pub calib_method: MethodArg,
     /// Percentile kept by `--calib-method percentile`
-    #[arg(long, default_value_t = 99.99)]
+    #[arg(long, default_value_t = 99.99, value_parser = super::parse::percentile)]
     pub percentile: f32,
     /// One weight scale per tensor instead of per output channel
     #[arg(long)]
@@ -65,11 +65,15 @@ pub(crate) struct QuantizeArgs {
     #[arg(long, value_name = "DIR")]
     pub eval_data: Option<PathBuf>,
     /// Exit 3 when int8 accuracy is more than F (0..1) below fp32
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", value_parser = super::parse::accuracy_drop)]
     pub max_accuracy_drop: Option<f64>,
     /// Output file; defaults to NAME.int8.safetensors beside the input
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Exit 3 when quantization warned (a degenerate calibration set, a collapsed
+    /// activation range), as a failed gate does
+    #[arg(long)]
+    pub strict: bool,
     /// Show what would be quantized and write nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -84,12 +88,13 @@ fn calibration_split(dir: &Path, shape: [usize; 3]) -> anyhow::Result<Split> {
         bail!(mlops::Error::data(dir, "calibration folder does not exist"));
     }
     let context = || format!("cannot read calibration images from `{}`", dir.display());
+    let hint = "`--calib` takes a folder of PNG/JPEG images (flat, or one sub-folder per class; labels are not used) or an IDX folder such as `fixtures/mnist`";
     if mlops::data::images::looks_like_image_folder(dir) {
-        return mlops::data::images::load_image_folder(dir, shape).with_context(context);
+        return mlops::data::images::load_image_folder(dir, shape).hinted(context, hint);
     }
     load_split(dir, SplitKind::Train)
         .or_else(|_| load_split(dir, SplitKind::Test))
-        .with_context(context)
+        .hinted(context, hint)
 }
 
 pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepReport> {
@@ -109,6 +114,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     if !args.int8 {
         bail!("say what to quantize to: `--int8` (with `--calib DIR`), `--fp16` or `--bf16`");
     }
+    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "int8")?;
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
     if artifact.precision == Precision::Int8 {
         bail!(
@@ -129,8 +135,9 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     let (mut step, started) = StepReport::start("quantize", "cpu");
     let calib = match &args.calib {
         Some(dir) => {
+            // Calibration needs images of the model's shape; their labels are not used.
             let calib = calibration_split(dir, artifact.spec.input)?;
-            calib.check_fits(artifact.spec.input, artifact.spec.classes)?;
+            calib.check_shape(artifact.spec.input)?;
             Some(calib)
         }
         None => None,
@@ -148,7 +155,6 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         dynamic: args.dynamic,
         exclude,
     };
-    let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "int8");
     let (mut quantized, mut report) = quantize(&artifact, calib.as_ref(), &config)?;
     let calib_sha = calib
         .as_ref()
@@ -178,12 +184,11 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     if !args.exclude.is_empty() {
         lineage_args.insert("exclude".to_string(), args.exclude.clone().into());
     }
-    quantized.lineage.push(LineageEntry {
-        step: "quantize".into(),
-        mlops_version: MLOPS_VERSION.into(),
-        parent_sha256: Some(record.sha256.clone()),
-        args: lineage_args,
-    });
+    quantized.lineage.push(LineageEntry::new(
+        "quantize",
+        Some((&artifact, &record.sha256)),
+        lineage_args,
+    ));
 
     // Evaluation data: `--eval-data`, else the artifact's own when recorded and present.
     let eval_dir = args.eval_data.clone().or_else(|| {
@@ -195,20 +200,23 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     });
     let eval_split = match &eval_dir {
         Some(dir) => {
-            let split = load_split(dir, SplitKind::Test)
-                .with_context(|| format!("cannot load `--eval-data` `{}`", dir.display()))?;
+            let split = load_split(dir, SplitKind::Test).hinted(
+                || format!("cannot load `--eval-data` `{}`", dir.display()),
+                &format!("`--eval-data` {}", super::IDX_FOLDER_HINT),
+            )?;
             split.check_fits(artifact.spec.input, artifact.spec.classes)?;
             Some(split)
         }
         None => None,
     };
 
-    // fp32 vs quantized, per layer and at the logits, on the calibration images (or,
-    // for dynamic quantization without them, on the first evaluation images).
+    // fp32 vs quantized, per layer and at the logits, on evaluation images when there are
+    // some: compared on the calibration images themselves, a degenerate set (all black)
+    // looks perfect while the model fails on real inputs (issue 10).
     let classes = artifact.spec.classes;
-    let (comparison, comparison_name) = match (&calib, &eval_split) {
-        (Some(calib), _) => (Some(calib), "calibration"),
-        (None, Some(split)) => (Some(split), "evaluation"),
+    let (comparison, comparison_name) = match (&eval_split, &calib) {
+        (Some(split), _) => (Some(split), "evaluation"),
+        (None, Some(calib)) => (Some(calib), "calibration"),
         (None, None) => (None, "none"),
     };
     let mut metrics_compare = serde_json::json!({"images": 0, "data": comparison_name});
@@ -216,7 +224,12 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     if let Some(images) = comparison {
         let n = args.calib_samples.clamp(1, 500).min(images.count);
         let (mut x, mut labels) = (Vec::new(), Vec::new());
-        images.gather(&(0..n).collect::<Vec<_>>(), &mut x, &mut labels);
+        images.gather(
+            &(0..n).collect::<Vec<_>>(),
+            &artifact.input.preprocess(),
+            &mut x,
+            &mut labels,
+        );
         mlops::quantize::layer_output_errors(&artifact, &quantized, &x, n, &mut report)?;
         let fp32_logits = mlops::quantize::fp32_logits(&artifact, &x, n)?;
         let mut int8_logits = Vec::new();
@@ -265,7 +278,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         let (mut xs, mut ls, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut agree = 0usize;
         for chunk in (0..split.count).collect::<Vec<_>>().chunks(256) {
-            split.gather(chunk, &mut xs, &mut ls);
+            split.gather(chunk, &artifact.input.preprocess(), &mut xs, &mut ls);
             fp32.predict(&xs, chunk.len(), &mut a);
             session.predict(&xs, chunk.len(), &mut b);
             agree += a
@@ -304,20 +317,31 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
             });
         }
         step.inputs.extend(split.files.iter().cloned());
+        // One sign convention in text and JSON: a drop is fp32 minus int8, positive when
+        // accuracy was lost (README: "Accuracy drops").
         human_eval = format!(
             "accuracy on {} images of `{}`: fp32 {:.2}%, int8 {:.2}% (drop {:+.2} pt), top-1 agreement {:.2}%{}\n",
             split.count,
             dir.display(),
             100.0 * fp32_eval.accuracy,
             100.0 * int8_eval.accuracy,
-            -100.0 * drop,
+            100.0 * drop,
             100.0 * agreement,
-            worst.map_or(String::new(), |(c, d)| format!(", worst class {c} ({:+.2} pt)", -100.0 * d)),
+            worst.map_or(String::new(), |(c, d)| format!(", worst class {c} (drop {:+.2} pt)", 100.0 * d)),
         );
     } else if args.max_accuracy_drop.is_some() {
         bail!("`--max-accuracy-drop` needs evaluation data: add `--eval-data DIR`");
     }
 
+    step.warnings.extend(report.warnings.iter().cloned());
+    if args.strict {
+        step.gates.push(Gate {
+            name: "strict".into(),
+            threshold: 0.0,
+            value: step.warnings.len() as f64,
+            passed: step.warnings.is_empty(),
+        });
+    }
     let written = quantized.save(&out_path)?;
     metrics["bytes_before"] = record.bytes.into();
     metrics["bytes_after"] = written.bytes.into();

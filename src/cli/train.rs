@@ -9,10 +9,10 @@ use clap::{Args, ValueEnum};
 use mlops::artifact::{combined_sha256, Artifact, EvalMetrics, LineageEntry};
 use mlops::data::Dataset;
 use mlops::model::ModelSpec;
-use mlops::report::{FileRecord, Gate, StepReport, MLOPS_VERSION};
+use mlops::report::{FileRecord, Gate, StepReport};
 use mlops::train::{fit, Checkpoint, LrSchedule, Start, TrainConfig, TrainReport};
 
-use super::{Context, ReportArgs};
+use super::{Context, HintExt as _, ReportArgs};
 
 /// Default data folder: the full MNIST committed to the repository.
 pub(crate) const DEFAULT_DATA: &str = "fixtures/mnist";
@@ -41,14 +41,15 @@ pub(crate) struct TrainArgs {
     /// Folder of MNIST-layout IDX files (raw or .gz)
     #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
     pub data: PathBuf,
-    /// Epochs to train
-    #[arg(long, default_value_t = 2)]
-    pub epochs: usize,
+    /// Epochs to train [default: 2, or more on a small data set so that the run makes
+    /// at least 1,000 optimizer updates (the report says which)]
+    #[arg(long, value_parser = super::parse::at_least_one)]
+    pub epochs: Option<usize>,
     /// Images per optimizer step
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::parse::batch)]
     pub batch_size: usize,
     /// Peak learning rate of Adam
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = 0.001, value_parser = super::parse::learning_rate)]
     pub lr: f32,
     /// Learning-rate schedule over the planned steps
     #[arg(long, value_enum, default_value_t = LrScheduleArg::Cosine)]
@@ -57,10 +58,10 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Use only the first N training images
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub limit: Option<usize>,
     /// Use only the first N test images for evaluation
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub val_limit: Option<usize>,
     /// `cpu`, `cuda` or `cuda:N`
     #[arg(long, default_value = "cpu")]
@@ -72,10 +73,10 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Stop after N epochs of this invocation (resume later with `--resume`)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub stop_after: Option<usize>,
     /// Exit 3 when the final test accuracy (0..1) is below F
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", value_parser = super::parse::fraction)]
     pub min_accuracy: Option<f64>,
     #[command(flatten)]
     pub output: ReportArgs,
@@ -100,15 +101,10 @@ pub(crate) fn load_data(
     limit: Option<usize>,
     val_limit: Option<usize>,
 ) -> anyhow::Result<Dataset> {
-    let mut data = Dataset::load(dir)
-        .with_context(|| format!("cannot load the data set `{}`", dir.display()))?;
-    if let Some(n) = limit {
-        data.train.truncate(n);
-    }
-    if let Some(n) = val_limit {
-        data.test.truncate(n);
-    }
-    Ok(data)
+    Dataset::load_limited(dir, limit, val_limit).hinted(
+        || format!("cannot load the data set `{}`", dir.display()),
+        &format!("`--data` {}", super::IDX_FOLDER_HINT),
+    )
 }
 
 pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
@@ -129,14 +125,34 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let data = load_data(&args.data, args.limit, args.val_limit)?;
     data.train.check_fits(spec.input, spec.classes)?;
     data.test.check_fits(spec.input, spec.classes)?;
+    let steps_per_epoch = data.train.count.div_ceil(args.batch_size.max(1));
+    let epochs = args
+        .epochs
+        .unwrap_or_else(|| mlops::train::default_epochs(steps_per_epoch));
+    let total_updates = steps_per_epoch * epochs;
+    if args.epochs.is_none() && epochs != mlops::train::DEFAULT_EPOCHS {
+        ctx.printer.note(&format!(
+            "{epochs} epochs (not {}): {steps_per_epoch} updates per epoch on {} images, and a run needs about {} updates (set `--epochs` to choose)",
+            mlops::train::DEFAULT_EPOCHS,
+            data.train.count,
+            mlops::train::MIN_UPDATES
+        ));
+    }
+    if total_updates < mlops::train::MIN_UPDATES / 4 {
+        step.warnings.push(format!(
+            "this run makes only {total_updates} optimizer updates ({epochs} epochs of {steps_per_epoch}); models rarely converge in fewer than ~{}: raise `--epochs` or lower `--batch-size`",
+            mlops::train::MIN_UPDATES
+        ));
+    }
     let config = TrainConfig {
-        epochs: args.epochs,
+        epochs,
         batch_size: args.batch_size,
         learning_rate: args.lr,
         schedule: args.schedule.into(),
         seed: args.seed,
         threads: ctx.threads,
         stop_after: args.stop_after,
+        preprocess: mlops::data::Preprocess::UNIT,
     };
     ctx.printer.note(&format!(
         "training {} ({} parameters) on {} images from `{}`, testing on {}, batch {}, {} thread(s)",
@@ -166,12 +182,14 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         |ck, epoch| {
             ck.save(&checkpoint_path)?;
             let mut artifact = Artifact::from_params(&spec, &ck.params)?;
-            artifact.lineage.push(LineageEntry {
-                step: "train".into(),
-                mlops_version: MLOPS_VERSION.into(),
-                parent_sha256: None,
-                args: lineage_args.clone(),
-            });
+            // The lineage says what these weights are: the epochs done so far, not the
+            // epochs asked for (a run stopped or killed after epoch 1 of 2 says 1).
+            let mut done = lineage_args.clone();
+            done.insert("epochs".into(), epoch.epoch.into());
+            done.insert("planned_epochs".into(), config.epochs.into());
+            artifact
+                .lineage
+                .push(LineageEntry::new("train", None, done));
             artifact.metrics = Some(EvalMetrics {
                 accuracy: epoch.test_accuracy,
                 loss: epoch.test_loss,
@@ -194,15 +212,22 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         step.gates
             .push(Gate::at_least("min_accuracy", min, report.test_accuracy));
     }
-    if args.stop_after.is_some() && report.epoch_reports.last().map(|e| e.epoch) < Some(args.epochs)
-    {
+    if args.stop_after.is_some() && report.epoch_reports.last().map(|e| e.epoch) < Some(epochs) {
         step.warnings.push(format!(
-            "stopped after {} epoch(s) of {}; continue with `--resume`",
+            "stopped after {} epoch(s) of {epochs}; continue with `--resume`",
             report.epoch_reports.len(),
-            args.epochs
         ));
     }
     step.metrics = serde_json::to_value(&report)?;
+    step.metrics["epochs_chosen"] = if args.epochs.is_some() {
+        "flag".into()
+    } else {
+        format!(
+            "default: at least {} updates at {steps_per_epoch} per epoch",
+            mlops::train::MIN_UPDATES
+        )
+        .into()
+    };
     step.finish(started);
     ctx.printer
         .report(&step, &human(&report, &model_path), &args.output)?;

@@ -49,6 +49,43 @@ pub struct Split {
 /// Scale from a pixel byte to the network's input value (Keras' `x / 255`).
 pub const PIXEL_SCALE: f32 = 1.0 / 255.0;
 
+/// How a pixel byte becomes a network input value: `(pixel * scale - mean) / std`.
+///
+/// The one definition every path uses (training, evaluation, calibration, benchmarks and
+/// serve's UINT8 input), taken from an artifact's `mlops.input`, so all of them feed a
+/// model the same numbers. [`Preprocess::UNIT`] is `pixel / 255` exactly (subtracting 0
+/// and dividing by 1 change no bit), what `mlops train` uses and records.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocess {
+    /// Multiplies the byte.
+    pub scale: f32,
+    /// Subtracted after scaling.
+    pub mean: f32,
+    /// Divided by last.
+    pub std: f32,
+}
+
+impl Preprocess {
+    /// Bytes scaled to `[0, 1]`.
+    pub const UNIT: Preprocess = Preprocess {
+        scale: PIXEL_SCALE,
+        mean: 0.0,
+        std: 1.0,
+    };
+
+    /// The input value of `pixel` (a byte value, `0.0..=255.0`).
+    #[inline]
+    pub fn apply(&self, pixel: f32) -> f32 {
+        (pixel * self.scale - self.mean) / self.std
+    }
+
+    /// The values pixels 0 and 255 become, lowest first: the range a model was trained on.
+    pub fn range(&self) -> (f32, f32) {
+        let (a, b) = (self.apply(0.0), self.apply(255.0));
+        (a.min(b), a.max(b))
+    }
+}
+
 impl Split {
     /// Values per image.
     pub fn image_len(&self) -> usize {
@@ -73,8 +110,15 @@ impl Split {
             .map_or(0, |m| m as usize + 1)
     }
 
-    /// Writes the images at `indices` as `f32` in `[0, 1]` into `out` (NHWC) and their labels.
-    pub fn gather(&self, indices: &[usize], out: &mut Vec<f32>, labels: &mut Vec<u8>) {
+    /// Writes the images at `indices` into `out` (NHWC, each pixel through `preprocess`)
+    /// and their labels into `labels`.
+    pub fn gather(
+        &self,
+        indices: &[usize],
+        preprocess: &Preprocess,
+        out: &mut Vec<f32>,
+        labels: &mut Vec<u8>,
+    ) {
         let len = self.image_len();
         out.clear();
         labels.clear();
@@ -82,7 +126,7 @@ impl Split {
             out.extend(
                 self.images[i * len..(i + 1) * len]
                     .iter()
-                    .map(|&p| p as f32 * PIXEL_SCALE),
+                    .map(|&p| preprocess.apply(p as f32)),
             );
             labels.push(self.labels[i]);
         }
@@ -103,8 +147,17 @@ pub struct Dataset {
 impl Dataset {
     /// Loads both splits of an IDX folder, checking they agree with each other.
     pub fn load(root: &Path) -> Result<Self> {
-        let train = load_split(root, SplitKind::Train)?;
-        let test = load_split(root, SplitKind::Test)?;
+        Self::load_limited(root, None, None)
+    }
+
+    /// Loads at most `train_limit` training and `test_limit` test images.
+    pub fn load_limited(
+        root: &Path,
+        train_limit: Option<usize>,
+        test_limit: Option<usize>,
+    ) -> Result<Self> {
+        let train = load_split_limited(root, SplitKind::Train, train_limit)?;
+        let test = load_split_limited(root, SplitKind::Test, test_limit)?;
         if train.shape != test.shape {
             return Err(Error::data(
                 root,
@@ -146,13 +199,19 @@ fn find_file(root: &Path, split: SplitKind, kind: &str) -> Result<PathBuf> {
 
 /// Loads one split of an IDX folder.
 pub fn load_split(root: &Path, split: SplitKind) -> Result<Split> {
+    load_split_limited(root, split, None)
+}
+
+/// Loads at most `limit` images (and labels) of one split, reading no more of the files
+/// than that ([`idx::read_idx_limited`]).
+pub fn load_split_limited(root: &Path, split: SplitKind, limit: Option<usize>) -> Result<Split> {
     if !root.is_dir() {
         return Err(Error::data(root, "data folder does not exist"));
     }
     let image_path = find_file(root, split, "images")?;
     let label_path = find_file(root, split, "labels")?;
-    let images = idx::read_idx(&image_path)?;
-    let labels = idx::read_idx(&label_path)?;
+    let images = idx::read_idx_limited(&image_path, limit)?;
+    let labels = idx::read_idx_limited(&label_path, limit)?;
     let shape = match images.dims[..] {
         [_, h, w] => [h, w, 1],
         [_, h, w, c] => [h, w, c],
@@ -206,11 +265,18 @@ pub struct SplitSummary {
 }
 
 impl Split {
+    /// Checks the images fit a model's input (for calibration, where labels are unused).
+    pub fn check_shape(&self, input: [usize; 3]) -> Result<()> {
+        self.check_fits(input, usize::MAX)
+    }
+
     /// Checks the images fit a model's input and its labels its classes.
     pub fn check_fits(&self, input: [usize; 3], classes: usize) -> Result<()> {
+        // An image folder has one record for all its files; an IDX split one per file.
         let file = |i: usize| {
             self.files
                 .get(i)
+                .or(self.files.first())
                 .map_or_else(PathBuf::new, |f| PathBuf::from(&f.path))
         };
         if self.shape != input {

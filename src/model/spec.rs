@@ -8,6 +8,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// Most values one image's activations may hold after any layer (the input included):
+/// 2^26 (256 MiB of f32 per image). Sizes come from files and flags, so every size is
+/// checked against this before anything is allocated.
+pub const MAX_ACTIVATION_VALUES: usize = 1 << 26;
+
+/// Most trainable values a model may have: 2^28 (1 GiB of fp32 weights), per tensor and
+/// in total.
+pub const MAX_PARAMETERS: usize = 1 << 28;
+
 /// Non-linearity applied after a conv or dense layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -116,7 +125,15 @@ pub enum Shape {
 }
 
 impl Shape {
-    /// Number of values.
+    /// Number of values, or `None` when it does not fit in `usize`.
+    pub fn checked_len(&self) -> Option<usize> {
+        match self {
+            Shape::Spatial(s) => s.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)),
+            Shape::Flat(n) => Some(*n),
+        }
+    }
+
+    /// Number of values (of a shape [`ModelSpec::shapes`] accepted, which never overflows).
     pub fn len(&self) -> usize {
         match self {
             Shape::Spatial(s) => s.iter().product(),
@@ -246,7 +263,7 @@ impl ModelSpec {
             classes: raw.classes,
             layers,
         };
-        spec.shapes()?;
+        spec.params()?;
         Ok(spec)
     }
 
@@ -275,6 +292,15 @@ impl ModelSpec {
                 "input {:?} has a zero dimension",
                 self.input
             )));
+        }
+        match Shape::Spatial(self.input).checked_len() {
+            Some(n) if n <= MAX_ACTIVATION_VALUES => {}
+            _ => {
+                return Err(Error::Spec(format!(
+                    "input {:?} has more than {MAX_ACTIVATION_VALUES} values per image (the limit of this mlops)",
+                    self.input
+                )))
+            }
         }
         if self.classes < 2 {
             return Err(Error::Spec(format!(
@@ -308,7 +334,7 @@ impl ModelSpec {
                     padding,
                     activation,
                 } => {
-                    let [h, w, _] = spatial(shape)?;
+                    let [h, w, channels] = spatial(shape)?;
                     if *filters == 0 || *kernel == 0 || *stride == 0 {
                         return Err(fail("filters, kernel and stride must be at least 1".into()));
                     }
@@ -328,6 +354,16 @@ impl ModelSpec {
                         }
                         Padding::Same => (h.div_ceil(*stride), w.div_ceil(*stride)),
                     };
+                    // The training executor unfolds each output pixel's receptive field
+                    // (im2col), so that buffer is bounded like an activation.
+                    let unfolded = [oh, ow, *kernel, *kernel, channels]
+                        .iter()
+                        .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+                    if !unfolded.is_some_and(|n| n <= MAX_ACTIVATION_VALUES) {
+                        return Err(fail(format!(
+                            "its unfolded input ({oh}x{ow} windows of {kernel}x{kernel} over {shape}) has more than {MAX_ACTIVATION_VALUES} values per image (the limit of this mlops); use a smaller kernel or input"
+                        )));
+                    }
                     Shape::Spatial([oh, ow, *filters])
                 }
                 LayerSpec::MaxPool2d { size, stride } | LayerSpec::AvgPool2d { size, stride } => {
@@ -366,6 +402,14 @@ impl ModelSpec {
                 }
                 LayerSpec::Relu => shape,
             };
+            match shape.checked_len() {
+                Some(n) if n <= MAX_ACTIVATION_VALUES => {}
+                _ => {
+                    return Err(fail(format!(
+                        "its output {shape} has more than {MAX_ACTIVATION_VALUES} values per image (the limit of this mlops); use fewer filters or a smaller input"
+                    )))
+                }
+            }
             shapes.push(shape);
         }
         if shape != Shape::Flat(self.classes) {
@@ -381,6 +425,7 @@ impl ModelSpec {
     pub fn params(&self) -> Result<Vec<ParamInfo>> {
         let shapes = self.shapes()?;
         let mut params = Vec::new();
+        let mut total = 0usize;
         for (index, layer) in self.layers.iter().enumerate() {
             let input = shapes[index];
             let (weight, bias) = match layer {
@@ -395,6 +440,19 @@ impl ModelSpec {
                 LayerSpec::Dense { units, .. } => (vec![*units, input.len()], *units),
                 _ => continue,
             };
+            let count = weight.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+            match count.and_then(|n| n.checked_add(total)) {
+                Some(n) if n + bias <= MAX_PARAMETERS => total = n + bias,
+                _ => {
+                    return Err(Error::SpecLayer {
+                        index,
+                        kind: layer.kind().into(),
+                        problem: format!(
+                            "its weight {weight:?} takes the model past {MAX_PARAMETERS} parameters (the limit of this mlops)"
+                        ),
+                    })
+                }
+            }
             params.push(ParamInfo {
                 name: format!("layers.{index}.weight"),
                 shape: weight,
@@ -494,6 +552,37 @@ mod tests {
         let err = ModelSpec::from_yaml(text).unwrap_err().to_string();
         assert!(err.contains("layer 0 (conv2d)"), "{err}");
         assert!(err.contains("larger than its input"), "{err}");
+    }
+
+    /// Issue 10: `filters: 1000000` aborted the process on a 27 GB allocation and
+    /// `filters: 2^62` panicked with `capacity overflow`; both are refused at parse time,
+    /// naming the layer.
+    #[test]
+    fn oversized_layers_are_refused_naming_the_layer() {
+        for filters in [1_000_000usize, 1 << 62, usize::MAX] {
+            let text = format!(
+                "input: [28, 28, 1]\nclasses: 10\nlayers:\n  - {{type: conv2d, filters: {filters}, kernel: 3}}\n  - type: flatten\n  - {{type: dense, units: 10}}\n"
+            );
+            let err = ModelSpec::from_yaml(&text).unwrap_err().to_string();
+            assert!(err.contains("layer 0 (conv2d)"), "{err}");
+            assert!(err.contains("limit of this mlops"), "{err}");
+        }
+        let wide = "input: [28, 28, 1]\nclasses: 10\nlayers:\n  - type: flatten\n  - {type: dense, units: 400000}\n  - {type: dense, units: 10}\n";
+        let err = ModelSpec::from_yaml(wide).unwrap_err().to_string();
+        assert!(err.contains("layer 1 (dense)"), "{err}");
+        assert!(err.contains("parameters"), "{err}");
+        let kernel = "input: [28, 28, 1]\nclasses: 10\nlayers:\n  - {type: conv2d, filters: 1, kernel: 100000, padding: same}\n  - type: flatten\n  - {type: dense, units: 10}\n";
+        let err = ModelSpec::from_yaml(kernel).unwrap_err().to_string();
+        assert!(err.contains("layer 0 (conv2d)"), "{err}");
+    }
+
+    /// Issue 10: an input of `[2^32, 2^32, 1]` wrapped to 0 values and loaded.
+    #[test]
+    fn input_sizes_that_wrap_are_refused() {
+        let mut spec = ModelSpec::reference_cnn();
+        spec.input = [1 << 32, 1 << 32, 1];
+        let err = spec.shapes().unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod structured;
 use serde::Serialize;
 
 use crate::model::ModelSpec;
-use crate::Result;
+use crate::{Error, Result};
 
 /// When and how far to prune, with TF-MOT's semantics.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,7 +71,12 @@ impl Schedule {
                 power,
                 ..
             } => {
-                let p = ((step - begin) as f64 / (end - begin).max(1) as f64).clamp(0.0, 1.0);
+                // A schedule of one update (begin == end) prunes to the target at once.
+                let p = if end <= begin {
+                    1.0
+                } else {
+                    ((step - begin) as f64 / (end - begin) as f64).clamp(0.0, 1.0)
+                };
                 ((initial - target) as f64 * (1.0 - p).powf(power as f64) + target as f64) as f32
             }
         })
@@ -84,6 +89,87 @@ impl Schedule {
             Schedule::Polynomial { target, .. } => target,
         }
     }
+}
+
+/// The pruning steps of a run of `total_steps` optimizer updates, fitted so the target is
+/// reached inside the run (TF-MOT leaves this to the user, and a schedule whose
+/// `end_step` or `frequency` lies past the run silently prunes to less or nothing:
+/// model-optimization#973, #975).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FittedSteps {
+    /// First update that prunes (0-based).
+    pub begin: u64,
+    /// Update at which the target is reached: `begin + k * frequency`, within the run.
+    pub end: u64,
+    /// Updates between mask updates.
+    pub frequency: u64,
+    /// What was changed from the request, in words (empty when nothing was).
+    pub adjustments: Vec<String>,
+}
+
+/// Fits `begin`, `end` (default: as late as the run allows) and `frequency` to a run of
+/// `total_steps` updates: `end` is clamped to the last update, `frequency` to the span
+/// between `begin` and `end` (so at least one update after `begin` prunes), and `end`
+/// is moved back onto `begin + k * frequency` so the last mask update hits the target.
+///
+/// # Errors
+/// [`Error::Config`] when `begin` lies past the run (no update could prune), or
+/// `frequency` is 0, or the run has no step.
+pub fn fit_steps(
+    begin: u64,
+    end: Option<u64>,
+    frequency: u64,
+    total_steps: u64,
+) -> Result<FittedSteps> {
+    if frequency == 0 {
+        return Err(Error::Config("`--frequency` must be at least 1".into()));
+    }
+    if total_steps == 0 {
+        return Err(Error::Config(
+            "the fine-tuning run has no optimizer step; give it data (`--data`, `--limit`) and `--fine-tune-epochs` of at least 1".into(),
+        ));
+    }
+    let last = total_steps - 1;
+    if begin > last {
+        return Err(Error::Config(format!(
+            "`--begin-step {begin}` is past the last fine-tuning step ({last} of {total_steps} steps, 0-based), so nothing would be pruned; lower `--begin-step` or raise `--fine-tune-epochs`"
+        )));
+    }
+    let mut adjustments = Vec::new();
+    let given = end.is_some();
+    let asked_end = end.unwrap_or(last);
+    let mut end = asked_end.min(last).max(begin);
+    if end != asked_end {
+        adjustments.push(format!(
+            "end step {asked_end} clamped to {end}: the run has {total_steps} steps"
+        ));
+    }
+    let span = end - begin;
+    let fitted_frequency = if span == 0 {
+        frequency
+    } else {
+        frequency.min(span)
+    };
+    if fitted_frequency != frequency {
+        adjustments.push(format!(
+            "frequency {frequency} lowered to {fitted_frequency}: steps {begin}..={end} hold fewer than {frequency} updates"
+        ));
+    }
+    if span > 0 {
+        let aligned = begin + span / fitted_frequency * fitted_frequency;
+        if aligned != end && given && asked_end == end {
+            adjustments.push(format!(
+                "end step {end} moved back to {aligned}, the last mask update (begin {begin} + a multiple of frequency {fitted_frequency})"
+            ));
+        }
+        end = aligned;
+    }
+    Ok(FittedSteps {
+        begin,
+        end,
+        frequency: fitted_frequency,
+        adjustments,
+    })
 }
 
 /// Which parameter tensors are pruned and their current masks (true = kept).
@@ -240,6 +326,57 @@ mod tests {
             (c.at(9), c.at(10), c.at(12), c.at(15)),
             (None, Some(0.3), None, Some(0.3))
         );
+    }
+
+    /// Issue 10: `--limit 2000` (32 steps) with the default frequency 100, `--begin-step
+    /// 1000` and `--end-step 300` all pruned to less than asked; fitted, every schedule
+    /// reaches the target at its last mask update inside the run.
+    #[test]
+    fn fitted_steps_reach_the_target_inside_the_run() {
+        for (begin, end, frequency, total) in [
+            (0, None, 100, 32),
+            (0, Some(300), 100, 32),
+            (0, None, 100, 24),
+            (5, None, 100, 32),
+            (0, None, 100, 938),
+            (10, Some(15), 100, 938),
+            (0, None, 1, 1),
+        ] {
+            let fitted = fit_steps(begin, end, frequency, total).unwrap();
+            assert!(fitted.end < total, "{fitted:?}");
+            assert_eq!(
+                (fitted.end - fitted.begin) % fitted.frequency,
+                0,
+                "{fitted:?}"
+            );
+            let schedule = Schedule::Polynomial {
+                initial: 0.0,
+                target: 0.5,
+                begin: fitted.begin,
+                end: fitted.end,
+                frequency: fitted.frequency,
+                power: 3.0,
+            };
+            let last_update = (0..total).filter_map(|s| schedule.at(s)).last();
+            assert_eq!(
+                last_update,
+                Some(0.5),
+                "{begin} {end:?} {frequency} {total}: {fitted:?}"
+            );
+        }
+        let full = fit_steps(0, None, 100, 938).unwrap();
+        assert_eq!(
+            (full.end, full.frequency),
+            (900, 100),
+            "the default run is unchanged"
+        );
+        assert!(full.adjustments.is_empty());
+        assert!(!fit_steps(0, Some(300), 100, 32)
+            .unwrap()
+            .adjustments
+            .is_empty());
+        let err = fit_steps(1000, None, 100, 32).unwrap_err().to_string();
+        assert!(err.contains("--begin-step 1000"), "{err}");
     }
 
     /// Masks zero exactly the requested share and survive an update that moved weights.

@@ -59,17 +59,73 @@ impl Range {
     }
 }
 
+/// The calibration images used: `config.samples` of `count`, picked by `config.seed`.
+pub fn sample_indices(count: usize, config: &QuantConfig) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(config.seed));
+    order.truncate(config.samples);
+    order
+}
+
+/// Fewer distinct calibration images than this is warned about: ranges from a handful of
+/// images do not describe real inputs (TFLite's guide suggests ~100-500).
+pub const MIN_DISTINCT_IMAGES: usize = 16;
+
+/// What makes a calibration set unfit, in words: constant images, too few distinct
+/// images, and layers whose observed input range is empty (the scale then falls back to
+/// 1.0, see [`ActQuant::from_range`]) or is a single value. `names` are the conv/dense
+/// weight names in op order, matching `ranges`.
+///
+/// A degenerate set can still give a model that agrees with fp32 *on that set*, which is
+/// why the comparison is made on evaluation data when there is some.
+pub fn calibration_warnings(
+    calib: &Split,
+    used: &[usize],
+    ranges: &[Range],
+    names: &[String],
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let len = calib.image_len();
+    let image = |i: usize| &calib.images[i * len..(i + 1) * len];
+    let constant = used
+        .iter()
+        .filter(|&&i| image(i).iter().all(|&p| p == image(i)[0]))
+        .count();
+    if constant > 0 && constant * 10 >= used.len() {
+        warnings.push(format!(
+            "{constant} of the {} calibration images are constant (every pixel the same value): calibrate on real, representative images",
+            used.len()
+        ));
+    }
+    let distinct: std::collections::HashSet<&[u8]> = used.iter().map(|&i| image(i)).collect();
+    if distinct.len() < MIN_DISTINCT_IMAGES {
+        warnings.push(format!(
+            "only {} distinct calibration image(s) among {} used: activation ranges from so few do not describe real inputs; use a few hundred representative images (`--calib-samples`)",
+            distinct.len(),
+            used.len()
+        ));
+    }
+    for (range, name) in ranges.iter().zip(names) {
+        if !(range.max > range.min) {
+            warnings.push(format!(
+                "`{name}`: its input was the constant {} on every calibration image, so its activation scale fell back to 1.0 and real inputs will be rounded to a few levels",
+                range.min
+            ));
+        }
+    }
+    warnings
+}
+
 /// Runs `config.samples` calibration images through the fp32 model; one range per
 /// conv/dense layer, in op order.
 pub fn collect_ranges(
     plan: &Plan,
     params: &[Vec<f32>],
     calib: &Split,
+    preprocess: &crate::data::Preprocess,
     config: &QuantConfig,
 ) -> Result<Vec<Range>> {
-    let mut order: Vec<usize> = (0..calib.count).collect();
-    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(config.seed));
-    order.truncate(config.samples);
+    let order = sample_indices(calib.count, config);
     let layer_ops: Vec<usize> = plan
         .ops
         .iter()
@@ -88,7 +144,7 @@ pub fn collect_ranges(
     let mut executor = Executor::new(plan, 1);
     let (mut x, mut labels) = (Vec::new(), Vec::new());
     for chunk in order.chunks(100) {
-        calib.gather(chunk, &mut x, &mut labels);
+        calib.gather(chunk, preprocess, &mut x, &mut labels);
         let acts = executor.activations(params, &x, chunk.len());
         for (range, &op) in ranges.iter_mut().zip(&layer_ops) {
             let values = &acts[op][..chunk.len()

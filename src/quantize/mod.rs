@@ -81,6 +81,10 @@ pub struct QuantizeReport {
     pub layers: Vec<LayerReport>,
     /// Total weight bits per parameter (int8 values plus scales and biases).
     pub bits_per_weight: f64,
+    /// What makes the calibration set unfit ([`calibrate::calibration_warnings`]); the
+    /// CLI puts these in the step report's `warnings`.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 fn snr_db(signal: f64, noise: f64) -> f64 {
@@ -105,13 +109,32 @@ pub fn quantize(
     }
     let plan = Plan::compile(&artifact.spec)?;
     let params = artifact.params_f32();
+    let mut warnings = Vec::new();
     let ranges = match (config.dynamic, calib) {
         (true, _) => Vec::new(),
         (false, Some(calib)) => {
             if config.samples == 0 {
                 return Err(Error::Config("`--calib-samples` must be at least 1".into()));
             }
-            calibrate::collect_ranges(&plan, &params, calib, config)?
+            let ranges = calibrate::collect_ranges(
+                &plan,
+                &params,
+                calib,
+                &artifact.input.preprocess(),
+                config,
+            )?;
+            let names: Vec<String> = plan
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Conv(c) => Some(plan.params[c.weight].name.clone()),
+                    Op::Dense(d) => Some(plan.params[d.weight].name.clone()),
+                    _ => None,
+                })
+                .collect();
+            let used = calibrate::sample_indices(calib.count, config);
+            warnings = calibrate::calibration_warnings(calib, &used, &ranges, &names);
+            ranges
         }
         (false, None) => {
             return Err(Error::Config(
@@ -235,6 +258,7 @@ pub fn quantize(
         activations: if config.dynamic { "dynamic" } else { "static" }.into(),
         layers,
         bits_per_weight: total_bits / total_params.max(1) as f64,
+        warnings,
     };
     Ok((out, report))
 }
@@ -413,7 +437,12 @@ mod tests {
         let (_, int8) = int8_reference_cnn();
         let split = synthetic_split(9);
         let (mut x, mut labels) = (Vec::new(), Vec::new());
-        split.gather(&(0..9).collect::<Vec<_>>(), &mut x, &mut labels);
+        split.gather(
+            &(0..9).collect::<Vec<_>>(),
+            &crate::data::Preprocess::UNIT,
+            &mut x,
+            &mut labels,
+        );
         let mut portable = Int8Model::new(&int8, 2, Kernel::Portable).unwrap();
         let mut fast = Int8Model::new(&int8, 2, Kernel::detect()).unwrap();
         let (mut a, mut b) = (Vec::new(), Vec::new());
@@ -428,7 +457,12 @@ mod tests {
         let (fp32, int8) = int8_reference_cnn();
         let split = synthetic_split(32);
         let (mut x, mut labels) = (Vec::new(), Vec::new());
-        split.gather(&(0..32).collect::<Vec<_>>(), &mut x, &mut labels);
+        split.gather(
+            &(0..32).collect::<Vec<_>>(),
+            &crate::data::Preprocess::UNIT,
+            &mut x,
+            &mut labels,
+        );
         let reference = fp32_logits(&fp32, &x, 32).unwrap();
         let mut model = Int8Model::new(&int8, 1, Kernel::detect()).unwrap();
         let mut got = Vec::new();
@@ -499,7 +533,12 @@ mod tests {
             let fp32 = Artifact::from_params(&spec, &plan.init_params(5)).unwrap();
             let split = random_split(spec.input, 24);
             let (mut x, mut labels) = (Vec::new(), Vec::new());
-            split.gather(&(0..24).collect::<Vec<_>>(), &mut x, &mut labels);
+            split.gather(
+                &(0..24).collect::<Vec<_>>(),
+                &crate::data::Preprocess::UNIT,
+                &mut x,
+                &mut labels,
+            );
             let reference = fp32_logits(&fp32, &x, 24).unwrap();
             let weights: Vec<usize> = spec
                 .params()

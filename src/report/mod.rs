@@ -28,10 +28,21 @@ pub struct FileRecord {
 }
 
 impl FileRecord {
-    /// Hashes a file on disk.
+    /// Hashes a file on disk, streaming (a data file is never held in memory for this).
     pub fn of(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-        Ok(Self::of_bytes(path, &bytes))
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
+        let mut hasher = Sha256::new();
+        let bytes =
+            std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
+        Ok(FileRecord {
+            path: path.display().to_string(),
+            bytes,
+            sha256: hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        })
     }
 
     /// Describes bytes already in memory that live (or will live) at `path`.

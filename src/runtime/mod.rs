@@ -15,13 +15,14 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::artifact::Artifact;
-use crate::data::Split;
+use crate::data::{Preprocess, Split};
 use crate::nn::{softmax_cross_entropy, Executor, Plan};
 use crate::Result;
 
 /// A loaded model ready to predict on the CPU.
 pub struct Session {
     engine: Engine,
+    preprocess: Preprocess,
 }
 
 enum Engine {
@@ -44,13 +45,29 @@ impl Session {
             let model = int8::Int8Model::new(artifact, threads, int8::gemm::Kernel::detect())?;
             return Ok(Session {
                 engine: Engine::Int8(model),
+                preprocess: artifact.input.preprocess(),
             });
         }
-        Self::from_params(
+        let mut session = Self::from_params(
             &Plan::compile(&artifact.spec)?,
             artifact.params_f32(),
             threads,
-        )
+        )?;
+        session.preprocess = artifact.input.preprocess();
+        Ok(session)
+    }
+
+    /// The same session fed through `preprocess` (for a model made from parameters whose
+    /// inputs are not [`Preprocess::UNIT`]).
+    pub fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
+        self.preprocess = preprocess;
+        self
+    }
+
+    /// How pixel bytes become this model's input ([`Preprocess::UNIT`] for a session made
+    /// from parameters): what [`evaluate`] applies.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
     }
 
     /// A session over parameters already in memory (used while training).
@@ -58,6 +75,7 @@ impl Session {
         if let Some(kernel) = fp32::Kernel::detect() {
             return Ok(Session {
                 engine: Engine::Direct(fp32::FloatModel::new(plan, &params, threads, kernel)),
+                preprocess: Preprocess::UNIT,
             });
         }
         Ok(Session {
@@ -65,6 +83,7 @@ impl Session {
                 executor: Executor::new(plan, threads),
                 params,
             },
+            preprocess: Preprocess::UNIT,
         })
     }
 
@@ -141,8 +160,9 @@ pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Eval
     let mut loss_sum = 0.0;
     let mut compute = 0.0;
     let indices: Vec<usize> = (0..split.count).collect();
+    let preprocess = *session.preprocess();
     for chunk in indices.chunks(batch_size.max(1)) {
-        split.gather(chunk, &mut x, &mut labels);
+        split.gather(chunk, &preprocess, &mut x, &mut labels);
         let started = Instant::now();
         session.predict(&x, chunk.len(), &mut logits);
         compute += started.elapsed().as_secs_f64();

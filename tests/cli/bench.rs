@@ -1,6 +1,8 @@
 use std::path::Path;
 
-use crate::util::{assert_success, assert_user_error, json_of, mlops, trained_model};
+use crate::util::{
+    assert_success, assert_usage_error, assert_user_error, json_of, mlops, trained_model,
+};
 
 /// Quick settings: a few calls per row, no minimum duration.
 const QUICK: [&str; 8] = [
@@ -192,8 +194,37 @@ fn bench_rejects_bad_input() {
             .output()
             .unwrap()
     };
+    // Without the quick settings, so the flag under test is given once.
+    let bare = |args: &[&str]| {
+        mlops(dir.path())
+            .arg("bench")
+            .arg(trained_model())
+            .args(args)
+            .output()
+            .unwrap()
+    };
     assert_user_error(&run(&["--device", "tpu"]), "unknown device `tpu`");
-    assert_user_error(&run(&["--batch", "0"]), "at least 1");
+    assert_usage_error(
+        &run(&["--batch", "0"]),
+        "'--batch <BATCH>': must be in 1..=65536",
+    );
+    // Issue 10: `inf` / `1e300` panicked (`cannot convert float seconds to Duration`),
+    // `NaN` was accepted and `--iters 0` silently ran one sample.
+    for (flag, value) in [
+        ("--duration", "inf"),
+        ("--duration", "1e300"),
+        ("--duration", "NaN"),
+        ("--warmup-secs", "inf"),
+        ("--warmup-secs", "-1"),
+    ] {
+        let flag = format!("{flag}={value}");
+        assert_usage_error(&bare(&[&flag]), "must be a finite number in [0, 3600]");
+    }
+    assert_usage_error(
+        &bare(&["--iters", "0"]),
+        "'--iters <ITERS>': must be in 1..=",
+    );
+    assert_usage_error(&bare(&["--repeats", "0"]), "must be in 1..=");
     std::fs::write(dir.path().join("other.json"), r#"{"rows": [{"x": 1}]}"#).unwrap();
     assert_user_error(&run(&["--baseline", "other.json"]), "another schema");
     std::fs::write(dir.path().join("plain.json"), r#"{"hello": 1}"#).unwrap();

@@ -4,6 +4,7 @@ mod bench;
 mod errors;
 mod eval;
 mod export;
+mod hostile;
 mod inspect;
 mod pipeline;
 mod prune;

@@ -1,6 +1,8 @@
 use std::path::Path;
 
-use crate::util::{assert_success, assert_user_error, json_of, mlops, tiny_data, trained_model};
+use crate::util::{
+    assert_success, assert_usage_error, assert_user_error, json_of, mlops, tiny_data, trained_model,
+};
 
 fn prune(dir: &Path, extra: &[&str]) -> std::process::Output {
     std::fs::copy(trained_model(), dir.join("model.safetensors")).unwrap();
@@ -138,7 +140,10 @@ fn prune_dry_run_writes_nothing() {
 #[test]
 fn prune_rejects_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    assert_user_error(&prune(dir.path(), &["--sparsity", "1.0"]), "outside [0, 1)");
+    assert_usage_error(
+        &prune(dir.path(), &["--sparsity", "1.0"]),
+        "'--sparsity <SPARSITY>': must be a finite number in [0, 1)",
+    );
     assert_user_error(
         &prune(dir.path(), &["--sparsity", "0.5", "--layers", "layers.5"]),
         "did you mean",
@@ -184,9 +189,9 @@ fn prune_structured_makes_a_smaller_model() {
 #[test]
 fn prune_structured_rejects_bad_keep() {
     let dir = tempfile::tempdir().unwrap();
-    assert_user_error(
+    assert_usage_error(
         &prune(dir.path(), &["--structured", "--keep", "0"]),
-        "outside (0, 1]",
+        "'--keep <KEEP>': must be a finite number in (0, 1]",
     );
     let dry = prune(dir.path(), &["--structured", "--keep", "0.5", "--dry-run"]);
     assert!(dry.status.success());

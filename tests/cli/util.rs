@@ -73,6 +73,16 @@ pub fn assert_user_error(output: &std::process::Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }
 
+/// Asserts a usage error from flag parsing: exit 2, clap's message naming `needle` (the
+/// flag and its range), no panic.
+pub fn assert_usage_error(output: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+}
+
 /// Asserts the command succeeded, showing its stderr when it did not.
 pub fn assert_success(output: &std::process::Output) {
     assert!(

@@ -1,0 +1,704 @@
+//! Issue 10, "Nothing silent": each test is a failure people reported against TF-MOT, the
+//! TFLite converter, ONNX Runtime quantization or safetensors, replayed on `mlops`. Each
+//! failed before the fix it pins.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use mlops::artifact::safetensors::{decode, encode, TensorData};
+use mlops::artifact::{Artifact, DIGEST_KEY};
+
+use crate::util::{
+    assert_success, assert_usage_error, assert_user_error, dir_with_model, json_of, mlops,
+    tiny_data,
+};
+
+// === 1. A step that did not do what was asked must not exit 0 ===
+
+fn prune(dir: &Path, extra: &[&str]) -> std::process::Output {
+    mlops(dir)
+        .args(["prune", "model.safetensors", "--sparsity", "0.5", "--json"])
+        .arg("--data")
+        .arg(tiny_data())
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// `--limit 2000` gave 32 fine-tuning steps: with the default `--frequency 100` the
+/// schedule never reached its end, the model had 0.00% sparsity, and the lineage said
+/// 0.5. Here 512 images in batches of 64 are 8 steps; `--end-step 300` likewise.
+#[test]
+fn prune_fits_its_schedule_to_a_short_run_and_records_what_it_did() {
+    for extra in [&[][..], &["--end-step", "300"][..]] {
+        let dir = dir_with_model();
+        let output = prune(dir.path(), extra);
+        assert_success(&output);
+        let report = json_of(&output);
+        for layer in report["metrics"]["layers"].as_array().unwrap() {
+            if layer["pruned"] == true {
+                let s = layer["sparsity"].as_f64().unwrap();
+                assert!((0.49..=0.51).contains(&s), "{extra:?}: {layer}");
+            }
+        }
+        let realized = report["metrics"]["total_sparsity"].as_f64().unwrap();
+        let info = json_of(
+            &mlops(dir.path())
+                .args(["inspect", "model.pruned.safetensors", "--json"])
+                .output()
+                .unwrap(),
+        );
+        let lineage = info["metrics"]["lineage"].as_array().unwrap();
+        let entry = &lineage.last().unwrap()["args"];
+        assert_eq!(entry["sparsity"].as_f64().unwrap(), realized);
+        if !extra.is_empty() {
+            let warnings = report["warnings"].as_array().unwrap();
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.as_str().unwrap().contains("end step 300")),
+                "{warnings:?}"
+            );
+        }
+    }
+}
+
+/// `--begin-step 1000` on an 8-step run pruned nothing and exited 0.
+#[test]
+fn prune_refuses_a_schedule_that_starts_after_the_run() {
+    let dir = dir_with_model();
+    let output = prune(dir.path(), &["--begin-step", "1000"]);
+    assert_user_error(
+        &output,
+        "`--begin-step 1000` is past the last fine-tuning step",
+    );
+    assert!(!dir.path().join("model.pruned.safetensors").exists());
+}
+
+/// Writes `count` copies of one all-black PNG into `dir`.
+fn black_images(dir: &Path, count: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..count {
+        image::GrayImage::from_pixel(28, 28, image::Luma([0u8]))
+            .save(dir.join(format!("{i}.png")))
+            .unwrap();
+    }
+}
+
+/// 20 all-black calibration images: int8 accuracy collapsed, exit 0, `warnings: []`, and
+/// a comparison on those same images claimed cosine 0.99996.
+#[test]
+fn quantize_warns_on_a_degenerate_calibration_set() {
+    let dir = dir_with_model();
+    black_images(&dir.path().join("black"), 20);
+    let run = |extra: &[&str]| {
+        mlops(dir.path())
+            .args([
+                "quantize",
+                "model.safetensors",
+                "--int8",
+                "--calib",
+                "black",
+                "--json",
+            ])
+            .arg("--eval-data")
+            .arg(tiny_data())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = run(&[]);
+    assert_success(&output);
+    let report = json_of(&output);
+    let warnings: Vec<String> = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect();
+    let all = warnings.join("\n");
+    assert!(
+        all.contains("20 of the 20 calibration images are constant"),
+        "{all}"
+    );
+    assert!(all.contains("only 1 distinct calibration image"), "{all}");
+    assert!(
+        all.contains("`layers.0.weight`: its input was the constant 0"),
+        "{all}"
+    );
+    assert_eq!(report["metrics"]["comparison"]["data"], "evaluation");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning: 20 of the 20"), "{stderr}");
+    // `--strict` turns them into a failed gate: exit 3.
+    let strict = run(&["--strict", "--out", "strict.safetensors"]);
+    assert_eq!(strict.status.code(), Some(3));
+    assert_eq!(json_of(&strict)["gates"][0]["name"], "strict");
+    // Real images warn about nothing.
+    let real = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--strict",
+            "--json",
+            "--out",
+            "r.safetensors",
+            "--calib",
+        ])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&real);
+    assert_eq!(json_of(&real)["warnings"], serde_json::json!([]));
+}
+
+/// The text said `drop +0.06 pt` for a gain and `drop -43.49 pt` for a loss, the
+/// opposite of the JSON's `accuracy_drop`. One convention: drop = fp32 - int8.
+#[test]
+fn quantize_prints_the_drop_with_the_sign_of_the_json() {
+    let dir = dir_with_model();
+    black_images(&dir.path().join("black"), 20);
+    let output = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--calib",
+            "black",
+            "--json",
+        ])
+        .arg("--eval-data")
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let drop = json_of(&output)["metrics"]["eval"]["accuracy_drop"]
+        .as_f64()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let text = stderr
+        .split("(drop ")
+        .nth(1)
+        .and_then(|rest| rest.split(" pt").next())
+        .unwrap_or_else(|| panic!("no drop in: {stderr}"));
+    let printed: f64 = text.parse().unwrap();
+    assert!(
+        (printed - 100.0 * drop).abs() < 0.006,
+        "text {printed} pt vs JSON {drop}"
+    );
+}
+
+/// With default flags a 1,500-image set stopped after 48 updates at ~33% accuracy. The
+/// default epochs now scale with the data; an explicit short run is warned about.
+#[test]
+fn train_defaults_scale_with_a_small_data_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "train",
+            "--limit",
+            "100",
+            "--batch-size",
+            "50",
+            "--val-limit",
+            "64",
+        ])
+        .args(["--out", "run", "--json", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let report = json_of(&output);
+    assert_eq!(
+        report["metrics"]["epochs"], 200,
+        "2 updates per epoch, at most 200 epochs"
+    );
+    assert!(report["metrics"]["epochs_chosen"]
+        .as_str()
+        .unwrap()
+        .starts_with("default"));
+    assert_eq!(report["warnings"], serde_json::json!([]));
+    let short = mlops(dir.path())
+        .args([
+            "train",
+            "--limit",
+            "100",
+            "--batch-size",
+            "100",
+            "--val-limit",
+            "64",
+        ])
+        .args(["--epochs", "2", "--out", "short", "--json", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&short);
+    let warnings = json_of(&short)["warnings"].to_string();
+    assert!(warnings.contains("only 2 optimizer updates"), "{warnings}");
+}
+
+// === 2. Non-finite numbers never become an answer ===
+
+/// The tensors and metadata of `path`.
+fn parts(path: &Path) -> (Vec<mlops::artifact::NamedTensor>, BTreeMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap();
+    decode(path, &bytes).unwrap()
+}
+
+/// Writes tensors and metadata as they are (no checks, no digest update) to `dir/name`.
+fn write_raw(
+    dir: &Path,
+    name: &str,
+    tensors: &[mlops::artifact::NamedTensor],
+    metadata: &BTreeMap<String, String>,
+) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, encode(tensors, metadata).unwrap()).unwrap();
+    path
+}
+
+fn set_f32(tensors: &mut [mlops::artifact::NamedTensor], name: &str, index: usize, v: f32) {
+    let t = tensors.iter_mut().find(|t| t.name == name).unwrap();
+    let TensorData::F32(values) = &mut t.data else {
+        panic!("{name} is not f32");
+    };
+    values[index] = v;
+}
+
+fn int8_model(dir: &Path) -> PathBuf {
+    let output = mlops(dir)
+        .args(["quantize", "model.safetensors", "--int8", "--calib"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&output);
+    dir.join("model.int8.safetensors")
+}
+
+/// NaN in a bias, +Inf in a weight, an int8 `input_scale` of 0 / Inf / NaN, a negative
+/// `weight_scale`, `mlops.input` with std 0 or negative: all loaded and evaluated to
+/// `loss NaN` (and `serve` answered 200 with `null`s). Each is refused, naming what.
+#[test]
+fn artifacts_with_non_finite_or_invalid_numbers_are_refused() {
+    let dir = dir_with_model();
+    let fp32 = dir.path().join("model.safetensors");
+    let int8 = int8_model(dir.path());
+    let mut cases: Vec<(PathBuf, String)> = Vec::new();
+    for (tensor, value, needle) in [
+        (
+            "layers.0.bias",
+            f32::NAN,
+            "tensor `layers.0.bias` holds a non-finite value",
+        ),
+        (
+            "layers.2.weight",
+            f32::INFINITY,
+            "tensor `layers.2.weight` holds a non-finite value",
+        ),
+    ] {
+        let (mut t, m) = parts(&fp32);
+        set_f32(&mut t, tensor, 3, value);
+        cases.push((
+            write_raw(dir.path(), &format!("{tensor}.safetensors"), &t, &m),
+            needle.into(),
+        ));
+    }
+    for (tensor, value, needle) in [
+        (
+            "layers.2.input_scale",
+            0.0,
+            "tensor `layers.2.input_scale` holds scale 0 at index 0",
+        ),
+        (
+            "layers.2.input_scale",
+            f32::INFINITY,
+            "tensor `layers.2.input_scale` holds a non-finite value (inf",
+        ),
+        (
+            "layers.2.input_scale",
+            f32::NAN,
+            "tensor `layers.2.input_scale` holds a non-finite value (NaN",
+        ),
+        (
+            "layers.4.weight_scale",
+            -0.5,
+            "tensor `layers.4.weight_scale` holds scale -0.5",
+        ),
+    ] {
+        let (mut t, m) = parts(&int8);
+        set_f32(&mut t, tensor, 0, value);
+        let name = format!("int8-{tensor}-{value}.safetensors");
+        cases.push((write_raw(dir.path(), &name, &t, &m), needle.into()));
+    }
+    for std in ["0.0", "-1.0"] {
+        let (t, mut m) = parts(&fp32);
+        let input = m["mlops.input"].replace("\"std\":1.0", &format!("\"std\":{std}"));
+        assert_ne!(input, m["mlops.input"]);
+        m.insert("mlops.input".into(), input);
+        cases.push((
+            write_raw(dir.path(), &format!("std{std}.safetensors"), &t, &m),
+            format!("`mlops.input` std is {}", std.trim_end_matches(".0")),
+        ));
+    }
+    for (path, needle) in cases {
+        let output = mlops(dir.path())
+            .arg("eval")
+            .arg(&path)
+            .arg("--data")
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert_user_error(&output, &needle);
+        assert_user_error(&output, &path.file_name().unwrap().to_string_lossy());
+    }
+}
+
+/// A training run that diverges (or a cast that overflows) must not write its result:
+/// fp16 cannot hold 1e6, so exporting such a weight would write +Inf.
+#[test]
+fn no_step_writes_a_non_finite_number() {
+    let dir = dir_with_model();
+    let (mut artifact, _) = Artifact::load(&dir.path().join("model.safetensors")).unwrap();
+    let t = artifact
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "layers.0.weight")
+        .unwrap();
+    let TensorData::F32(values) = &mut t.data else {
+        panic!()
+    };
+    values[0] = 1e6;
+    artifact.save(&dir.path().join("big.safetensors")).unwrap();
+    let output = mlops(dir.path())
+        .args(["export", "big.safetensors", "--precision", "fp16"])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "tensor `layers.0.weight` holds a non-finite value");
+    assert!(!dir.path().join("big.fp16.safetensors").exists());
+}
+
+/// `eval` ignored `mlops.input` while serve's UINT8 path applied it: with mean = std =
+/// 0.5 the two disagreed on 20% of images. Every path now uses the artifact's.
+#[test]
+fn eval_applies_the_artifacts_input_normalisation() {
+    let dir = dir_with_model();
+    let (mut artifact, _) = Artifact::load(&dir.path().join("model.safetensors")).unwrap();
+    artifact.input.mean = 0.5;
+    artifact.input.std = 0.5;
+    artifact.save(&dir.path().join("norm.safetensors")).unwrap();
+    let split = mlops::data::load_split(&tiny_data(), mlops::data::SplitKind::Test).unwrap();
+    let mut session = mlops::runtime::Session::new(&artifact, 1).unwrap();
+    let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
+    let indices: Vec<usize> = (0..split.count).collect();
+    // By hand: (pixel / 255 - 0.5) / 0.5, in [-1, 1].
+    split.gather(
+        &indices,
+        &mlops::data::Preprocess::UNIT,
+        &mut x,
+        &mut labels,
+    );
+    x.iter_mut().for_each(|v| *v = (*v - 0.5) / 0.5);
+    session.predict(&x, split.count, &mut logits);
+    let correct = logits
+        .chunks_exact(10)
+        .zip(&labels)
+        .filter(|(row, &l)| mlops::runtime::argmax(row) == l as usize)
+        .count();
+    let eval = mlops(dir.path())
+        .args(["eval", "norm.safetensors", "--json", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&eval);
+    let accuracy = json_of(&eval)["metrics"]["accuracy"].as_f64().unwrap();
+    assert_eq!(accuracy, correct as f64 / split.count as f64);
+}
+
+// === 3. Bounded resources ===
+
+/// `filters: 1000000` aborted on a 27 GB allocation; `2^62` panicked.
+#[test]
+fn train_refuses_a_spec_past_the_size_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    for filters in ["1000000", "4611686018427387904"] {
+        std::fs::write(
+            dir.path().join("big.yaml"),
+            format!("input: [28, 28, 1]\nclasses: 10\nlayers:\n  - {{type: conv2d, filters: {filters}, kernel: 3}}\n  - {{type: flatten}}\n  - {{type: dense, units: 10}}\n"),
+        )
+        .unwrap();
+        let output = mlops(dir.path())
+            .args(["train", "--model", "big.yaml", "--epochs", "1", "--data"])
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert_user_error(&output, "layer 0 (conv2d)");
+        assert_user_error(&output, "limit of this mlops");
+    }
+}
+
+/// An artifact whose spec input is `[2^32, 2^32, 1]` loaded (the size wrapped to 0).
+#[test]
+fn an_artifact_whose_sizes_wrap_is_refused() {
+    let dir = dir_with_model();
+    let (t, mut m) = parts(&dir.path().join("model.safetensors"));
+    for key in ["mlops.model", "mlops.input"] {
+        let text = m[key].replace("[28,28,1]", "[4294967296,4294967296,1]");
+        assert_ne!(text, m[key], "{key}");
+        m.insert(key.into(), text);
+    }
+    let path = write_raw(dir.path(), "wrap.safetensors", &t, &m);
+    let output = mlops(dir.path())
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_user_error(&output, "has more than 67108864 values per image");
+}
+
+// === 5. Processes and messages ===
+
+/// With stderr a closed pipe (`mlops prune ... 2>&1 | head`), every long command
+/// panicked with exit 101 and wrote no report. Now they finish and write it.
+#[test]
+fn a_closed_stderr_does_not_stop_a_command() {
+    let dir = dir_with_model();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"))
+        .current_dir(dir.path())
+        .args([
+            "prune",
+            "model.safetensors",
+            "--sparsity",
+            "0.5",
+            "--report",
+            "r.json",
+        ])
+        .arg("--data")
+        .arg(tiny_data())
+        .env("MLOPS_NO_PROGRESS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(dir.path().join("r.json").exists());
+    assert!(dir.path().join("model.pruned.safetensors").exists());
+}
+
+/// A model written after epoch 1 of 2 said `epochs: 2` in its lineage; an interrupted
+/// run's artifact says what was done.
+#[test]
+fn an_interrupted_training_records_the_epochs_it_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "train",
+            "--epochs",
+            "2",
+            "--stop-after",
+            "1",
+            "--limit",
+            "128",
+        ])
+        .args(["--val-limit", "64", "--out", "run", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let (artifact, _) = Artifact::load(&dir.path().join("run/model.safetensors")).unwrap();
+    let args = &artifact.lineage[0].args;
+    assert_eq!(args["epochs"], 1);
+    assert_eq!(args["planned_epochs"], 2);
+}
+
+/// `inspect` sliced a lineage sha256 by bytes: a multibyte character panicked it.
+#[test]
+fn inspect_survives_multibyte_lineage_text() {
+    let dir = dir_with_model();
+    let (t, mut m) = parts(&dir.path().join("model.safetensors"));
+    m.remove(DIGEST_KEY); // as an older mlops wrote it, so nothing is verified
+    let lineage =
+        r#"[{"step":"train","mlops_version":"0.1.0","parent_sha256":"ééééééééé","args":{}}]"#;
+    m.insert("mlops.lineage".into(), lineage.into());
+    let path = write_raw(dir.path(), "old.safetensors", &t, &m);
+    let output = mlops(dir.path())
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("éééééé"), "{stdout}");
+    assert!(stdout.contains("no digest recorded"), "{stdout}");
+}
+
+/// Hints belong to the call site: a bad `--report` file or a `--calib` folder got the
+/// `--data` hint.
+#[test]
+fn hints_name_the_flag_that_was_given() {
+    let dir = dir_with_model();
+    std::fs::write(dir.path().join("bad.json"), "{}").unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "eval",
+            "model.safetensors",
+            "--report",
+            "bad.json",
+            "--data",
+        ])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_user_error(&output, "choose another `--report` file");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("`--data` expects"));
+    std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--calib",
+            "empty",
+        ])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "hint: `--calib` takes a folder of PNG/JPEG images");
+}
+
+/// A calibration folder of 11 class folders was refused (``` `` ```: "holds label 10");
+/// calibration does not use labels.
+#[test]
+fn quantize_ignores_the_labels_of_a_calibration_folder() {
+    let dir = dir_with_model();
+    for class in 0..11u8 {
+        let folder = dir.path().join(format!("calib/{class:02}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..2u8 {
+            image::GrayImage::from_fn(28, 28, |x, y| {
+                image::Luma([(x * 9 + y * 3) as u8 ^ (class * 16 + i)])
+            })
+            .save(folder.join(format!("{i}.png")))
+            .unwrap();
+        }
+    }
+    let output = mlops(dir.path())
+        .args([
+            "quantize",
+            "model.safetensors",
+            "--int8",
+            "--calib",
+            "calib",
+        ])
+        .output()
+        .unwrap();
+    assert_success(&output);
+}
+
+/// A Keras `.keras` / `.h5` or an ONNX file got "not a valid safetensors file (header too
+/// large)"; `export --out m.onnx` wrote safetensors into a `.onnx` file.
+#[test]
+fn foreign_model_files_are_named_and_mismatched_outputs_refused() {
+    let dir = dir_with_model();
+    for (name, bytes, needle) in [
+        (
+            "m.keras",
+            &b"PK\x03\x04\x14\0\0\0\0\0config.json"[..],
+            "is a Keras 3 `.keras` archive",
+        ),
+        (
+            "m.h5",
+            b"\x89HDF\r\n\x1a\n\0\0\0\0\0\0\0\0",
+            "is an HDF5 file",
+        ),
+        (
+            "m.onnx",
+            b"\x08\x07\x12\x07pytorch\x1a\x032.1",
+            "is an ONNX model",
+        ),
+    ] {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+        for command in ["eval", "inspect", "bench"] {
+            let output = mlops(dir.path()).args([command, name]).output().unwrap();
+            assert_user_error(&output, needle);
+        }
+    }
+    let output = mlops(dir.path())
+        .args([
+            "export",
+            "model.safetensors",
+            "--precision",
+            "fp16",
+            "--out",
+            "m2.onnx",
+        ])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "writes a safetensors artifact, not `.onnx`");
+    assert!(!dir.path().join("m2.onnx").exists());
+}
+
+// === 6. Integrity ===
+
+/// safetensors has no checksum: a flipped bit in a weight loaded silently, and an edited
+/// `mlops.metrics` was shown as fact.
+#[test]
+fn a_changed_artifact_is_refused_at_load() {
+    let dir = dir_with_model();
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 5;
+    bytes[last] ^= 0x01; // a low mantissa bit of the last bias
+    std::fs::write(dir.path().join("flipped.safetensors"), &bytes).unwrap();
+    let output = mlops(dir.path())
+        .args(["eval", "flipped.safetensors", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_user_error(&output, "does not match the digest");
+
+    let (t, mut m) = parts(&path);
+    let metrics = m["mlops.metrics"].replacen("\"accuracy\":0.", "\"accuracy\":0.99", 1);
+    assert_ne!(metrics, m["mlops.metrics"]);
+    m.insert("mlops.metrics".into(), metrics);
+    let edited = write_raw(dir.path(), "edited.safetensors", &t, &m);
+    let output = mlops(dir.path())
+        .arg("inspect")
+        .arg(&edited)
+        .output()
+        .unwrap();
+    assert_user_error(&output, "metadata does not match the digest");
+}
+
+/// Each lineage entry keeps its parent's digest and its own, so `inspect` says whether the
+/// recorded chain is intact.
+#[test]
+fn inspect_checks_the_lineage_chain() {
+    let dir = dir_with_model();
+    let output = int8_model(dir.path());
+    let info = json_of(
+        &mlops(dir.path())
+            .arg("inspect")
+            .arg(&output)
+            .arg("--json")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(info["metrics"]["lineage_check"]["state"], "intact");
+    let lineage = info["metrics"]["lineage"].as_array().unwrap();
+    assert_eq!(lineage[1]["parent_digest"], lineage[0]["digest"]);
+}
+
+/// Usage errors for flags name the flag and its range (see also bench and prune tests).
+#[test]
+fn train_refuses_non_finite_learning_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    for lr in ["NaN", "inf", "0", "-0.1"] {
+        let output = mlops(dir.path())
+            .args(["train", &format!("--lr={lr}")])
+            .output()
+            .unwrap();
+        assert_usage_error(&output, "'--lr <LR>': must be a finite number in (0, 10]");
+    }
+}
