@@ -124,7 +124,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
         let accuracy = match &eval_split {
             Some(split) => {
                 split.check_fits(artifact.spec.input, artifact.spec.classes)?;
-                Some(evaluate(&mut session, split, 256).accuracy)
+                Some(evaluate(&mut session, split, 256)?.accuracy)
             }
             None => None,
         };

@@ -91,7 +91,7 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
             )?;
     split.check_fits(artifact.spec.input, artifact.spec.classes)?;
     let mut session = Session::new(&artifact, ctx.threads)?;
-    let report = evaluate(&mut session, &split, args.batch_size.max(1));
+    let report = evaluate(&mut session, &split, args.batch_size.max(1))?;
     step.inputs.push(record);
     step.inputs.extend(split.files.iter().cloned());
     let mut metrics = serde_json::to_value(&report)?;

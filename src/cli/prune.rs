@@ -175,7 +175,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
 
     let (data, eval_split) = load_data(args, &spec)?;
     let mut before_session = Session::new(&artifact, ctx.threads)?;
-    let before = evaluate(&mut before_session, &eval_split, 256);
+    let before = evaluate(&mut before_session, &eval_split, 256)?;
 
     let config = fine_tune_config(
         args,
@@ -364,14 +364,14 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         return Ok(step);
     }
     let (data, eval_split) = load_data(args, &spec)?;
-    let before = evaluate(&mut Session::new(&artifact, ctx.threads)?, &eval_split, 256);
+    let before = evaluate(&mut Session::new(&artifact, ctx.threads)?, &eval_split, 256)?;
     let mut tuned = small_params;
     let mut accuracy_before_fine_tune = None;
     if args.fine_tune_epochs > 0 {
         let mut untuned = Artifact::from_params(&small_spec, &tuned)?;
         untuned.input = artifact.input.clone();
         accuracy_before_fine_tune =
-            Some(evaluate(&mut Session::new(&untuned, ctx.threads)?, &eval_split, 256).accuracy);
+            Some(evaluate(&mut Session::new(&untuned, ctx.threads)?, &eval_split, 256)?.accuracy);
         let config = fine_tune_config(
             args,
             args.fine_tune_epochs,
@@ -519,7 +519,7 @@ fn record_accuracy(
     args: &PruneArgs,
     threads: usize,
 ) -> anyhow::Result<mlops::runtime::EvalReport> {
-    let eval = evaluate(&mut Session::new(artifact, threads)?, split, 256);
+    let eval = evaluate(&mut Session::new(artifact, threads)?, split, 256)?;
     artifact.metrics = Some(EvalMetrics {
         accuracy: eval.accuracy,
         loss: eval.loss,

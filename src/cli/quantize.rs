@@ -273,8 +273,8 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     let mut human_eval = String::new();
     if let (Some(dir), Some(split)) = (&eval_dir, &eval_split) {
         let mut fp32 = Session::new(&artifact, ctx.threads)?;
-        let fp32_eval = evaluate(&mut fp32, split, 256);
-        let int8_eval = evaluate(&mut session, split, 256);
+        let fp32_eval = evaluate(&mut fp32, split, 256)?;
+        let int8_eval = evaluate(&mut session, split, 256)?;
         let (mut xs, mut ls, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut agree = 0usize;
         for chunk in (0..split.count).collect::<Vec<_>>().chunks(256) {

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::artifact::Artifact;
 use crate::data::{Preprocess, Split};
 use crate::nn::{softmax_cross_entropy, Executor, Plan};
-use crate::Result;
+use crate::{Error, Result};
 
 /// A loaded model ready to predict on the CPU.
 pub struct Session {
@@ -153,7 +153,12 @@ pub struct EvalReport {
 }
 
 /// Runs the whole split through the session in batches of `batch_size`.
-pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> EvalReport {
+///
+/// # Errors
+/// [`Error::Config`] when the model's outputs are not finite on some image (weights or
+/// inputs that overflow f32): such outputs are not an answer, and accuracy or loss
+/// computed from them would be meaningless.
+pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Result<EvalReport> {
     let classes = session.plan().classes;
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
@@ -166,6 +171,17 @@ pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Eval
         let started = Instant::now();
         session.predict(&x, chunk.len(), &mut logits);
         compute += started.elapsed().as_secs_f64();
+        if let Some(bad) = logits.iter().position(|v| !v.is_finite()) {
+            let first = chunk[bad / classes];
+            let count = logits
+                .chunks_exact(classes)
+                .filter(|row| row.iter().any(|v| !v.is_finite()))
+                .count();
+            return Err(Error::Config(format!(
+                "the model's outputs are not finite on {count} of {} images in a batch (first: image {first}); its weights or inputs overflow f32",
+                chunk.len()
+            )));
+        }
         loss_sum += softmax_cross_entropy(&logits, &labels, classes, chunk.len(), None).0;
         for (row, &label) in logits.chunks_exact(classes).zip(&labels) {
             let predicted = argmax(row);
@@ -173,6 +189,12 @@ pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Eval
                 confusion[label as usize][predicted] += 1;
             }
         }
+    }
+    if !loss_sum.is_finite() {
+        return Err(Error::Config(format!(
+            "the model's loss is not finite on {} images: its outputs are too large for f32 arithmetic (weights or inputs out of range)",
+            split.count
+        )));
     }
     let correct: u64 = (0..classes).map(|c| confusion[c][c]).sum();
     let per_class_accuracy = confusion
@@ -184,7 +206,7 @@ pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Eval
         })
         .collect();
     let images = split.count;
-    EvalReport {
+    Ok(EvalReport {
         accuracy: if images > 0 {
             correct as f64 / images as f64
         } else {
@@ -203,7 +225,7 @@ pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Eval
         } else {
             0.0
         },
-    }
+    })
 }
 
 /// Index of the largest value (first one on ties).

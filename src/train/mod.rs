@@ -295,7 +295,13 @@ pub fn fit(
         progress.finish();
         let mut session = Session::from_params(&plan, params.clone(), config.threads)?
             .with_preprocess(config.preprocess);
-        let eval = evaluate(&mut session, &data.test, 256);
+        let eval = evaluate(&mut session, &data.test, 256).map_err(|e| {
+            Error::Config(format!(
+                "training diverged in epoch {}: {e}; lower `--lr` (it was {})",
+                epoch + 1,
+                config.learning_rate
+            ))
+        })?;
         let report = EpochReport {
             epoch: epoch + 1,
             learning_rate,
