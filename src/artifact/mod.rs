@@ -533,26 +533,7 @@ impl Artifact {
     /// flipped bit in a weight is an error, not a silently different model. Costs one
     /// sha256 pass over the weights (~1 ms for the reference CNN's 373 KB).
     pub fn digest(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut order: Vec<&NamedTensor> = self.tensors.iter().collect();
-        order.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut hasher = Sha256::new();
-        for t in order {
-            hasher.update(t.name.as_bytes());
-            hasher.update([0]);
-            hasher.update(t.data.dtype_name().as_bytes());
-            hasher.update([0]);
-            hasher.update((t.shape.len() as u64).to_le_bytes());
-            for &d in &t.shape {
-                hasher.update((d as u64).to_le_bytes());
-            }
-            hasher.update(t.data.to_le_bytes());
-        }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        tensors_digest(&self.tensors)
     }
 
     /// Checks every number the runtimes read: weights and biases finite, int8 scales
@@ -693,6 +674,31 @@ pub fn expected_tensors(
     Ok(out)
 }
 
+/// sha256 (hex) of tensors: for each in name order, its name, dtype, shape (u64
+/// little-endian per dimension) and stored bytes ([`Artifact::digest`], and checkpoints').
+pub fn tensors_digest(tensors: &[NamedTensor]) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut order: Vec<&NamedTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut hasher = Sha256::new();
+    for t in order {
+        hasher.update(t.name.as_bytes());
+        hasher.update([0]);
+        hasher.update(t.data.dtype_name().as_bytes());
+        hasher.update([0]);
+        hasher.update((t.shape.len() as u64).to_le_bytes());
+        for &d in &t.shape {
+            hasher.update((d as u64).to_le_bytes());
+        }
+        hasher.update(t.data.to_le_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The metadata key of [`Digest`].
 pub const DIGEST_KEY: &str = "mlops.digest";
 
@@ -708,7 +714,8 @@ pub struct Digest {
     pub metadata: String,
 }
 
-fn metadata_digest(metadata: &BTreeMap<String, String>) -> String {
+/// sha256 of every metadata key and value but `mlops.digest`, in key order.
+pub fn metadata_digest(metadata: &BTreeMap<String, String>) -> String {
     let mut text = Vec::new();
     for (key, value) in metadata.iter().filter(|(k, _)| k.as_str() != DIGEST_KEY) {
         text.extend_from_slice(key.as_bytes());

@@ -129,6 +129,11 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
             None => None,
         };
         let plan = Plan::compile(&artifact.spec)?;
+        if args.train {
+            for &batch in &args.batch {
+                artifact.spec.check_batch(batch)?;
+            }
+        }
         for &batch in &args.batch {
             ctx.printer.note(&format!(
                 "bench {} ({}) {mode} batch {batch} ...",
@@ -146,7 +151,17 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
                     );
                     x
                 }
-                _ => synthetic_batch(plan.input_len, batch),
+                Some(split) => {
+                    let note = format!(
+                        "batch {batch} of `{}` timed on synthetic pixels: `--eval-data` has only {} images",
+                        path.display(),
+                        split.count
+                    );
+                    ctx.printer.note(&note);
+                    step.warnings.push(note);
+                    synthetic_batch(plan.input_len, batch)
+                }
+                None => synthetic_batch(plan.input_len, batch),
             };
             let before = Usage::now();
             let wall = Instant::now();

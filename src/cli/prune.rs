@@ -563,5 +563,13 @@ fn load_prunable(
         args.layers.clone()
     };
     let indices = resolve_layers(&artifact.spec, &names)?;
+    if indices.is_empty() {
+        // Nothing to prune would "succeed" with 0% sparsity: refuse instead.
+        bail!(
+            "`{}` has no layer to prune by default (the first and the last conv/dense layers stay dense, and it has {} weight layer(s)); name the layers with `--layers`",
+            args.artifact.display(),
+            artifact.spec.params()?.iter().filter(|p| p.name.ends_with(".weight")).count()
+        );
+    }
     Ok((artifact, record, names, indices))
 }

@@ -17,6 +17,10 @@ pub const MAX_ACTIVATION_VALUES: usize = 1 << 26;
 /// in total.
 pub const MAX_PARAMETERS: usize = 1 << 28;
 
+/// Most bytes the activations of one batch may take (8 GiB): a batch size that needs more
+/// is refused before anything is allocated.
+pub const MAX_BATCH_BYTES: usize = 8 << 30;
+
 /// Non-linearity applied after a conv or dense layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -269,7 +273,13 @@ impl ModelSpec {
 
     /// Reads and validates a YAML spec file.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let Ok(text) = String::from_utf8(bytes) else {
+            return Err(Error::Spec(format!(
+                "`{}` is not a YAML model spec: it is a binary file (an artifact or another model format?)",
+                path.display()
+            )));
+        };
         Self::from_yaml(&text).map_err(|e| match e {
             Error::Spec(p) => Error::Spec(format!("`{}`: {p}", path.display())),
             Error::SpecLayer {
@@ -463,6 +473,51 @@ impl ModelSpec {
             });
         }
         Ok(params)
+    }
+
+    /// f32 values one image takes in the training executor's workspace: every activation
+    /// and its gradient, plus the largest unfolded conv input (im2col). Inference needs
+    /// less, so this bounds both.
+    pub fn workspace_values_per_image(&self) -> Result<usize> {
+        let shapes = self.shapes()?;
+        let activations: usize = shapes.iter().map(Shape::len).sum();
+        let unfolded = self
+            .layers
+            .iter()
+            .zip(&shapes)
+            .zip(&shapes[1..])
+            .map(|((layer, input), output)| match (layer, input) {
+                (LayerSpec::Conv2d { kernel, .. }, Shape::Spatial([_, _, c])) => {
+                    let Shape::Spatial([oh, ow, _]) = output else {
+                        return 0;
+                    };
+                    oh * ow * kernel * kernel * c
+                }
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        Ok(2 * activations + unfolded)
+    }
+
+    /// Checks that `batch` images fit [`MAX_BATCH_BYTES`] of workspace.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the batch, the bytes it needs and the largest that fits.
+    pub fn check_batch(&self, batch: usize) -> Result<()> {
+        let per_image = 4 * self.workspace_values_per_image()?.max(1);
+        if batch
+            .checked_mul(per_image)
+            .is_none_or(|b| b > MAX_BATCH_BYTES)
+        {
+            return Err(Error::Config(format!(
+                "a batch of {batch} images needs about {} MiB of activations for this model, more than the {} GiB limit; use a batch of at most {}",
+                batch.saturating_mul(per_image) >> 20,
+                MAX_BATCH_BYTES >> 30,
+                MAX_BATCH_BYTES / per_image
+            )));
+        }
+        Ok(())
     }
 
     /// Total number of trainable values.

@@ -160,6 +160,7 @@ pub struct EvalReport {
 /// computed from them would be meaningless.
 pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Result<EvalReport> {
     let classes = session.plan().classes;
+    let batch_size = batch_size.clamp(1, split.count.max(1));
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss_sum = 0.0;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adam::Adam;
 use crate::artifact::safetensors::{decode, encode, read_header_metadata, NamedTensor, TensorData};
-use crate::artifact::write_atomically;
+use crate::artifact::{metadata_digest, tensors_digest, write_atomically, Digest, DIGEST_KEY};
 use crate::model::ModelSpec;
 use crate::{Error, Result};
 
@@ -61,10 +61,32 @@ impl Checkpoint {
             shape: vec![1],
             data: TensorData::U64(vec![self.adam.step]),
         });
+        if let Some(t) = tensors.iter().find(|t| {
+            t.data
+                .to_f32()
+                .is_some_and(|v| v.iter().any(|x| !x.is_finite()))
+        }) {
+            return Err(Error::artifact(
+                path,
+                format!(
+                    "refusing to write the checkpoint: tensor `{}` holds a non-finite value (training diverged; lower `--lr`)",
+                    t.name
+                ),
+            ));
+        }
         let mut metadata = BTreeMap::new();
         metadata.insert(
             "mlops.checkpoint".to_string(),
             serde_json::to_string(&self.state).expect("state serializes"),
+        );
+        let digest = Digest {
+            algorithm: "sha256".into(),
+            tensors: tensors_digest(&tensors),
+            metadata: metadata_digest(&metadata),
+        };
+        metadata.insert(
+            DIGEST_KEY.to_string(),
+            serde_json::to_string(&digest).expect("digest serializes"),
         );
         write_atomically(path, &encode(&tensors, &metadata)?)
     }
@@ -87,6 +109,20 @@ impl Checkpoint {
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         let (tensors, metadata) = decode(path, &bytes)?;
+        // Same integrity check as artifacts: a checkpoint that changed after it was
+        // written must not resume silently.
+        if let Some(text) = metadata.get(DIGEST_KEY) {
+            let digest: Digest = serde_json::from_str(text)
+                .map_err(|e| Error::artifact(path, format!("bad `{DIGEST_KEY}` metadata: {e}")))?;
+            if digest.tensors != tensors_digest(&tensors)
+                || digest.metadata != metadata_digest(&metadata)
+            {
+                return Err(Error::artifact(
+                    path,
+                    "the checkpoint does not match the digest recorded when it was written: it was changed or damaged; start again without `--resume`",
+                ));
+            }
+        }
         let state: CheckpointState = metadata
             .get("mlops.checkpoint")
             .ok_or_else(|| {
@@ -133,5 +169,52 @@ impl Checkpoint {
             params,
             adam,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint() -> Checkpoint {
+        let spec = ModelSpec::reference_cnn();
+        let params = crate::nn::Plan::compile(&spec).unwrap().init_params(1);
+        Checkpoint {
+            state: CheckpointState {
+                epoch: 1,
+                spec,
+                settings: BTreeMap::new(),
+                rng: serde_json::json!({}),
+            },
+            adam: Adam::new(&params),
+            params,
+        }
+    }
+
+    /// Issue 10 (integrity): a checkpoint with a flipped bit resumed silently.
+    #[test]
+    fn a_changed_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        checkpoint().save(&path).unwrap();
+        Checkpoint::load(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x10;
+        std::fs::write(&path, bytes).unwrap();
+        let err = Checkpoint::load(&path).unwrap_err().to_string();
+        assert!(err.contains("does not match the digest"), "{err}");
+    }
+
+    /// A diverged run's weights are never written as a checkpoint.
+    #[test]
+    fn a_non_finite_checkpoint_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        let mut ck = checkpoint();
+        ck.params[3][0] = f32::NAN;
+        let err = ck.save(&path).unwrap_err().to_string();
+        assert!(err.contains("non-finite"), "{err}");
+        assert!(!path.exists());
     }
 }

@@ -209,6 +209,7 @@ pub fn fit(
             "`--epochs` and `--batch-size` must be at least 1".into(),
         ));
     }
+    spec.check_batch(config.batch_size)?;
     let plan = Plan::compile(spec)?;
     let settings = resume_settings(config, data);
     let (mut params, mut adam, start_epoch) = match start {

@@ -886,3 +886,62 @@ fn mutated_artifacts_are_refused_or_evaluate_finitely() {
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(120));
 }
+
+/// A model whose only weight layers are the first and the last had nothing to prune by
+/// default: `prune --sparsity 0.5` wrote a 0% "pruned" model and exited 0.
+#[test]
+fn prune_refuses_when_no_layer_would_be_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("two.yaml"),
+        "input: [28, 28, 1]\nclasses: 10\nlayers:\n  - {type: flatten}\n  - {type: dense, units: 16, activation: relu}\n  - {type: dense, units: 10}\n",
+    )
+    .unwrap();
+    let train = mlops(dir.path())
+        .args([
+            "train", "--model", "two.yaml", "--epochs", "1", "--limit", "64",
+        ])
+        .args(["--val-limit", "32", "--out", "run", "--data"])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&train);
+    let output = mlops(dir.path())
+        .args([
+            "prune",
+            "run/model.safetensors",
+            "--sparsity",
+            "0.5",
+            "--data",
+        ])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_user_error(&output, "has no layer to prune by default");
+    assert!(!dir.path().join("run/model.pruned.safetensors").exists());
+}
+
+/// Sizes from flags are checked before allocation: a training batch whose activations
+/// would need tens of GB is refused with the largest batch that fits.
+#[test]
+fn bench_refuses_a_training_batch_past_the_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .arg("bench")
+        .arg(dir_with_model().path().join("model.safetensors"))
+        .args(["--train", "--batch", "65536"])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "a batch of 65536 images needs about");
+}
+
+/// An artifact given as `--model` got a YAML parser's complaint about binary bytes.
+#[test]
+fn train_names_a_binary_file_given_as_a_spec() {
+    let dir = dir_with_model();
+    let output = mlops(dir.path())
+        .args(["train", "--model", "model.safetensors"])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "is not a YAML model spec: it is a binary file");
+}
