@@ -1,6 +1,7 @@
 //! mlops: take an image classifier from training to a production artifact.
 //!
 //! The crate, in pipeline order:
+//! - [`io`]: file records, sha256, atomic writes (a leaf every stage uses).
 //! - [`data`]: IDX data sets (MNIST layout) loaded and checked.
 //! - [`model`]: Sequential model specs from YAML, shapes inferred and validated.
 //! - [`nn`]: the CPU numerics (im2col + GEMM conv, pooling, dense, loss, gradients).
@@ -20,6 +21,7 @@ pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod io;
 pub mod model;
 pub mod nn;
 pub mod progress;

@@ -9,15 +9,14 @@ mod foreign;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 pub use self::safetensors::{NamedTensor, TensorData};
+use crate::io::{sha256_hex, write_atomically, FileRecord, MLOPS_VERSION};
 use crate::model::ModelSpec;
-use crate::report::{sha256_hex, FileRecord, MLOPS_VERSION};
 use crate::{Error, Result};
 
 /// The value of `mlops.format` this version reads and writes.
@@ -770,43 +769,6 @@ pub fn short(hex: &str) -> &str {
 /// A metadata value: compact JSON (every `mlops.*` key holds one).
 fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("metadata serializes")
-}
-
-/// Writes `bytes` to a temp file beside `path`, syncs it, then renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::io(
-            "write to folder",
-            &dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "folder does not exist"),
-        ));
-    }
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "artifact".into());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io("write", path, e));
-    }
-    Ok(())
-}
-
-/// sha256 over several file records, for "the data set" as one fingerprint.
-pub fn combined_sha256(files: &[FileRecord]) -> String {
-    let joined: String = files.iter().map(|f| f.sha256.as_str()).collect();
-    sha256_hex(joined.as_bytes())
 }
 
 #[cfg(test)]

@@ -530,7 +530,7 @@ fn record_accuracy(
             .unwrap_or(&args.data)
             .display()
             .to_string(),
-        data_sha256: mlops::artifact::combined_sha256(&split.files),
+        data_sha256: mlops::io::combined_sha256(&split.files),
     });
     Ok(eval)
 }

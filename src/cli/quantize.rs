@@ -159,7 +159,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     let calib_sha = calib
         .as_ref()
         .filter(|_| !args.dynamic)
-        .map(|c| mlops::artifact::combined_sha256(&c.files));
+        .map(|c| mlops::io::combined_sha256(&c.files));
     let mut session = Session::new(&quantized, ctx.threads)?;
     let compute = session.compute();
     let layer_map = quantized

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{combined_sha256, Artifact, EvalMetrics, LineageEntry};
+use mlops::artifact::{Artifact, EvalMetrics, LineageEntry};
+use mlops::io::combined_sha256;
 use mlops::data::Dataset;
 use mlops::model::ModelSpec;
 use mlops::report::{FileRecord, Gate, StepReport};

@@ -10,7 +10,7 @@ use image::imageops::FilterType;
 use sha2::{Digest, Sha256};
 
 use super::Split;
-use crate::report::FileRecord;
+use crate::io::FileRecord;
 use crate::{Error, Result};
 
 fn is_image(path: &Path) -> bool {

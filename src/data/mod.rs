@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::report::FileRecord;
+use crate::io::FileRecord;
 use crate::{Error, Result};
 
 /// Which part of a data set.

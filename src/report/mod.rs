@@ -9,57 +9,9 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+pub use crate::io::{sha256_hex, FileRecord, MLOPS_VERSION};
 use crate::{Error, Result};
-
-/// The crate version, stamped on every report and artifact.
-pub const MLOPS_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// A file a step read or wrote.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileRecord {
-    /// As given on the command line (or as written).
-    pub path: String,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Hex sha256 of the content.
-    pub sha256: String,
-}
-
-impl FileRecord {
-    /// Hashes a file on disk, streaming (a data file is never held in memory for this).
-    pub fn of(path: &Path) -> Result<Self> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
-        let mut hasher = Sha256::new();
-        let bytes =
-            std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
-        Ok(FileRecord {
-            path: path.display().to_string(),
-            bytes,
-            sha256: hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        })
-    }
-
-    /// Describes bytes already in memory that live (or will live) at `path`.
-    pub fn of_bytes(path: &Path, bytes: &[u8]) -> Self {
-        FileRecord {
-            path: path.display().to_string(),
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(bytes),
-        }
-    }
-}
-
-/// Hex sha256 of bytes.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A threshold a CI script asked for (`--min-accuracy`, ...), and whether it held.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,7 +131,7 @@ impl ReportFile {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut text = serde_json::to_string_pretty(self).expect("reports serialize");
         text.push('\n');
-        crate::artifact::write_atomically(path, text.as_bytes())
+        crate::io::write_atomically(path, text.as_bytes())
     }
 }
 

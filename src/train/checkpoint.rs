@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::adam::Adam;
 use crate::artifact::safetensors::{decode, encode, read_header_metadata, NamedTensor, TensorData};
-use crate::artifact::{metadata_digest, tensors_digest, write_atomically, Digest, DIGEST_KEY};
+use crate::artifact::{metadata_digest, tensors_digest, Digest, DIGEST_KEY};
+use crate::io::write_atomically;
 use crate::model::ModelSpec;
 use crate::{Error, Result};
 

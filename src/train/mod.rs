@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use adam::Adam;
 pub use checkpoint::{Checkpoint, CheckpointState};
 
-use crate::artifact::combined_sha256;
+use crate::io::combined_sha256;
 use crate::data::{Dataset, Preprocess};
 use crate::model::ModelSpec;
 use crate::nn::{Executor, Plan};
