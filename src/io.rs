@@ -91,6 +91,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes one line to stderr for a long-running library task (the server's log), ignoring
+/// failure: a closed stderr is no reason for a server to stop, and `eprintln!` would
+/// panic there.
+pub fn log_line(text: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 /// sha256 over several file records, for "the data set" as one fingerprint.
 pub fn combined_sha256(files: &[FileRecord]) -> String {
     let joined: String = files.iter().map(|f| f.sha256.as_str()).collect();

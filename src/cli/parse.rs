@@ -93,7 +93,7 @@ fn positive_up_to(text: &str, hi: f64) -> Result<f32, String> {
     }
 }
 
-/// A share in `(0, 1]` (structured pruning's `--keep`).
+/// A share in `(0, 1]` (structured pruning's old `--keep`).
 pub(crate) fn share(text: &str) -> Result<f32, String> {
     positive_up_to(text, 1.0)
 }

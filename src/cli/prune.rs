@@ -29,21 +29,23 @@ pub(crate) enum ScheduleArg {
 pub(crate) struct PruneArgs {
     /// The fp32 artifact to prune
     pub artifact: PathBuf,
-    /// Final share of zero weights in the pruned layers, in [0, 1) (unstructured)
-    #[arg(long, required_unless_present = "structured", value_parser = super::parse::sparsity)]
+    /// Share of the pruned layers removed, in [0, 1): of their weights (TF-MOT's
+    /// `target_sparsity`), or with `--structured` of their filters / units (torch's `amount`)
+    #[arg(long, required_unless_present = "keep", value_parser = super::parse::sparsity)]
     pub sparsity: Option<f32>,
     /// Remove whole conv filters / dense units (smallest L1 norm) instead of single weights
-    #[arg(long, conflicts_with = "sparsity", requires = "keep")]
+    #[arg(long)]
     pub structured: bool,
-    /// Share of filters / units each pruned layer keeps, in (0, 1] (with `--structured`)
-    #[arg(long, value_parser = super::parse::share)]
+    /// Old spelling of `--structured --sparsity 1-F`: the share of filters kept
+    #[arg(long, hide = true, conflicts_with = "sparsity", requires = "structured", value_parser = super::parse::share)]
     pub keep: Option<f32>,
     /// Rank filters of all pruned layers together instead of per layer
     #[arg(long, requires = "structured")]
     pub global: bool,
-    /// `polynomial` ramps 0 -> sparsity (TF-MOT PolynomialDecay); `constant` prunes to it at once
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Polynomial)]
-    pub schedule: ScheduleArg,
+    /// Pruning schedule (TF-MOT's `pruning_schedule`): `polynomial` ramps 0 -> sparsity
+    /// (PolynomialDecay); `constant` prunes to it at once (ConstantSparsity)
+    #[arg(long = "pruning-schedule", alias = "schedule", value_enum, default_value_t = ScheduleArg::Polynomial)]
+    pub pruning_schedule: ScheduleArg,
     /// First optimizer step that prunes
     #[arg(long, default_value_t = 0)]
     pub begin_step: u64,
@@ -192,7 +194,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         step.warnings.push(note);
     }
     let end = steps.end;
-    let schedule = match args.schedule {
+    let schedule = match args.pruning_schedule {
         ScheduleArg::Constant => Schedule::Constant {
             sparsity,
             begin: steps.begin,
@@ -316,15 +318,25 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     Ok(step)
 }
 
-/// `--structured --keep F`: a smaller model (fewer filters / units), then fine-tuning.
+/// `--structured --sparsity F`: a smaller model (fewer filters / units), then fine-tuning.
 fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     use mlops::prune::structured;
-    let keep = args.keep.unwrap_or(1.0);
+    let keep = args
+        .keep
+        .unwrap_or_else(|| 1.0 - args.sparsity.unwrap_or_default());
+    if keep <= 0.0 {
+        bail!("`--structured --sparsity` must leave something: use a value below 1");
+    }
     let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "slim")?;
     let (artifact, record, names, weights) = load_prunable(args)?;
     let spec = artifact.spec.clone();
     let params = artifact.params_f32();
     let plans = structured::plan(&spec, &params, &weights, keep, args.global)?;
+    // What the plan removes (rounding to whole filters moves it off the request a little).
+    let (outputs_before, outputs_kept) = plans
+        .iter()
+        .fold((0, 0), |(b, k), p| (b + p.before, k + p.kept.len()));
+    let removed = 1.0 - outputs_kept as f64 / outputs_before.max(1) as f64;
     let (small_spec, small_params) = structured::apply(&spec, &params, &plans)?;
     let (params_before, params_after) = (spec.param_count()?, small_spec.param_count()?);
     let flops_before: u64 = spec.flops()?.iter().sum();
@@ -393,7 +405,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let mut out_artifact = Artifact::from_params(&small_spec, &tuned)?;
     let mut lineage_args = BTreeMap::new();
     lineage_args.insert("structured".to_string(), true.into());
-    lineage_args.insert("keep".to_string(), (keep as f64).into());
+    lineage_args.insert("sparsity".to_string(), removed.into());
     lineage_args.insert("global".to_string(), args.global.into());
     lineage_args.insert("layers".to_string(), names.clone().into());
     let fine_tuning = fine_tuning_record(args, args.fine_tune_epochs);
@@ -409,6 +421,8 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     step.outputs.push(written.clone());
     step.metrics = serde_json::json!({
         "structured": true,
+        "target_sparsity": 1.0 - keep as f64,
+        "sparsity": removed,
         "keep": keep,
         "global": args.global,
         "plan": plan_json,

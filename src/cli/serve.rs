@@ -27,26 +27,80 @@ pub(crate) struct ServeArgs {
     /// Port (8501 is TF Serving's REST port; 0 picks a free one)
     #[arg(long, default_value_t = 8501)]
     pub port: u16,
-    /// Images per forward pass at most when merging requests; 1 (the default, as TF
-    /// Serving's batching is off by default) runs each request on its own: on CPU our
-    /// kernels cost the same per image in batches, so merging only adds waiting (README)
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Images per forward pass at most when merging requests, 1 to 4096; 1 (the default,
+    /// as TF Serving's batching is off by default) runs each request on its own: on CPU
+    /// our kernels cost the same per image in batches, so merging only adds waiting (README)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = max_batch)]
     pub max_batch: usize,
-    /// Microseconds to wait for more requests after the first of a batch (0: run at once
-    /// with whatever is queued, so batches grow only while the model is busy)
-    #[arg(long, default_value_t = 0, value_name = "US")]
+    /// Microseconds to wait for more requests after the first of a batch, 0 to 1000000 (0:
+    /// run at once with whatever is queued, so batches grow only while the model is busy)
+    #[arg(long, default_value_t = 0, value_name = "US", value_parser = batch_wait_us)]
     pub batch_wait_us: u64,
-    /// Threads of each model's forward pass (`--threads` sets the HTTP worker threads)
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Threads of each model's forward pass, 1 to 1024 (`--threads` sets the HTTP worker
+    /// threads)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = model_threads)]
     pub model_threads: usize,
-    /// Images whose predictions each model keeps (LRU); 0 turns the cache off
-    #[arg(long, default_value_t = 4096, value_name = "N")]
+    /// Images whose predictions each model keeps (LRU), 0 to 1000000; 0 turns the cache off
+    #[arg(long, default_value_t = 4096, value_name = "N", value_parser = cache_size)]
     pub cache_size: usize,
+    /// Milliseconds a request's head, then its body, may take to arrive, 10 to 600000; a
+    /// slower (or half-sent) request, and a keep-alive connection idle that long, is closed
+    #[arg(long, default_value_t = 30_000, value_name = "MS", value_parser = read_timeout_ms)]
+    pub read_timeout_ms: u64,
+    /// Connections open at once, 1 to 65536; more wait until one closes
+    #[arg(long, default_value_t = 512, value_name = "N", value_parser = max_connections)]
+    pub max_connections: usize,
     /// Require requests signed with HMAC-SHA256 under the key in FILE (see README)
     #[arg(long, value_name = "FILE")]
     pub hmac_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub output: ReportArgs,
+}
+
+/// An integer in `lo..=hi`, or a message naming the range (clap prints it with the flag).
+/// The ranges keep every setting from allocating or waiting without bound: a cache of
+/// 10^9 images was allocated up front and aborted the server (issue 10).
+fn integer_in(text: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    let n: u64 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{text}` is not a whole number ({e}); use {lo}..={hi}"))?;
+    if (lo..=hi).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be in {lo}..={hi}"))
+    }
+}
+
+/// `--max-batch`: as many images as one request may carry at most.
+fn max_batch(text: &str) -> Result<usize, String> {
+    let most = mlops::serve::protocol::MAX_IMAGES_PER_REQUEST as u64;
+    Ok(integer_in(text, 1, most)? as usize)
+}
+
+/// `--batch-wait-us`: up to one second.
+fn batch_wait_us(text: &str) -> Result<u64, String> {
+    integer_in(text, 0, 1_000_000)
+}
+
+/// `--model-threads`: as many as `--threads` allows.
+fn model_threads(text: &str) -> Result<usize, String> {
+    Ok(integer_in(text, 1, 1024)? as usize)
+}
+
+/// `--cache-size`: up to a million images (~150 MB of logits and keys per model).
+fn cache_size(text: &str) -> Result<usize, String> {
+    Ok(integer_in(text, 0, 1_000_000)? as usize)
+}
+
+/// `--read-timeout-ms`: 10 ms to 10 minutes.
+fn read_timeout_ms(text: &str) -> Result<u64, String> {
+    integer_in(text, 10, 600_000)
+}
+
+/// `--max-connections`: 1 to 65536 (each open connection holds a file descriptor).
+fn max_connections(text: &str) -> Result<usize, String> {
+    Ok(integer_in(text, 1, 65_536)? as usize)
 }
 
 /// `model.int8.safetensors` -> `model.int8`.
@@ -59,9 +113,6 @@ fn model_name(path: &std::path::Path) -> String {
 }
 
 pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport> {
-    if args.max_batch == 0 {
-        bail!("`--max-batch` must be at least 1");
-    }
     let signer = match &args.hmac_key_file {
         None => None,
         Some(path) => {
@@ -105,26 +156,30 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
         },
         cache_images: args.cache_size,
         signer,
+        read_timeout: Duration::from_millis(args.read_timeout_ms),
+        max_connections: args.max_connections,
     };
     let listed: Vec<String> = names.iter().cloned().collect();
     let signed = args.hmac_key_file.is_some();
     let summary = serve(models, config, |address| {
         // Always printed (also with --quiet): a client started with `--port 0` needs it.
-        eprintln!(
-            "mlops serve: listening on http://{address} ({}; {}; Ctrl-C stops)",
+        super::printer::to_stderr(format_args!(
+            "mlops serve: listening on http://{address} ({}; {}; Ctrl-C stops)\n",
             listed.join(", "),
             if signed {
                 "signed requests only"
             } else {
                 "unsigned requests"
             }
-        );
+        ));
     })?;
     step.metrics = serde_json::to_value(&summary)?;
     step.finish(started);
     let mut table = Table::new([
         "requests",
         "failed",
+        "other requests",
+        "read timeouts",
         "forward passes",
         "images",
         "cache hits",
@@ -132,6 +187,8 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
     table.row([
         summary.requests.to_string(),
         summary.failed_requests.to_string(),
+        summary.other_requests.to_string(),
+        summary.read_timeouts.to_string(),
         summary.forward_passes.to_string(),
         summary.images_computed.to_string(),
         summary.cache_hits.to_string(),

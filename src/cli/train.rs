@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
 use mlops::artifact::{Artifact, EvalMetrics, LineageEntry};
-use mlops::io::combined_sha256;
 use mlops::data::Dataset;
+use mlops::io::combined_sha256;
 use mlops::model::ModelSpec;
 use mlops::report::{FileRecord, Gate, StepReport};
 use mlops::train::{fit, Checkpoint, LrSchedule, Start, TrainConfig, TrainReport};
@@ -52,9 +52,9 @@ pub(crate) struct TrainArgs {
     /// Peak learning rate of Adam
     #[arg(long, default_value_t = 0.001, value_parser = super::parse::learning_rate)]
     pub lr: f32,
-    /// Learning-rate schedule over the planned steps
-    #[arg(long, value_enum, default_value_t = LrScheduleArg::Cosine)]
-    pub schedule: LrScheduleArg,
+    /// Learning-rate schedule over the planned steps (`--schedule` is the old spelling)
+    #[arg(long = "lr-schedule", alias = "schedule", value_enum, default_value_t = LrScheduleArg::Cosine)]
+    pub lr_schedule: LrScheduleArg,
     /// Seed of initialization, shuffling and dropout
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -149,7 +149,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         epochs,
         batch_size: args.batch_size,
         learning_rate: args.lr,
-        schedule: args.schedule.into(),
+        schedule: args.lr_schedule.into(),
         seed: args.seed,
         threads: ctx.threads,
         stop_after: args.stop_after,

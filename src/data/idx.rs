@@ -93,7 +93,7 @@ pub fn read_idx_limited(path: &Path, limit: Option<usize>) -> Result<IdxArray> {
         return Err(Error::data(path, format!("a dimension is zero: {dims:?}")));
     }
     let record: u64 = dims[1..].iter().map(|&d| d as u64).product();
-    let claimed = record.checked_mul(dims[0] as u64).unwrap_or(u64::MAX);
+    let claimed = record.saturating_mul(dims[0] as u64);
     if claimed > MAX_IDX_BYTES {
         return Err(Error::data(
             path,

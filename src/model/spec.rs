@@ -369,7 +369,7 @@ impl ModelSpec {
                     let unfolded = [oh, ow, *kernel, *kernel, channels]
                         .iter()
                         .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-                    if !unfolded.is_some_and(|n| n <= MAX_ACTIVATION_VALUES) {
+                    if unfolded.is_none_or(|n| n > MAX_ACTIVATION_VALUES) {
                         return Err(fail(format!(
                             "its unfolded input ({oh}x{ow} windows of {kernel}x{kernel} over {shape}) has more than {MAX_ACTIVATION_VALUES} values per image (the limit of this mlops); use a smaller kernel or input"
                         )));

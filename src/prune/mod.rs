@@ -357,7 +357,7 @@ mod tests {
                 frequency: fitted.frequency,
                 power: 3.0,
             };
-            let last_update = (0..total).filter_map(|s| schedule.at(s)).last();
+            let last_update = (0..total).rev().find_map(|s| schedule.at(s));
             assert_eq!(
                 last_update,
                 Some(0.5),

@@ -34,7 +34,7 @@ pub fn plan(
 ) -> Result<Vec<LayerPlan>> {
     if !(keep > 0.0 && keep <= 1.0) {
         return Err(Error::Config(format!(
-            "`--keep` {keep} is outside (0, 1]; e.g. `--keep 0.5` keeps half the filters"
+            "the share of filters kept ({keep}) is outside (0, 1]; e.g. `--structured --sparsity 0.5` removes half the filters"
         )));
     }
     let infos = spec.params()?;

@@ -106,7 +106,8 @@ pub fn calibration_warnings(
         ));
     }
     for (range, name) in ranges.iter().zip(names) {
-        if !(range.max > range.min) {
+        // `max <= min` (or NaN): the range is empty or a single value.
+        if range.max.partial_cmp(&range.min) != Some(std::cmp::Ordering::Greater) {
             warnings.push(format!(
                 "`{name}`: its input was the constant {} on every calibration image, so its activation scale fell back to 1.0 and real inputs will be rounded to a few levels",
                 range.min

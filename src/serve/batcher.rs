@@ -166,7 +166,9 @@ fn run_worker(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            eprintln!("mlops serve: the forward pass failed on a batch of {images} images: {why}");
+            crate::io::log_line(format_args!(
+                "mlops serve: the forward pass failed on a batch of {images} images: {why}"
+            ));
             for job in batch {
                 let _ = job.reply.send(Err(BatchError::Failed));
             }

@@ -1,28 +1,52 @@
 //! The HTTP routes (axum): TF Serving and KServe v2 inference, health, metadata and
 //! metrics, over the models' batchers and caches.
+//!
+//! The HTTP contract, enforced by one middleware ([`contract`]) for every route: every
+//! answer is counted in `/metrics` by model, API and status; every error body is JSON
+//! `{"error": "..."}` (TF Serving's shape, and KServe v2's), including axum's own 405s
+//! and extractor rejections; a URI over [`MAX_URI_BYTES`] gets a 414. Request bodies are
+//! read under `--read-timeout-ms` and [`MAX_BODY_BYTES`] (also after gzip inflation).
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde_json::{json, Value};
 
 use super::batcher::{BatchError, Batcher};
 use super::cache::PredictionCache;
 use super::metrics::Metrics;
-use super::protocol::{self, Batch, ModelShape};
+use super::protocol::{self, Batch, ModelShape, Unanswerable};
 use super::signing::{Signer, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
-/// Largest request body. One 28x28 image is ~5-10 KB of JSON floats, so this admits
-/// requests of a few thousand images (the parsers cap them at
+/// Largest request body, before and after gzip inflation. One 28x28 image is ~5-10 KB of
+/// JSON floats, so this admits requests of a few thousand images (the parsers cap them at
 /// [`protocol::MAX_IMAGES_PER_REQUEST`]) and refuses a runaway upload early.
-const MAX_BODY_BYTES: usize = 32 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// Longest request URI (path and query) answered: the routes need a few dozen bytes; a
+/// longer one gets a JSON 414.
+pub(crate) const MAX_URI_BYTES: usize = 8 << 10;
+
+/// Largest request head (request line and headers). hyper answers a larger one itself
+/// with a bare 431 (counted in `/metrics` as API `http`); it is kept above
+/// [`MAX_URI_BYTES`] so a long URI reaches [`contract`] and gets its JSON 414.
+pub(crate) const MAX_HEAD_BYTES: usize = 32 << 10;
+
+/// The `model` label of requests that name no model (health, metrics, unknown routes).
+pub(crate) const NO_MODEL: &str = "(none)";
+
+/// The `api` label of requests that are not inference requests.
+pub(crate) const API_HTTP: &str = "http";
 
 /// One served model.
 pub(crate) struct Model {
@@ -39,28 +63,72 @@ pub(crate) struct AppState {
     pub models: BTreeMap<String, Model>,
     pub signer: Option<Signer>,
     pub metrics: Arc<Metrics>,
+    /// How long a request body may take to arrive (`--read-timeout-ms`).
+    pub read_timeout: Duration,
 }
 
 type Shared = State<Arc<AppState>>;
 
-/// An error answer: status and a message naming what to fix.
-struct ApiError(StatusCode, String);
+/// An error answer: status and a message naming what to fix, as `{"error": message}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    /// Close the connection after answering (the request's body was not read to its end).
+    close: bool,
+    /// The `Allow` header of a 405.
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            close: false,
+            allow: None,
+        }
+    }
+
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        let headers = response.headers_mut();
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
     }
 }
 
 impl From<protocol::BadRequest> for ApiError {
     fn from(e: protocol::BadRequest) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, e.0)
+        ApiError::new(StatusCode::BAD_REQUEST, e.0)
+    }
+}
+
+impl From<Unanswerable> for ApiError {
+    fn from(e: Unanswerable) -> Self {
+        let status = match e {
+            Unanswerable::OutOfRange(_) => StatusCode::BAD_REQUEST,
+            Unanswerable::BrokenModel(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
 /// The router over `state`.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/models/{target}", get(tf_status).post(tf_predict))
         .route("/v1/models/{name}/metadata", get(tf_metadata))
         .route("/v2", get(v2_server))
@@ -77,12 +145,16 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{name}/infer", post(v2_infer))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone());
+    // Around the whole router (not layered onto each route, where axum adds a 405's
+    // `Allow` header only after the layer has run).
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn_with_state(state, contract))
 }
 
 async fn unknown_route(uri: axum::http::Uri) -> ApiError {
-    ApiError(
+    ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
             "no route `{}`: use POST /v1/models/NAME:predict, POST /v2/models/NAME/infer, \
@@ -93,24 +165,128 @@ async fn unknown_route(uri: axum::http::Uri) -> ApiError {
     )
 }
 
+/// The `api` and `model` labels of a request, from its method and path alone (so that
+/// requests refused before routing are counted under the right API too). Names of
+/// models not served are counted under `(unknown)`: they would make unbounded labels.
+fn labels<'a>(state: &'a AppState, method: &Method, path: &str) -> (&'static str, &'a str) {
+    let model = |name: &str| {
+        state
+            .models
+            .get_key_value(name)
+            .map_or("(unknown)", |(k, _)| k.as_str())
+    };
+    if let Some(target) = path.strip_prefix("/v1/models/") {
+        if *method == Method::POST && !target.contains('/') {
+            let name = target.rsplit_once(':').map_or(target, |(name, _)| name);
+            return ("tfserving", model(name));
+        }
+    }
+    if let Some(name) = path
+        .strip_prefix("/v2/models/")
+        .and_then(|rest| rest.strip_suffix("/infer"))
+    {
+        if *method == Method::POST && !name.contains('/') {
+            return ("v2", model(name));
+        }
+    }
+    (API_HTTP, NO_MODEL)
+}
+
+/// The middleware every request goes through: refuses an over-long URI, turns any error
+/// answer that is not JSON yet (axum's 405 and extractor rejections) into
+/// `{"error": ...}`, and counts the answer and its latency by model, API and status.
+async fn contract(State(state): Shared, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let uri_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    let response = if uri_len > MAX_URI_BYTES {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("the URI has {uri_len} bytes; this server takes at most {MAX_URI_BYTES}"),
+        )
+        .into_response()
+    } else {
+        next.run(request).await
+    };
+    let response = json_error(response, &method, &path).await;
+    let (api, model) = labels(&state, &method, &path);
+    state.metrics.record(
+        model,
+        api,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// `response` itself when it is a success or already JSON, else the same status and
+/// headers with the body `{"error": <what it said, or what the status means>}`.
+async fn json_error(response: Response, method: &Method, path: &str) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error texts are short; a failed read only loses the detail, not the answer.
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = parts
+            .headers
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .replace(',', ", ");
+        format!("`{method} {path}` is not allowed: this route takes {allow}")
+    } else if text.is_empty() {
+        let reason = status.canonical_reason().unwrap_or("error");
+        format!("{} (`{method} {path}`)", reason.to_lowercase())
+    } else {
+        text
+    };
+    let body = json!({ "error": message }).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
 impl From<BatchError> for ApiError {
     fn from(e: BatchError) -> Self {
         let status = match e {
             BatchError::Overloaded | BatchError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             BatchError::Shape { .. } | BatchError::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string())
+        ApiError::new(status, e.to_string())
     }
 }
 
 fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a Model, ApiError> {
-    state.models.get(name).ok_or_else(|| {
-        let known: Vec<&str> = state.models.keys().map(String::as_str).collect();
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no model `{name}`; this server has {known:?}"),
-        )
-    })
+    state
+        .models
+        .get(name)
+        .ok_or_else(|| unknown_model(state, name))
+}
+
+fn unknown_model(state: &AppState, name: &str) -> ApiError {
+    let known: Vec<&str> = state.models.keys().map(String::as_str).collect();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no model `{name}`; this server has {known:?}"),
+    )
 }
 
 fn check_signature(
@@ -136,13 +312,101 @@ fn check_signature(
             body,
             now,
         )
-        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()))
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))
+}
+
+fn body_too_large(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "{what} over the {} MiB limit; send fewer images per request (at most {})",
+            MAX_BODY_BYTES >> 20,
+            protocol::MAX_IMAGES_PER_REQUEST
+        ),
+    )
+    .closing()
+}
+
+/// Reads a request body: refused at once when its `Content-Length` is over
+/// [`MAX_BODY_BYTES`], cut off when it grows past it, and answered 408 when it has not
+/// arrived within the read timeout (a half-sent body must not hold its connection).
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(body_too_large(&format!(
+            "the body (`Content-Length: {}`) is",
+            declared.unwrap_or_default()
+        )));
+    }
+    let read = Limited::new(body, MAX_BODY_BYTES).collect();
+    match tokio::time::timeout(state.read_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(body_too_large("the body is")),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body could not be read: {e}"),
+        )
+        .closing()),
+        Err(_) => {
+            state.metrics.read_timeouts.inc();
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} ms (`--read-timeout-ms`)",
+                    state.read_timeout.as_millis()
+                ),
+            )
+            .closing())
+        }
+    }
+}
+
+/// The body as JSON text: as sent, or inflated when its `Content-Encoding` is gzip (up
+/// to [`MAX_BODY_BYTES`] inflated, so a gzip bomb is refused, not expanded); any other
+/// encoding gets a 415 naming it.
+fn decode(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+    let Some(encoding) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(body);
+    };
+    let encoding = String::from_utf8_lossy(encoding.as_bytes())
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "" | "identity" => Ok(body),
+        "gzip" | "x-gzip" => {
+            let mut inflated = Vec::new();
+            flate2::read::MultiGzDecoder::new(&body[..])
+                .take(MAX_BODY_BYTES as u64 + 1)
+                .read_to_end(&mut inflated)
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("the body is not valid gzip (`Content-Encoding: gzip`): {e}"),
+                    )
+                })?;
+            if inflated.len() > MAX_BODY_BYTES {
+                return Err(body_too_large("the gzip body inflates"));
+            }
+            Ok(inflated.into())
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "`Content-Encoding: {other}` is not supported; send the body as plain JSON or \
+                 gzip it (`Content-Encoding: gzip`)"
+            ),
+        )),
+    }
 }
 
 /// Logits for `batch`: cached images from the cache, the rest through the batcher.
-async fn logits(state: &AppState, model: &Model, batch: Batch) -> Result<Vec<f32>, ApiError> {
+/// Rows that are not finite are never cached.
+async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f32>, ApiError> {
     let Some(cache) = &model.cache else {
-        return run(model, batch.images, batch.count).await;
+        return run(model, batch.images.clone(), batch.count).await;
     };
     let len = model.shape.input_len();
     let classes = model.shape.labels.len();
@@ -178,7 +442,9 @@ async fn logits(state: &AppState, model: &Model, batch: Batch) -> Result<Vec<f32
         let computed = run(model, missing_images, missing.len()).await?;
         for (row, &i) in computed.chunks_exact(classes).zip(&missing) {
             out[i * classes..(i + 1) * classes].copy_from_slice(row);
-            cache.put(keys[i], row.to_vec());
+            if row.iter().all(|v| v.is_finite()) {
+                cache.put(keys[i], row.to_vec());
+            }
         }
     }
     Ok(out)
@@ -190,70 +456,69 @@ async fn run(model: &Model, images: Vec<f32>, count: usize) -> Result<Vec<f32>, 
     Ok(answer.await.map_err(|_| BatchError::Stopped)??)
 }
 
-/// Runs `handle` for `model_name`, recording the request count and latency.
-async fn recorded<F>(state: &AppState, model_name: &str, api: &str, handle: F) -> Response
-where
-    F: std::future::Future<Output = Result<Value, ApiError>>,
-{
-    let started = Instant::now();
-    let response = match handle.await {
-        Ok(answer) => (StatusCode::OK, Json(answer)).into_response(),
-        Err(e) => e.into_response(),
-    };
-    // Unknown model names would make unbounded label values: count them under one.
-    let name = if state.models.contains_key(model_name) {
-        model_name
-    } else {
-        "(unknown)"
-    };
-    let code = response.status().as_u16().to_string();
-    let metrics = &state.metrics;
-    metrics
-        .requests
-        .with_label_values(&[name, api, code.as_str()])
-        .inc();
-    metrics
-        .latency
-        .with_label_values(&[name, api])
-        .observe(started.elapsed().as_secs_f64());
-    response
-}
-
 async fn tf_predict(
     State(state): Shared,
     Path(target): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     // The last `:` splits, so a model file name may itself hold one.
     let (name, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
     let path = format!("/v1/models/{target}");
-    let handle = async {
-        // Signature first: an unsigned client learns nothing, not even model names.
-        check_signature(&state, &headers, "POST", &path, &body)?;
-        if verb != "predict" {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("`{target}`: this server answers `/v1/models/NAME:predict`"),
-            ));
-        }
-        let model = model(&state, name)?;
-        let request = protocol::parse_tf_serving(&body, &model.shape)?;
-        let logits = logits(&state, model, request.batch).await?;
-        Ok(protocol::tf_serving_response(
-            &logits,
-            &model.shape,
-            request.columnar,
-        ))
+    let body = read_body(&state, &headers, body).await?;
+    // Signature first: an unsigned client learns nothing, not even model names. It
+    // covers the body as sent (before any gzip inflation, which it so cannot trigger).
+    check_signature(&state, &headers, "POST", &path, &body)?;
+    if verb != "predict" {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{target}`: this server answers `/v1/models/NAME:predict`"),
+        ));
+    }
+    let model = model(&state, name)?;
+    let body = decode(&headers, body)?;
+    let request = protocol::parse_tf_serving(&body, &model.shape)?;
+    let logits = logits(&state, model, &request.batch).await?;
+    let field = if request.columnar {
+        "inputs"
+    } else {
+        "instances"
     };
-    recorded(&state, name, "tfserving", handle).await
+    protocol::check_finite(&logits, &request.batch.images, &model.shape, |i| {
+        format!("`{field}[{i}]`")
+    })?;
+    Ok(Json(protocol::tf_serving_response(
+        &logits,
+        &model.shape,
+        request.columnar,
+    )))
 }
 
+/// `GET /v1/models/NAME`: the version status. `GET /v1/models/NAME:predict` (a verb of
+/// a served model) gets a 405 naming the method, not a 404 for a model `NAME:predict`.
 async fn tf_status(
     State(state): Shared,
-    Path(name): Path<String>,
+    method: Method,
+    Path(target): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    model(&state, &name)?;
+    if !state.models.contains_key(&target) {
+        let Some((name, verb)) = target.rsplit_once(':') else {
+            return Err(unknown_model(&state, &target));
+        };
+        model(&state, name)?;
+        if matches!(verb, "predict" | "classify" | "regress") {
+            let mut e = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("`{method} /v1/models/{target}` is not allowed: `:{verb}` takes POST"),
+            );
+            e.allow = Some("POST");
+            return Err(e);
+        }
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("`{target}`: this server answers `/v1/models/NAME:predict`"),
+        ));
+    }
     Ok(Json(json!({"model_version_status": [{
         "version": "1", "state": "AVAILABLE",
         "status": {"error_code": "OK", "error_message": ""},
@@ -339,23 +604,31 @@ async fn v2_infer(
     State(state): Shared,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let path = format!("/v2/models/{name}/infer");
-    let handle = async {
-        check_signature(&state, &headers, "POST", &path, &body)?;
-        let model = model(&state, &name)?;
-        let request = protocol::parse_v2(&body, &model.shape)?;
-        let logits = logits(&state, model, request.batch).await?;
-        Ok(protocol::v2_response(
-            &name,
-            &request.outputs,
-            request.id.as_ref(),
-            &logits,
-            model.shape.labels.len(),
-        ))
-    };
-    recorded(&state, &name, "v2", handle).await
+    let body = read_body(&state, &headers, body).await?;
+    check_signature(&state, &headers, "POST", &path, &body)?;
+    let model = model(&state, &name)?;
+    if headers.contains_key(protocol::BINARY_HEADER) {
+        return Err(protocol::binary_extension_refused(
+            "the `Inference-Header-Content-Length` header",
+        )
+        .into());
+    }
+    let body = decode(&headers, body)?;
+    let request = protocol::parse_v2(&body, &model.shape)?;
+    let logits = logits(&state, model, &request.batch).await?;
+    protocol::check_finite(&logits, &request.batch.images, &model.shape, |i| {
+        format!("image {i} of `inputs[0].data`")
+    })?;
+    Ok(Json(protocol::v2_response(
+        &name,
+        &request.outputs,
+        request.id.as_ref(),
+        &logits,
+        model.shape.labels.len(),
+    )))
 }
 
 async fn metrics(State(state): Shared) -> impl IntoResponse {
@@ -363,4 +636,155 @@ async fn metrics(State(state): Shared) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    fn state(read_timeout: Duration) -> AppState {
+        AppState {
+            models: BTreeMap::new(),
+            signer: None,
+            metrics: Arc::new(Metrics::new()),
+            read_timeout,
+        }
+    }
+
+    fn gzip(bytes: &[u8]) -> Bytes {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap().into()
+    }
+
+    fn encoded(encoding: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_str(encoding).unwrap(),
+        );
+        headers
+    }
+
+    /// Issue 10: a gzip body got "the body is not JSON"; it is inflated now, but never past
+    /// the body limit (a bomb of 33 MiB of zeros is ~33 KB sent).
+    #[test]
+    fn gzip_bodies_are_inflated_within_the_limit() {
+        let body = br#"{"instances": [[0]]}"#;
+        let plain = decode(&HeaderMap::new(), Bytes::from_static(body)).unwrap();
+        assert_eq!(&plain[..], body);
+        let inflated = decode(&encoded("gzip"), gzip(body)).unwrap();
+        assert_eq!(&inflated[..], body);
+        let bomb = gzip(&vec![b' '; MAX_BODY_BYTES + 1]);
+        assert!(bomb.len() < MAX_BODY_BYTES / 100);
+        let err = decode(&encoded("gzip"), bomb).unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(err.message.contains("inflates"), "{}", err.message);
+        let err = decode(&encoded("gzip"), Bytes::from_static(b"not gzip")).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        let err = decode(&encoded("br"), Bytes::from_static(body)).unwrap_err();
+        assert_eq!(err.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(
+            err.message.contains("`Content-Encoding: br`"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A body that never finishes.
+    struct Stalled;
+
+    impl axum::body::HttpBody for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    /// Bodies are bounded in size (declared or sent) and in time.
+    #[tokio::test]
+    async fn bodies_are_bounded_in_size_and_time() {
+        let state = state(Duration::from_millis(50));
+        let body = read_body(&state, &HeaderMap::new(), Body::from("{}"))
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"{}");
+        let mut declared = HeaderMap::new();
+        declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("40000000"));
+        let err = read_body(&state, &declared, Body::from("{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let big = Body::from(vec![b' '; MAX_BODY_BYTES + 1]);
+        let err = read_body(&state, &HeaderMap::new(), big).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let err = read_body(&state, &HeaderMap::new(), Body::new(Stalled))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
+        assert!(err.close);
+        assert_eq!(state.metrics.read_timeouts.get(), 1);
+    }
+
+    /// Error answers that are not JSON (axum's 405, extractor rejections) become
+    /// `{"error": ...}` with their status and headers kept.
+    #[tokio::test]
+    async fn error_answers_are_always_json() {
+        let mut not_allowed = StatusCode::METHOD_NOT_ALLOWED.into_response();
+        not_allowed
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET,HEAD"));
+        let answer = json_error(not_allowed, &Method::POST, "/v2/health/ready").await;
+        assert_eq!(answer.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(answer.headers()[header::ALLOW], "GET,HEAD");
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["error"],
+            "`POST /v2/health/ready` is not allowed: this route takes GET, HEAD"
+        );
+        let text = (StatusCode::BAD_REQUEST, "Invalid URL").into_response();
+        let answer = json_error(text, &Method::GET, "/x").await;
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "Invalid URL");
+        let fine = json_error(Json(json!({"ok": 1})).into_response(), &Method::GET, "/").await;
+        assert_eq!(fine.status(), StatusCode::OK);
+    }
+
+    /// Requests are counted under their API even when refused before routing.
+    #[test]
+    fn labels_come_from_the_path() {
+        let state = state(Duration::from_secs(1));
+        let post = Method::POST;
+        assert_eq!(
+            labels(&state, &post, "/v1/models/m:predict"),
+            ("tfserving", "(unknown)")
+        );
+        assert_eq!(
+            labels(&state, &post, "/v2/models/m/infer"),
+            ("v2", "(unknown)")
+        );
+        assert_eq!(
+            labels(&state, &Method::GET, "/v1/models/m"),
+            (API_HTTP, NO_MODEL)
+        );
+        assert_eq!(labels(&state, &post, "/metrics"), (API_HTTP, NO_MODEL));
+        assert_eq!(
+            labels(&state, &Method::GET, "/v2/models/m/infer"),
+            (API_HTTP, NO_MODEL)
+        );
+    }
 }

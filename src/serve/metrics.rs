@@ -1,16 +1,18 @@
 //! Prometheus metrics for `GET /metrics` (the `prometheus` crate's registry and text
-//! encoder): requests by model, API and status; request latency; images per forward pass
-//! (how well dynamic batching merges); cache hits and misses.
+//! encoder): every answered request by model, API and status; request latency; images
+//! per forward pass (how well dynamic batching merges); cache hits and misses; open
+//! connections and read timeouts.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// The server's metrics; every handler records into it.
 pub struct Metrics {
     registry: Registry,
-    /// Requests by `model`, `api` (`tfserving`, `v2`) and HTTP `code`.
+    /// Answered requests by `model`, `api` (`tfserving`, `v2`; `http` for every other
+    /// route, unknown routes and HTTP the server could not parse) and HTTP `code`.
     pub requests: IntCounterVec,
     /// Request latency in seconds by `model` and `api`, parse to answer.
     pub latency: HistogramVec,
@@ -20,6 +22,11 @@ pub struct Metrics {
     pub cache_hits: IntCounterVec,
     /// Images that had to run, by `model` (with caching on).
     pub cache_misses: IntCounterVec,
+    /// Connections open now (at most `--max-connections`).
+    pub open_connections: IntGauge,
+    /// Request heads or bodies that did not arrive within `--read-timeout-ms` (their
+    /// connections were closed).
+    pub read_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -27,14 +34,17 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("mlops_requests_total", "Inference requests answered"),
+            Opts::new(
+                "mlops_requests_total",
+                "Requests answered, by model, API and status",
+            ),
             &["model", "api", "code"],
         )
         .expect("valid metric");
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "mlops_request_duration_seconds",
-                "Time from a parsed request to its answer",
+                "Time from a request's head to its answer",
             )
             .buckets(exponential_buckets(25e-6, 2.0, 16).expect("valid buckets")),
             &["model", "api"],
@@ -56,12 +66,21 @@ impl Metrics {
             &["model"],
         )
         .expect("valid metric");
+        let open_connections =
+            IntGauge::new("mlops_open_connections", "Connections open now").expect("valid metric");
+        let read_timeouts = IntCounter::new(
+            "mlops_read_timeouts_total",
+            "Request heads or bodies that did not arrive within --read-timeout-ms",
+        )
+        .expect("valid metric");
         for metric in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(batch_images.clone()),
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(read_timeouts.clone()),
         ] {
             registry.register(metric).expect("unique metric names");
         }
@@ -72,7 +91,20 @@ impl Metrics {
             batch_images,
             cache_hits,
             cache_misses,
+            open_connections,
+            read_timeouts,
         }
+    }
+
+    /// Counts one answered request and its latency.
+    pub fn record(&self, model: &str, api: &str, code: u16, seconds: f64) {
+        let code = code.to_string();
+        self.requests
+            .with_label_values(&[model, api, code.as_str()])
+            .inc();
+        self.latency
+            .with_label_values(&[model, api])
+            .observe(seconds);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -8,6 +8,12 @@
 //! HMAC-SHA256 signature ([`signing`]), and `GET /metrics` exposes Prometheus metrics
 //! ([`metrics`]). Every artifact runs through the same `runtime::Session` as `eval` and
 //! `bench`, int8 ones on the integer kernels.
+//!
+//! Resources are bounded before any work: at most `--max-connections` connections are
+//! open (more wait in the listen backlog), a request head or body that has not arrived
+//! within `--read-timeout-ms` closes its connection (also an idle keep-alive one), heads
+//! are capped at 32 KiB, bodies at 32 MiB (also after gzip inflation) and requests at
+//! 4,096 images.
 
 pub mod batcher;
 pub mod cache;
@@ -19,6 +25,7 @@ pub mod signing;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
@@ -48,6 +55,11 @@ pub struct ServeConfig {
     pub cache_images: usize,
     /// When set, inference requests must be signed with this key.
     pub signer: Option<Signer>,
+    /// How long a request's head, and then its body, may take to arrive; also how long an
+    /// idle keep-alive connection is kept.
+    pub read_timeout: Duration,
+    /// Connections open at once at most; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 /// One artifact to serve under `name`.
@@ -65,10 +77,17 @@ pub struct ServedArtifact {
 pub struct ServeSummary {
     /// Where it listened.
     pub address: String,
-    /// Inference requests answered, any status.
+    /// Inference requests answered (TF Serving and KServe v2 routes), any status.
     pub requests: u64,
     /// Of those, answered with an error status.
     pub failed_requests: u64,
+    /// Other requests answered: health, metadata, metrics, unknown routes and HTTP the
+    /// server could not parse.
+    pub other_requests: u64,
+    /// Every answered request by HTTP status (`"200"`, `"404"`, `"413"`, ...).
+    pub status_codes: BTreeMap<String, u64>,
+    /// Request heads or bodies that did not arrive within the read timeout.
+    pub read_timeouts: u64,
     /// Forward passes run.
     pub forward_passes: u64,
     /// Images run through the model (cache hits excluded).
@@ -120,7 +139,12 @@ pub fn serve(
         models: served,
         signer: config.signer,
         metrics: metrics.clone(),
+        read_timeout: config.read_timeout,
     });
+    let limits = Limits {
+        read_timeout: config.read_timeout,
+        max_connections: config.max_connections.max(1),
+    };
     let wanted = config.addr.to_string();
     let network = |action| {
         let addr = wanted.clone();
@@ -142,13 +166,103 @@ pub fn serve(
             .map_err(network("listen on"))?;
         let address = listener.local_addr().map_err(network("listen on"))?;
         on_ready(address);
-        axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(network("serve on"))?;
+        accept_loop(listener, http::router(state), limits, &metrics, stop).await;
         Ok::<_, crate::Error>(address)
     })?;
     Ok(summarize(&metrics, address))
+}
+
+/// The connection limits of [`accept_loop`].
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    read_timeout: Duration,
+    max_connections: usize,
+}
+
+/// Serves connections until `stop` resolves, then lets open ones finish (bounded).
+///
+/// Written here rather than `axum::serve`, which sets no timeouts and no connection cap
+/// (axum 0.8): connections are served by hyper's own HTTP/1 connection (its
+/// `header_read_timeout` closes a connection whose request head has not arrived in
+/// time, idle keep-alive ones included, and `max_header_size` caps heads), the cap is a
+/// tokio `Semaphore` taken before `accept` (so excess clients wait in the kernel's
+/// backlog instead of being accepted and starved), graceful shutdown is hyper-util's
+/// `GracefulShutdown`, and accept errors are retried by axum's `Listener` impl. Bodies
+/// are timed out where they are read (`http::read_body`).
+async fn accept_loop(
+    mut listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: Limits,
+    metrics: &Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout)
+        .max_header_size(http::MAX_HEAD_BYTES);
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+            _ = &mut stop => break,
+        };
+        let (stream, _) = tokio::select! {
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            _ = &mut stop => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let metrics = metrics.clone();
+        metrics.open_connections.inc();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                connection_error(&metrics, &e);
+            }
+            metrics.open_connections.dec();
+            drop(permit);
+        });
+    }
+    // No new connections from here; each open one finishes the request it is in
+    // (bounded by the read timeout while reading) and closes.
+    drop(listener);
+    let grace = limits.read_timeout.max(Duration::from_secs(5));
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        crate::io::log_line(format_args!(
+            "mlops serve: {} connection(s) still open {} ms after the stop signal; closing them",
+            metrics.open_connections.get(),
+            grace.as_millis()
+        ));
+    }
+}
+
+/// Counts what a connection that ended in an error left behind: hyper answers a request
+/// it cannot parse itself (a bare 400, or 431 for a head over the limit) and closes a
+/// connection whose head did not arrive in time; neither reaches the router, so they
+/// are counted here.
+fn connection_error(metrics: &Metrics, e: &hyper::Error) {
+    if e.is_timeout() {
+        metrics.read_timeouts.inc();
+    } else if e.is_parse() && !e.is_parse_version_h2() {
+        let code = if !e.is_parse_too_large() {
+            400
+        } else if e.to_string().contains("URI") {
+            414
+        } else {
+            431
+        };
+        metrics.record(http::NO_MODEL, http::API_HTTP, code, 0.0);
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called, not
@@ -171,16 +285,26 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 }
 
 fn summarize(metrics: &Metrics, address: SocketAddr) -> ServeSummary {
-    let (mut requests, mut failed) = (0, 0);
+    let (mut requests, mut failed, mut other) = (0, 0, 0);
+    let mut status_codes = BTreeMap::new();
     for family in prometheus::core::Collector::collect(&metrics.requests) {
         for metric in family.get_metric() {
             let count = metric.get_counter().get_value() as u64;
+            let label = |name: &str| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map_or("", |l| l.value())
+            };
+            let code = label("code");
+            *status_codes.entry(code.to_string()).or_insert(0) += count;
+            if label("api") == http::API_HTTP {
+                other += count;
+                continue;
+            }
             requests += count;
-            let ok = metric
-                .get_label()
-                .iter()
-                .any(|l| l.name() == "code" && l.value() == "200");
-            if !ok {
+            if code != "200" {
                 failed += count;
             }
         }
@@ -202,6 +326,9 @@ fn summarize(metrics: &Metrics, address: SocketAddr) -> ServeSummary {
         address: address.to_string(),
         requests,
         failed_requests: failed,
+        other_requests: other,
+        status_codes,
+        read_timeouts: metrics.read_timeouts.get(),
         forward_passes: passes,
         images_computed: images,
         cache_hits: hits,

@@ -2,16 +2,21 @@
 //!
 //! - TF Serving's REST API (`POST /v1/models/NAME:predict`): `{"instances": [...]}` (row
 //!   format) or `{"inputs": [...]}` (columnar; one input, so the same list), each instance
-//!   an image as nested or flat numbers; the answer is `{"predictions": [{"class",
-//!   "label", "probabilities"}, ...]}`, TF Serving's row form for several named outputs
-//!   (columnar requests get the columnar `{"outputs": {"class": [...], ...}}`).
+//!   an image as flat numbers or nested exactly as the model's `[h, w, c]`; an optional
+//!   `signature_name` must be `serving_default`. The answer is `{"predictions":
+//!   [{"class", "label", "probabilities"}, ...]}`, TF Serving's row form for several named
+//!   outputs (columnar requests get the columnar `{"outputs": {"class": [...], ...}}`).
 //! - KServe's Open Inference Protocol v2 (`POST /v2/models/NAME/infer`): one input tensor
-//!   `{"name", "shape": [N, H, W, C], "datatype": "FP32" | "UINT8", "data": [...]}`; the
-//!   answer has the outputs `probabilities` (FP32 `[N, classes]`) and `class` (INT64
-//!   `[N]`), or the ones the request names in `outputs`.
+//!   `{"name", "shape": [N, H, W, C], "datatype": "FP32" | "UINT8", "data": [...]}`, data
+//!   flat or nested exactly as `shape`; the answer has the outputs `probabilities` (FP32
+//!   `[N, classes]`) and `class` (INT64 `[N]`), or the ones the request names in
+//!   `outputs`. The binary tensor extension is refused by name ([`binary_extension_refused`]).
 //!
 //! FP32 data is the model's input tensor (already preprocessed as `mlops.input` says);
 //! UINT8 data is raw pixels, preprocessed here. Errors name the field and what it takes.
+//! Values absurdly far outside the model's input range are refused before the forward
+//! pass ([`INPUT_RANGE_SLACK`]), and logits that are not finite are never answered
+//! ([`check_finite`]).
 //!
 //! The numbers are flattened into one `Vec<f32>` while parsing ([`FlattenInto`]): going
 //! through a `serde_json::Value` per number cost ~20% of the server's CPU time (perf).
@@ -52,6 +57,91 @@ impl ModelShape {
             self.input.std
         )
     }
+
+    /// What one image must be, for messages about a nested or ragged one.
+    fn forms(&self) -> String {
+        let [h, w, c] = self.input.shape;
+        format!(
+            "nested images must be exactly [{h}, {w}, {c}]; only a flat list of {} values may \
+             be reshaped",
+            self.input_len()
+        )
+    }
+
+    /// The input values that pixels 0..=255 become (`mlops.input`), lowest first: the
+    /// range the model was trained on.
+    pub fn input_range(&self) -> (f32, f32) {
+        self.input.preprocess().range()
+    }
+
+    /// The input range in words, for errors about values outside it.
+    fn describe_range(&self) -> String {
+        let (lo, hi) = self.input_range();
+        let InputSpec {
+            scale, mean, std, ..
+        } = self.input;
+        format!(
+            "values `(pixel * {scale} - {mean}) / {std}` for pixels 0..=255, i.e. from `{}` to \
+             `{}`",
+            number(lo),
+            number(hi)
+        )
+    }
+}
+
+/// How far beyond the model's input range, in multiples of the range's width, an input
+/// value may lie. Further out is absurd (`3e38`): refused before the forward pass, which
+/// it would drive past the float range or to a meaningless answer. Inside, values only
+/// somewhat off (raw pixels sent to a model of `[0, 1]`) still run, as in TF Serving.
+pub const INPUT_RANGE_SLACK: f32 = 1000.0;
+
+/// `v` for a message: plain, or in exponent form when large (`3e38`).
+fn number(v: f32) -> String {
+    if v.abs() >= 1e6 {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
+/// The lowest and highest of `values` (`(inf, -inf)` when empty).
+fn min_max(values: &[f32]) -> (f32, f32) {
+    values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        })
+}
+
+/// Refuses images with values more than [`INPUT_RANGE_SLACK`] range widths outside the
+/// model's input range, naming the first (`name(i)` names image `i` in the request).
+fn check_range(
+    values: &[f32],
+    shape: &ModelShape,
+    name: impl Fn(usize) -> String,
+) -> Result<(), BadRequest> {
+    let (lo, hi) = shape.input_range();
+    let width = (hi - lo).abs().max(f32::MIN_POSITIVE);
+    let allowed = (lo - INPUT_RANGE_SLACK * width)..=(hi + INPUT_RANGE_SLACK * width);
+    if values.iter().all(|v| allowed.contains(v)) {
+        return Ok(());
+    }
+    let len = shape.input_len().max(1);
+    let (i, image) = values
+        .chunks(len)
+        .enumerate()
+        .find(|(_, image)| image.iter().any(|v| !allowed.contains(v)))
+        .unwrap_or((0, values));
+    let (min, max) = min_max(image);
+    Err(bad(format!(
+        "{} is far outside the model's input range: its values go from `{}` to `{}`; the \
+         model takes {} (values more than {INPUT_RANGE_SLACK} times that range's width \
+         beyond it are refused before the forward pass)",
+        name(i),
+        number(min),
+        number(max),
+        shape.describe_range()
+    )))
 }
 
 /// Images parsed from a request, ready for the model.
@@ -72,8 +162,76 @@ fn bad(message: impl Into<String>) -> BadRequest {
     BadRequest(message.into())
 }
 
-/// Appends every number of a nested list (or a lone number) to the buffer.
-struct FlattenInto<'a>(&'a mut Vec<f32>);
+/// The nesting of one image or tensor as sent: the list lengths at each depth, so
+/// nested input can be held to the model's shape exactly (only flat input may be
+/// reshaped; `[2][392]` or rows of 27, 29, 28 ... values are not an image of 28x28).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Nesting {
+    /// Length of the lists seen at each depth (the first one; the others must match).
+    dims: Vec<Option<usize>>,
+    /// Depth of the numbers (all must be at the same depth).
+    leaf_depth: Option<usize>,
+    /// The first irregularity, described for an error message.
+    ragged: Option<String>,
+}
+
+impl Nesting {
+    fn list(&mut self, depth: usize, len: usize) {
+        if self.dims.len() <= depth {
+            self.dims.resize(depth + 1, None);
+        }
+        match self.dims[depth] {
+            None => self.dims[depth] = Some(len),
+            Some(first) if first != len && self.ragged.is_none() => {
+                self.ragged = Some(format!(
+                    "lists at depth {depth} have {first} and {len} values"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+
+    #[inline]
+    fn number(&mut self, depth: usize) {
+        match self.leaf_depth {
+            None => self.leaf_depth = Some(depth),
+            Some(first) if first != depth && self.ragged.is_none() => {
+                self.ragged = Some(format!("numbers at depths {first} and {depth}"));
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The regular shape (`[]` for a lone number), or what makes it ragged.
+    fn shape(&self) -> Result<Vec<usize>, &str> {
+        if let Some(why) = &self.ragged {
+            return Err(why);
+        }
+        let depth = self.leaf_depth.unwrap_or(self.dims.len());
+        Ok(self.dims[..depth.min(self.dims.len())]
+            .iter()
+            .map_while(|d| *d)
+            .collect())
+    }
+}
+
+/// Appends every number of a nested list (or a lone number) to the buffer and records
+/// the nesting.
+struct FlattenInto<'a> {
+    values: &'a mut Vec<f32>,
+    nesting: &'a mut Nesting,
+    depth: usize,
+}
+
+impl<'a> FlattenInto<'a> {
+    fn new(values: &'a mut Vec<f32>, nesting: &'a mut Nesting) -> Self {
+        FlattenInto {
+            values,
+            nesting,
+            depth: 0,
+        }
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for FlattenInto<'_> {
     type Value = ();
@@ -95,31 +253,48 @@ impl<'de> Visitor<'de> for FlattenInto<'_> {
         if !v.is_finite() {
             return Err(E::custom("a number is beyond the float32 range"));
         }
-        self.0.push(v);
+        self.nesting.number(self.depth);
+        self.values.push(v);
         Ok(())
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.0.push(v as f32);
+        self.nesting.number(self.depth);
+        self.values.push(v as f32);
         Ok(())
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.0.push(v as f32);
+        self.nesting.number(self.depth);
+        self.values.push(v as f32);
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(FlattenInto(self.0))?.is_some() {}
+        let mut len = 0;
+        while seq
+            .next_element_seed(FlattenInto {
+                values: &mut *self.values,
+                nesting: &mut *self.nesting,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {
+            len += 1;
+        }
+        self.nesting.list(self.depth, len);
         Ok(())
     }
 }
 
-/// A list of images: all their numbers in one buffer and each one's count.
+/// A list of images: all their numbers in one buffer and each one's count and nesting.
 #[derive(Default)]
 struct Instances {
     values: Vec<f32>,
     counts: Vec<usize>,
+    nestings: Vec<Nesting>,
+    /// Images past [`MAX_IMAGES_PER_REQUEST`]: counted, not kept.
+    skipped: usize,
 }
 
 /// Parses `field`'s list of images (the name goes into error messages).
@@ -143,10 +318,24 @@ impl<'de> Visitor<'de> for InstancesSeed {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Instances, A::Error> {
         let mut out = Instances::default();
         loop {
+            if out.counts.len() == MAX_IMAGES_PER_REQUEST {
+                // Refused anyway: only count the rest (the body size bounds them).
+                match seq.next_element::<IgnoredAny>()? {
+                    Some(_) => {
+                        out.skipped += 1;
+                        continue;
+                    }
+                    None => return Ok(out),
+                }
+            }
             let before = out.values.len();
-            let next = seq.next_element_seed(FlattenInto(&mut out.values));
+            let mut nesting = Nesting::default();
+            let next = seq.next_element_seed(FlattenInto::new(&mut out.values, &mut nesting));
             match next {
-                Ok(Some(())) => out.counts.push(out.values.len() - before),
+                Ok(Some(())) => {
+                    out.counts.push(out.values.len() - before);
+                    out.nestings.push(nesting);
+                }
                 Ok(None) => return Ok(out),
                 Err(e) => {
                     let at = out.counts.len();
@@ -160,8 +349,15 @@ impl<'de> Visitor<'de> for InstancesSeed {
     }
 }
 
-/// A TF Serving predict body: `instances` or `inputs`; other keys are ignored.
-struct TfRequest(Option<(&'static str, Instances)>);
+/// TF Serving's one signature name; a request naming another is refused.
+pub const SIGNATURE_NAME: &str = "serving_default";
+
+/// A TF Serving predict body: `instances` or `inputs`, and `signature_name`; other keys
+/// are ignored.
+struct TfRequest {
+    found: Option<(&'static str, Instances)>,
+    signature: Option<String>,
+}
 
 impl<'de> Deserialize<'de> for TfRequest {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -174,22 +370,29 @@ impl<'de> Deserialize<'de> for TfRequest {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TfRequest, A::Error> {
-                let mut found = None;
+                let mut request = TfRequest {
+                    found: None,
+                    signature: None,
+                };
                 while let Some(key) = map.next_key::<String>()? {
                     let field = match key.as_str() {
                         "instances" => "instances",
                         "inputs" => "inputs",
+                        "signature_name" => {
+                            request.signature = Some(map.next_value::<String>()?);
+                            continue;
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
                         }
                     };
-                    if found.is_some() {
+                    if request.found.is_some() {
                         return Err(de::Error::custom("give `instances` or `inputs`, not both"));
                     }
-                    found = Some((field, map.next_value_seed(InstancesSeed(field))?));
+                    request.found = Some((field, map.next_value_seed(InstancesSeed(field))?));
                 }
-                Ok(TfRequest(found))
+                Ok(request)
             }
         }
         d.deserialize_map(Fields)
@@ -214,9 +417,58 @@ pub struct TfServingRequest {
     pub columnar: bool,
 }
 
+/// Checks one image's nesting: flat with `len` values, or nested exactly as the model's
+/// `[h, w, c]`. `name` is the image's field (`instances[3]`).
+fn check_image(
+    name: &str,
+    count: usize,
+    nesting: &Nesting,
+    shape: &ModelShape,
+) -> Result<(), BadRequest> {
+    let len = shape.input_len();
+    let dims = match nesting.shape() {
+        Ok(dims) => dims,
+        Err(why) => {
+            return Err(bad(format!(
+                "`{name}` is ragged ({why}); {}",
+                shape.forms()
+            )))
+        }
+    };
+    if dims.len() <= 1 {
+        if count == len && dims.len() == 1 {
+            return Ok(());
+        }
+        let what = if dims.is_empty() {
+            "is a single number".to_string()
+        } else {
+            format!("has {count} values")
+        };
+        return Err(bad(format!(
+            "`{name}` {what}; the model takes {}",
+            shape.describe()
+        )));
+    }
+    if dims == shape.input.shape {
+        return Ok(());
+    }
+    Err(bad(format!(
+        "`{name}` has shape {dims:?} ({count} values); {} (the model takes {})",
+        shape.forms(),
+        shape.describe()
+    )))
+}
+
 /// Parses a TF Serving predict body.
 pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequest, BadRequest> {
-    let TfRequest(found) = serde_json::from_slice(body).map_err(unreadable)?;
+    let TfRequest { found, signature } = serde_json::from_slice(body).map_err(unreadable)?;
+    if let Some(name) = signature {
+        if !name.is_empty() && name != SIGNATURE_NAME {
+            return Err(bad(format!(
+                "`signature_name` is `{name}`; this model has [\"{SIGNATURE_NAME}\"]"
+            )));
+        }
+    }
     let Some((field, instances)) = found else {
         return Err(bad(format!(
             "expected {{\"instances\": [image, ...]}} with each image {}",
@@ -226,20 +478,16 @@ pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequ
     if instances.counts.is_empty() {
         return Err(bad(format!("`{field}` is empty")));
     }
-    if instances.counts.len() > MAX_IMAGES_PER_REQUEST {
+    let images = instances.counts.len() + instances.skipped;
+    if images > MAX_IMAGES_PER_REQUEST {
         return Err(bad(format!(
-            "`{field}` has {} images; send at most {MAX_IMAGES_PER_REQUEST} per request",
-            instances.counts.len()
+            "`{field}` has {images} images; send at most {MAX_IMAGES_PER_REQUEST} per request"
         )));
     }
-    let len = shape.input_len();
-    if let Some(i) = instances.counts.iter().position(|&n| n != len) {
-        return Err(bad(format!(
-            "`{field}[{i}]` has {} values; the model takes {}",
-            instances.counts[i],
-            shape.describe()
-        )));
+    for (i, (&count, nesting)) in instances.counts.iter().zip(&instances.nestings).enumerate() {
+        check_image(&format!("{field}[{i}]"), count, nesting, shape)?;
     }
+    check_range(&instances.values, shape, |i| format!("`{field}[{i}]`"))?;
     Ok(TfServingRequest {
         batch: Batch {
             count: instances.counts.len(),
@@ -247,6 +495,59 @@ pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequ
         },
         columnar: field == "inputs",
     })
+}
+
+/// Why logits cannot be answered: a prediction is only made of finite numbers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Unanswerable {
+    /// The image's values lie outside the model's input range and drove the forward pass
+    /// past the float range: the client's to fix (400).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The image lies within the model's input range and still gave non-finite logits:
+    /// the artifact is broken (500).
+    #[error("{0}")]
+    BrokenModel(String),
+}
+
+/// Checks that every image's logits are finite. `images` are the inputs the logits came
+/// from (`[count, h, w, c]`), `name(i)` names image `i` in the request
+/// (`` `instances[3]` ``).
+pub fn check_finite(
+    logits: &[f32],
+    images: &[f32],
+    shape: &ModelShape,
+    name: impl Fn(usize) -> String,
+) -> Result<(), Unanswerable> {
+    let classes = shape.labels.len().max(1);
+    let Some(bad_image) = logits
+        .chunks_exact(classes)
+        .position(|row| row.iter().any(|v| !v.is_finite()))
+    else {
+        return Ok(());
+    };
+    let len = shape.input_len();
+    let image = images
+        .get(bad_image * len..(bad_image + 1) * len)
+        .unwrap_or(&[]);
+    let (lo, hi) = shape.input_range();
+    let (min, max) = min_max(image);
+    // Float rounding in a client's own preprocessing is not "out of range".
+    let slack = (hi - lo).abs() * 1e-3 + 1e-6;
+    let range = shape.describe_range();
+    let who = name(bad_image);
+    if min >= lo - slack && max <= hi + slack {
+        return Err(Unanswerable::BrokenModel(format!(
+            "the model gave non-finite logits for {who}, whose values lie within its input \
+             range ({range}): the artifact is broken; check it with `mlops eval`"
+        )));
+    }
+    Err(Unanswerable::OutOfRange(format!(
+        "{who} is outside the model's input range: its values go from `{}` to `{}` and the \
+         forward pass gave non-finite logits; the model takes {range}",
+        number(min),
+        number(max)
+    )))
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -295,14 +596,14 @@ pub struct V2Request {
     pub id: Option<Value>,
 }
 
-/// One tensor's numbers, flattened.
-struct Flat(Vec<f32>);
+/// One tensor's numbers, flattened, and their nesting as sent.
+struct Flat(Vec<f32>, Nesting);
 
 impl<'de> Deserialize<'de> for Flat {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut values = Vec::new();
-        FlattenInto(&mut values).deserialize(d)?;
-        Ok(Flat(values))
+        let (mut values, mut nesting) = (Vec::new(), Nesting::default());
+        FlattenInto::new(&mut values, &mut nesting).deserialize(d)?;
+        Ok(Flat(values, nesting))
     }
 }
 
@@ -311,23 +612,62 @@ struct V2Body {
     inputs: Vec<V2Input>,
     outputs: Option<Vec<V2Output>>,
     id: Option<Value>,
+    parameters: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct V2Input {
     shape: Vec<usize>,
     datatype: String,
-    data: Flat,
+    data: Option<Flat>,
+    parameters: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct V2Output {
     name: String,
+    parameters: Option<Value>,
+}
+
+/// The header of the KServe v2 binary tensor extension (tritonclient's `binary_data=True`).
+pub const BINARY_HEADER: &str = "inference-header-content-length";
+
+/// The refusal of the KServe v2 binary tensor extension, `used` naming what asked for it.
+pub fn binary_extension_refused(used: &str) -> BadRequest {
+    bad(format!(
+        "{used}: the KServe v2 binary tensor extension (`Inference-Header-Content-Length`) is \
+         not supported yet; send JSON `data` (tritonclient: `binary_data=False` on inputs, \
+         `binary_data=False` on requested outputs)"
+    ))
+}
+
+/// Whether v2 `parameters` set `key` (to anything but `false` / `null`).
+fn parameter_set(parameters: Option<&Value>, key: &str) -> bool {
+    parameters
+        .and_then(|p| p.get(key))
+        .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
 }
 
 /// Parses a KServe v2 infer body.
 pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest> {
     let body: V2Body = serde_json::from_slice(body).map_err(unreadable)?;
+    if parameter_set(body.parameters.as_ref(), "binary_data_output") {
+        return Err(binary_extension_refused("`parameters.binary_data_output`"));
+    }
+    for (i, input) in body.inputs.iter().enumerate() {
+        if parameter_set(input.parameters.as_ref(), "binary_data_size") {
+            return Err(binary_extension_refused(&format!(
+                "`inputs[{i}].parameters.binary_data_size`"
+            )));
+        }
+    }
+    for (i, output) in body.outputs.iter().flatten().enumerate() {
+        if parameter_set(output.parameters.as_ref(), "binary_data") {
+            return Err(binary_extension_refused(&format!(
+                "`outputs[{i}].parameters.binary_data`"
+            )));
+        }
+    }
     let [input] = <[V2Input; 1]>::try_from(body.inputs).map_err(|inputs| {
         bad(format!(
             "`inputs` has {} tensors; the model takes one",
@@ -353,7 +693,11 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
             shape.describe()
         )));
     }
-    let Flat(mut values) = input.data;
+    let Some(Flat(mut values, nesting)) = input.data else {
+        return Err(bad(
+            "`inputs[0].data` is missing: send the tensor's values as a JSON list",
+        ));
+    };
     if values.len() != count * len {
         return Err(bad(format!(
             "`inputs[0].data` has {} values; shape {dims:?} needs {}",
@@ -361,12 +705,26 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
             count * len
         )));
     }
+    // Flat (row-major, as the protocol sends it) or nested exactly as `shape`.
+    match nesting.shape() {
+        Ok(nested) if nested.len() == 1 || nested == dims => {}
+        Ok(nested) => {
+            return Err(bad(format!(
+                "`inputs[0].data` is nested as {nested:?} but `shape` is {dims:?}; send it flat \
+                 (row-major) or nested exactly as `shape`"
+            )))
+        }
+        Err(why) => {
+            return Err(bad(format!(
+                "`inputs[0].data` is ragged ({why}); send it flat (row-major) or nested \
+                 exactly as `shape` {dims:?}"
+            )))
+        }
+    }
     match input.datatype.as_str() {
-        "FP32" => {}
+        "FP32" => check_range(&values, shape, |i| format!("image {i} of `inputs[0].data`"))?,
         "UINT8" => {
-            let InputSpec {
-                scale, mean, std, ..
-            } = shape.input;
+            let preprocess = shape.input.preprocess();
             if values
                 .iter()
                 .any(|&p| !(0.0..=255.0).contains(&p) || p.fract() != 0.0)
@@ -374,7 +732,7 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
                 return Err(bad("`inputs[0].data` holds UINT8 pixels: integers 0..=255"));
             }
             for v in &mut values {
-                *v = (*v * scale - mean) / std;
+                *v = preprocess.apply(*v);
             }
         }
         other => {
@@ -454,7 +812,7 @@ mod tests {
 
     #[test]
     fn tf_serving_takes_nested_or_flat_images_and_names_bad_ones() {
-        let body = json!({"instances": [[[0.0], [1.0], [0.5], [0.25]], [1, 2, 3, 4]]});
+        let body = json!({"instances": [[[[0.0], [1.0]], [[0.5], [0.25]]], [1, 2, 3, 4]]});
         let request = parse_tf_serving(body.to_string().as_bytes(), &shape()).unwrap();
         assert!(!request.columnar);
         let batch = request.batch;
@@ -477,6 +835,169 @@ mod tests {
         let huge = br#"{"instances": [[1e300, 0, 0, 0]]}"#;
         let err = parse_tf_serving(huge, &shape()).unwrap_err().0;
         assert!(err.contains("float32 range"), "{err}");
+    }
+
+    fn tf_error(body: Value) -> String {
+        parse_tf_serving(body.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0
+    }
+
+    /// Issue 10: nested images are held to the model's shape exactly; only flat ones are
+    /// reshaped (rows of 1 and 3 values, `[4][1]` or `[1][4]` made 4 values and ran).
+    #[test]
+    fn nested_images_must_match_the_model_shape() {
+        let ragged = tf_error(json!({"instances": [[[[0], [1]], [[2], [3]]], [[0, 1, 2], [3]]]}));
+        assert!(ragged.contains("`instances[1]` is ragged"), "{ragged}");
+        assert!(ragged.contains("[2, 2, 1]"), "{ragged}");
+        let reshaped = tf_error(json!({"instances": [[[0], [1], [2], [3]]]}));
+        assert!(
+            reshaped.contains("`instances[0]` has shape [4, 1]"),
+            "{reshaped}"
+        );
+        let two_rows = tf_error(json!({"inputs": [[[0, 1, 2, 3]]]}));
+        assert!(
+            two_rows.contains("`inputs[0]` has shape [1, 4]"),
+            "{two_rows}"
+        );
+        let depths = tf_error(json!({"instances": [[[[0], [1]], [[2], 3]]]}));
+        assert!(depths.contains("ragged (numbers at depths"), "{depths}");
+        let lone = tf_error(json!({"instances": [7]}));
+        assert!(lone.contains("`instances[0]` is a single number"), "{lone}");
+        let empty = tf_error(json!({"instances": [[]]}));
+        assert!(empty.contains("has 0 values"), "{empty}");
+
+        let nested = |data: Value| {
+            json!({"inputs": [{"name": "input", "shape": [1, 2, 2, 1], "datatype": "FP32",
+                "data": data}]})
+        };
+        let ok = nested(json!([[[[0], [1]], [[2], [3]]]]));
+        assert!(parse_v2(ok.to_string().as_bytes(), &shape()).is_ok());
+        let flat = nested(json!([0, 1, 2, 3]));
+        assert!(parse_v2(flat.to_string().as_bytes(), &shape()).is_ok());
+        let wrong = nested(json!([[0, 1], [2, 3]]));
+        let err = parse_v2(wrong.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(
+            err.contains("nested as [2, 2] but `shape` is [1, 2, 2, 1]"),
+            "{err}"
+        );
+        let ragged = nested(json!([[0, 1, 2], [3]]));
+        let err = parse_v2(ragged.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(err.contains("`inputs[0].data` is ragged"), "{err}");
+    }
+
+    /// Issue 10: an unknown `signature_name` was silently ignored; more images than a
+    /// request may carry are counted, not kept.
+    #[test]
+    fn signature_name_and_image_count_are_checked() {
+        let image = json!([0, 0, 0, 0]);
+        let named = |name: &str| json!({"signature_name": name, "instances": [image]});
+        assert!(
+            parse_tf_serving(named("serving_default").to_string().as_bytes(), &shape()).is_ok()
+        );
+        assert!(parse_tf_serving(named("").to_string().as_bytes(), &shape()).is_ok());
+        let err = tf_error(named("predict_images"));
+        assert!(
+            err.contains(
+                "`signature_name` is `predict_images`; this model has [\"serving_default\"]"
+            ),
+            "{err}"
+        );
+        let err = tf_error(json!({"signature_name": 3, "instances": [image]}));
+        assert!(err.contains("does not fit the API"), "{err}");
+        let many = vec![json!([0]); MAX_IMAGES_PER_REQUEST + 5];
+        let err = tf_error(json!({ "instances": many }));
+        assert!(err.contains("has 4101 images; send at most 4096"), "{err}");
+    }
+
+    /// Issue 10: tritonclient's `binary_data=True` got "missing field `data`".
+    #[test]
+    fn v2_names_the_binary_extension() {
+        let input = json!({"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "parameters": {"binary_data_size": 16}});
+        let body = json!({ "inputs": [input] });
+        let err = parse_v2(body.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(
+            err.contains("`inputs[0].parameters.binary_data_size`"),
+            "{err}"
+        );
+        assert!(err.contains("binary tensor extension"), "{err}");
+        let data = json!({"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "data": [0, 0, 0, 0]});
+        let outputs = json!({"inputs": [data],
+            "outputs": [{"name": "class", "parameters": {"binary_data": true}}]});
+        let err = parse_v2(outputs.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(err.contains("`outputs[0].parameters.binary_data`"), "{err}");
+        let request = json!({"inputs": [data], "parameters": {"binary_data_output": true}});
+        let err = parse_v2(request.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(err.contains("`parameters.binary_data_output`"), "{err}");
+        let off = json!({"inputs": [data], "parameters": {"binary_data_output": false},
+            "outputs": [{"name": "class", "parameters": {"binary_data": false}}]});
+        assert!(parse_v2(off.to_string().as_bytes(), &shape()).is_ok());
+        let missing = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32"}]});
+        let err = parse_v2(missing.to_string().as_bytes(), &shape())
+            .unwrap_err()
+            .0;
+        assert!(err.contains("`inputs[0].data` is missing"), "{err}");
+    }
+
+    /// Issue 10: logits that are not finite are never an answer; the error says whether
+    /// the input is out of the model's range (the client's to fix) or the model is broken.
+    #[test]
+    fn non_finite_logits_are_refused_with_the_input_range() {
+        let name = |i: usize| format!("`instances[{i}]`");
+        let images = [0.0, 0.5, 1.0, 0.25, 3e38, -3e38, 0.0, 0.0];
+        let fine = [0.0, 1.0, 2.0, 0.5, 0.5, 0.5];
+        assert_eq!(check_finite(&fine, &images, &shape(), name), Ok(()));
+        let overflow = [0.0, 1.0, 2.0, f32::NAN, f32::INFINITY, 0.0];
+        let Err(Unanswerable::OutOfRange(err)) = check_finite(&overflow, &images, &shape(), name)
+        else {
+            panic!("expected out of range");
+        };
+        assert!(
+            err.contains("`instances[1]` is outside the model's input range"),
+            "{err}"
+        );
+        assert!(err.contains("from `-3e38` to `3e38`"), "{err}");
+        assert!(err.contains("i.e. from `0` to `1`"), "{err}");
+        let broken = [f32::NAN, 1.0, 2.0, 0.0, 0.0, 0.0];
+        let Err(Unanswerable::BrokenModel(err)) = check_finite(&broken, &images, &shape(), name)
+        else {
+            panic!("expected a broken model");
+        };
+        assert!(err.contains("`instances[0]`"), "{err}");
+    }
+
+    /// Issue 10: absurd values (`3e38`) are refused before the forward pass, naming the
+    /// model's range; values only somewhat off (raw pixels to a `[0, 1]` model) still run.
+    #[test]
+    fn absurd_input_values_are_refused_before_the_forward_pass() {
+        let err = tf_error(json!({"instances": [[0, 0, 0, 0], [0, 3e38, 0.5, 0]]}));
+        assert!(
+            err.contains("`instances[1]` is far outside the model's input range"),
+            "{err}"
+        );
+        assert!(err.contains("from `0` to `3e38`"), "{err}");
+        assert!(err.contains("i.e. from `0` to `1`"), "{err}");
+        let raw = json!({"instances": [[0, 255, 128, 1000]]});
+        assert!(parse_tf_serving(raw.to_string().as_bytes(), &shape()).is_ok());
+        let v2 = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "data": [0, -1e9, 0, 0]}]});
+        let err = parse_v2(v2.to_string().as_bytes(), &shape()).unwrap_err().0;
+        assert!(
+            err.contains("image 0 of `inputs[0].data` is far outside"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub use adam::Adam;
 pub use checkpoint::{Checkpoint, CheckpointState};
 
-use crate::io::combined_sha256;
 use crate::data::{Dataset, Preprocess};
+use crate::io::combined_sha256;
 use crate::model::ModelSpec;
 use crate::nn::{Executor, Plan};
 use crate::progress::Progress;

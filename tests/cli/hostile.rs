@@ -945,3 +945,45 @@ fn train_names_a_binary_file_given_as_a_spec() {
         .unwrap();
     assert_user_error(&output, "is not a YAML model spec: it is a binary file");
 }
+
+/// `serve` with stderr closed after its `listening` line (`mlops serve 2>&1 | head -1`)
+/// panicked on its next log line and wrote no report at SIGTERM.
+#[test]
+fn serve_survives_a_closed_stderr_and_writes_its_report() {
+    use std::io::BufRead;
+    let dir = dir_with_model();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"))
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "model.safetensors",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+        ])
+        .args(["--report", "serve.json"])
+        .env("MLOPS_NO_PROGRESS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on ") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited early");
+    }
+    let base = line.split("listening on ").nth(1).unwrap();
+    let base = base.split_whitespace().next().unwrap().to_string();
+    drop(stderr); // the reader goes away, as `head -1` does
+    let answer = ureq::get(&format!("{base}/v2/health/ready"))
+        .call()
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(dir.path().join("serve.json").exists());
+}

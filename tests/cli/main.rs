@@ -10,5 +10,6 @@ mod pipeline;
 mod prune;
 mod quantize;
 mod serve;
+mod serve_fuzz;
 mod train;
 mod util;

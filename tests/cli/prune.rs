@@ -66,7 +66,7 @@ fn prune_constant_schedule_and_named_layers() {
         &[
             "--sparsity",
             "0.3",
-            "--schedule",
+            "--pruning-schedule",
             "constant",
             "--layers",
             "4",
@@ -161,10 +161,36 @@ fn prune_rejects_bad_input() {
     assert_user_error(&int8, "is int8");
 }
 
+/// The old spellings (`--schedule`, `--keep`) are hidden aliases of `--pruning-schedule`
+/// and `--structured --sparsity 1-F` for one release.
+#[test]
+fn prune_old_flag_spellings_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = prune(
+        dir.path(),
+        &["--structured", "--sparsity", "0.5", "--dry-run", "--json"],
+    );
+    let old = prune(
+        dir.path(),
+        &["--structured", "--keep", "0.5", "--dry-run", "--json"],
+    );
+    assert_success(&new);
+    assert_success(&old);
+    assert_eq!(
+        json_of(&new)["metrics"]["plan"],
+        json_of(&old)["metrics"]["plan"]
+    );
+    let schedule = prune(
+        dir.path(),
+        &["--sparsity", "0.3", "--schedule", "constant", "--dry-run"],
+    );
+    assert_success(&schedule);
+}
+
 #[test]
 fn prune_structured_makes_a_smaller_model() {
     let dir = tempfile::tempdir().unwrap();
-    let output = prune(dir.path(), &["--structured", "--keep", "0.5", "--json"]);
+    let output = prune(dir.path(), &["--structured", "--sparsity", "0.5", "--json"]);
     assert_success(&output);
     let m = json_of(&output)["metrics"].clone();
     let ratio = m["params_after"].as_f64().unwrap() / m["params_before"].as_f64().unwrap();
@@ -187,13 +213,21 @@ fn prune_structured_makes_a_smaller_model() {
 }
 
 #[test]
-fn prune_structured_rejects_bad_keep() {
+fn prune_structured_rejects_bad_sparsity() {
     let dir = tempfile::tempdir().unwrap();
+    assert_usage_error(
+        &prune(dir.path(), &["--structured", "--sparsity", "1"]),
+        "'--sparsity <SPARSITY>': must be a finite number in [0, 1)",
+    );
+    // The old spelling `--keep` is still read, and checked the same way.
     assert_usage_error(
         &prune(dir.path(), &["--structured", "--keep", "0"]),
         "'--keep <KEEP>': must be a finite number in (0, 1]",
     );
-    let dry = prune(dir.path(), &["--structured", "--keep", "0.5", "--dry-run"]);
+    let dry = prune(
+        dir.path(),
+        &["--structured", "--sparsity", "0.5", "--dry-run"],
+    );
     assert!(dry.status.success());
     assert!(!dir.path().join("model.slim.safetensors").exists());
 }
