@@ -6,7 +6,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 
 use mlops::model::ModelSpec;
 use mlops::nn::{Executor, Plan};
-use mlops::runtime::Session;
+use mlops::runtime::{CpuEngine, Engine as _};
 
 const BATCH: usize = 64;
 
@@ -37,7 +37,7 @@ fn reference_cnn(c: &mut Criterion) {
     group.finish();
 }
 
-/// Whole forward passes as `eval`, `bench` and `serve` run them (`Session`): fp32 on the
+/// Whole forward passes as `eval`, `bench` and `serve` run them (`CpuEngine`): fp32 on the
 /// in-place kernel, and int8 (static, calibrated on synthetic images) on the integer one.
 fn inference(c: &mut Criterion) {
     mlops::nn::denormals::flush_denormals_on_this_thread();
@@ -63,16 +63,20 @@ fn inference(c: &mut Criterion) {
     let (int8, _) = mlops::quantize::quantize(&fp32, Some(&calib), &config).unwrap();
     let mut group = c.benchmark_group("inference");
     for (name, artifact) in [("fp32", &fp32), ("int8", &int8)] {
-        let mut session = Session::new(artifact, threads()).unwrap();
-        let mut single = Session::new(artifact, 1).unwrap();
+        let mut session = CpuEngine::new(artifact, threads()).unwrap();
+        let mut single = CpuEngine::new(artifact, 1).unwrap();
         let mut logits = Vec::new();
         group.throughput(Throughput::Elements(BATCH as u64));
         group.bench_function(format!("{name}_forward_batch64"), |b| {
-            b.iter(|| session.predict(black_box(&x), BATCH, &mut logits))
+            b.iter(|| session.predict(black_box(&x), BATCH, &mut logits).unwrap())
         });
         group.throughput(Throughput::Elements(1));
         group.bench_function(format!("{name}_forward_batch1"), |b| {
-            b.iter(|| single.predict(black_box(&x[..plan.input_len]), 1, &mut logits))
+            b.iter(|| {
+                single
+                    .predict(black_box(&x[..plan.input_len]), 1, &mut logits)
+                    .unwrap()
+            })
         });
     }
     group.finish();

@@ -1,8 +1,8 @@
 //! Device selection: `cpu` (default) or `cuda[:N]`, parsed once and checked early.
 //!
-//! CUDA is a cargo feature so the default build needs no toolkit; asking for it in a
-//! build without the feature, or before a CUDA path exists for a command, is a clear
-//! error rather than a silent fallback to the CPU.
+//! CUDA is a cargo feature so the default build needs no toolkit; whether a device can
+//! run here is the runtime's to say (`runtime::select`): asking for CUDA in a build
+//! without the feature is a clear error rather than a silent fallback to the CPU.
 
 use crate::{Error, Result};
 
@@ -29,25 +29,6 @@ impl Device {
             },
         }
     }
-
-    /// Checks the device can run here; errors say how to get a build that can.
-    pub fn ensure_available(self) -> Result<Self> {
-        match self {
-            Device::Cpu => Ok(self),
-            Device::Cuda(n) => {
-                if !cfg!(feature = "cuda") {
-                    return Err(Error::Config(format!(
-                        "`--device cuda:{n}` needs a build with the `cuda` feature: \
-                         `cargo build --release --features cuda` (CUDA toolkit 12+ on the build machine)"
-                    )));
-                }
-                Err(Error::Config(format!(
-                    "`--device cuda:{n}`: this mlops version trains and evaluates on the CPU only; \
-                     the CUDA path is not implemented yet (use `--device cpu`)"
-                )))
-            }
-        }
-    }
 }
 
 impl std::fmt::Display for Device {
@@ -69,12 +50,5 @@ mod tests {
         assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(0));
         assert_eq!(Device::parse("cuda:2").unwrap(), Device::Cuda(2));
         assert!(Device::parse("tpu").is_err());
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    #[test]
-    fn cuda_without_feature_says_how_to_build() {
-        let err = Device::Cuda(0).ensure_available().unwrap_err().to_string();
-        assert!(err.contains("--features cuda"), "{err}");
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod machine;
 
+use crate::Result;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -95,15 +96,22 @@ impl LatencyStats {
 }
 
 /// Times `call` per `config`; returns the first (cold) call's time and the timed samples
-/// of each repeat, all in microseconds.
-pub fn measure(config: &BenchConfig, mut call: impl FnMut()) -> (f64, Vec<Vec<f64>>) {
+/// of each repeat, all in microseconds. `call` must leave its device idle when it
+/// returns (engines synchronize in `predict`), so the clock reads finished work.
+///
+/// # Errors
+/// The first error `call` returns.
+pub fn measure(
+    config: &BenchConfig,
+    mut call: impl FnMut() -> Result<()>,
+) -> Result<(f64, Vec<Vec<f64>>)> {
     let cold = Instant::now();
-    call();
+    call()?;
     let cold_us = cold.elapsed().as_secs_f64() * 1e6;
     let warm = Instant::now();
     let mut done = 0;
     while done < config.warmup_iters || warm.elapsed() < config.warmup_time {
-        call();
+        call()?;
         done += 1;
     }
     let mut repeats = Vec::new();
@@ -112,12 +120,12 @@ pub fn measure(config: &BenchConfig, mut call: impl FnMut()) -> (f64, Vec<Vec<f6
         let timed = Instant::now();
         while samples.len() < config.iters || timed.elapsed() < config.duration {
             let t = Instant::now();
-            call();
+            call()?;
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
         repeats.push(samples);
     }
-    (cold_us, repeats)
+    Ok((cold_us, repeats))
 }
 
 #[cfg(test)]
@@ -148,7 +156,11 @@ mod tests {
             repeats: 3,
         };
         let mut calls = 0;
-        let (_, repeats) = measure(&config, || calls += 1);
+        let (_, repeats) = measure(&config, || {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(repeats.len(), 3);
         assert!(repeats.iter().all(|r| r.len() == 5));
         assert_eq!(calls, 1 + 2 + 3 * 5);

@@ -14,7 +14,7 @@ use mlops::bench::{
 use mlops::nn::{Executor, Plan};
 use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport, MLOPS_VERSION};
-use mlops::runtime::{evaluate, Session};
+use mlops::runtime::evaluate;
 use mlops::train::Adam;
 
 use super::{Context, HintExt as _};
@@ -33,9 +33,8 @@ pub(crate) struct BenchArgs {
     /// Artifacts to compare; the first is the baseline of the table
     #[arg(required = true, value_name = "ARTIFACT")]
     pub artifacts: Vec<PathBuf>,
-    /// `cpu`, `cuda` or `cuda:N`
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
     /// Batch sizes to measure
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64], value_parser = super::parse::batch)]
     pub batch: Vec<usize>,
@@ -93,7 +92,13 @@ fn synthetic_batch(input_len: usize, batch: usize) -> Vec<f32> {
 }
 
 pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport> {
-    let device = super::device(&args.device)?;
+    let runtime = args.device.runtime(ctx)?;
+    if args.train && runtime.name() != "cpu" {
+        bail!(
+            "`--train` times our CPU training step; training on `{}` is not built yet (the CUDA issue adds it)",
+            runtime.name()
+        );
+    }
     if args.batch.contains(&0) {
         bail!("`--batch` sizes must be at least 1");
     }
@@ -101,7 +106,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
         bail!("`--max-regression` must be in [0, 1), e.g. 0.10 for 10%");
     }
     let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
-    let (mut step, started) = StepReport::start("bench", &device.to_string());
+    let (mut step, started) = StepReport::start("bench", &runtime.name());
     let eval_split = match &args.eval_data {
         Some(dir) => Some(
             mlops::data::load_split(dir, mlops::data::SplitKind::Test).hinted(
@@ -118,13 +123,13 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     for path in artifacts {
         let load = Instant::now();
         let (artifact, record) = super::eval::load_artifact(path)?;
-        let mut session = Session::new(&artifact, ctx.threads)?;
+        let mut engine = runtime.load(&artifact)?;
         let load_ms = load.elapsed().as_secs_f64() * 1e3;
         step.inputs.push(record.clone());
         let accuracy = match &eval_split {
             Some(split) => {
                 split.check_fits(artifact.spec.input, artifact.spec.classes)?;
-                Some(evaluate(&mut session, split, 256)?.accuracy)
+                Some(evaluate(engine.as_mut(), split, 256)?.accuracy)
             }
             None => None,
         };
@@ -173,10 +178,11 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
                 measure(&config, || {
                     executor.train_step(&params, &x, &labels, adam.step);
                     adam.update(&mut params, &executor.grads, 1e-4);
-                })
+                    Ok(())
+                })?
             } else {
                 let mut logits = Vec::new();
-                measure(&config, || session.predict(&x, batch, &mut logits))
+                measure(&config, || engine.predict(&x, batch, &mut logits))?
             };
             let wall_s = wall.elapsed().as_secs_f64();
             let after = Usage::now();
@@ -196,8 +202,8 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
                 artifact: path.display().to_string(),
                 sha256: record.sha256.clone(),
                 precision: artifact.precision.as_str().into(),
-                compute: session.compute(),
-                device: device.to_string(),
+                compute: engine.compute(),
+                device: runtime.name(),
                 mode: mode.into(),
                 batch,
                 threads: ctx.threads,

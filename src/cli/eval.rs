@@ -8,7 +8,7 @@ use clap::Args;
 use mlops::artifact::Artifact;
 use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport};
-use mlops::runtime::{evaluate, EvalReport, Session};
+use mlops::runtime::{evaluate, EvalReport};
 
 use super::{Context, HintExt as _, ReportArgs};
 
@@ -25,9 +25,8 @@ pub(crate) struct EvalArgs {
     /// Images per forward pass
     #[arg(long, default_value_t = 256, value_parser = super::parse::batch)]
     pub batch_size: usize,
-    /// `cpu`, `cuda` or `cuda:N`
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
     /// Exit 3 when accuracy (0..1) is below F
     #[arg(long, value_name = "F", value_parser = super::parse::fraction)]
     pub min_accuracy: Option<f64>,
@@ -72,8 +71,8 @@ pub(crate) fn load_artifact(path: &Path) -> anyhow::Result<(Artifact, mlops::rep
 }
 
 pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> {
-    let device = super::device(&args.device)?;
-    let (mut step, started) = StepReport::start("eval", &device.to_string());
+    let runtime = args.device.runtime(ctx)?;
+    let (mut step, started) = StepReport::start("eval", &runtime.name());
     let (artifact, record) = load_artifact(&args.artifact)?;
     let data_dir = args.data.clone().unwrap_or_else(|| {
         artifact
@@ -90,13 +89,13 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
                 &format!("`--data` {}", super::IDX_FOLDER_HINT),
             )?;
     split.check_fits(artifact.spec.input, artifact.spec.classes)?;
-    let mut session = Session::new(&artifact, ctx.threads)?;
-    let report = evaluate(&mut session, &split, args.batch_size.max(1))?;
+    let mut engine = runtime.load(&artifact)?;
+    let report = evaluate(engine.as_mut(), &split, args.batch_size.max(1))?;
     step.inputs.push(record);
     step.inputs.extend(split.files.iter().cloned());
     let mut metrics = serde_json::to_value(&report)?;
     metrics["precision"] = artifact.precision.as_str().into();
-    metrics["compute"] = session.compute().into();
+    metrics["compute"] = engine.compute().into();
     metrics["data"] = data_dir.display().to_string().into();
     step.metrics = metrics;
     if let Some(min) = args.min_accuracy {

@@ -17,10 +17,11 @@ mod train;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use mlops::device::Device;
 use mlops::report::StepReport;
+use mlops::runtime::{CpuRuntime, EngineKind, Runtime};
 
 /// Take an image classifier from training to a fast, small, trustworthy artifact.
 #[derive(Debug, Parser)]
@@ -76,6 +77,41 @@ pub(crate) struct ReportArgs {
     pub json: bool,
 }
 
+/// Where a command runs its models: `--device` and `--engine`, shared by every command that
+/// runs one (resolved by [`mlops::runtime::select`], the one place that knows devices).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DeviceArgs {
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// What runs the model: `native` (our kernels on the CPU) or `candle` (candle's ops,
+    /// the code a GPU runs); on CUDA it is always candle
+    #[arg(long, value_enum, default_value_t = EngineArg::Native)]
+    pub engine: EngineArg,
+}
+
+/// `--engine` as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum EngineArg {
+    Native,
+    Candle,
+}
+
+impl DeviceArgs {
+    /// The checked runtime these flags ask for.
+    pub(crate) fn runtime(&self, ctx: &Context) -> anyhow::Result<Box<dyn Runtime>> {
+        let engine = match self.engine {
+            EngineArg::Native => EngineKind::Native,
+            EngineArg::Candle => EngineKind::Candle,
+        };
+        Ok(mlops::runtime::select(
+            Device::parse(&self.device)?,
+            engine,
+            ctx.threads,
+        )?)
+    }
+}
+
 /// How a command ended when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -102,16 +138,13 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    // Ignore the error: the pool can only be set once per process (pipeline re-enters).
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .start_handler(|_| mlops::nn::denormals::flush_denormals_on_this_thread())
-        .build_global();
-    mlops::nn::denormals::flush_denormals_on_this_thread();
+    // The CPU runtime owns the process-wide pool and flush-to-zero.
+    let cpu = CpuRuntime::new(threads);
     let printer = printer::Printer::new(cli.global.quiet);
     let in_pipeline = matches!(cli.command, Command::Pipeline(_));
     let context = Context {
         threads,
+        cpu,
         printer,
         in_pipeline,
     };
@@ -132,6 +165,8 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
 /// What every command gets besides its own args.
 pub(crate) struct Context {
     pub threads: usize,
+    /// Our CPU kernels, for the steps that run on the CPU (quantize, prune).
+    pub cpu: CpuRuntime,
     pub printer: printer::Printer,
     /// Steps run inside `mlops pipeline` print their tables to stderr, keeping stdout
     /// for the pipeline's own `--json`.
@@ -170,11 +205,6 @@ pub(crate) fn output_beside(
             .map_or("model".into(), |s| s.to_string_lossy().to_string());
         input.with_file_name(format!("{stem}.{suffix}.safetensors"))
     }))
-}
-
-/// Parses `--device` and checks it can run in this build.
-pub(crate) fn device(text: &str) -> anyhow::Result<Device> {
-    Ok(Device::parse(text)?.ensure_available()?)
 }
 
 /// An error context that carries the fix known at its call site: rendered as the

@@ -13,7 +13,7 @@ use mlops::model::resolve_layers;
 use mlops::prune::{default_layers, fit_steps, measure, Masks, Schedule};
 use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport};
-use mlops::runtime::{evaluate, Session};
+use mlops::runtime::{evaluate, Runtime as _};
 use mlops::train::{fit, Start, TrainConfig};
 
 use super::train::LrScheduleArg;
@@ -176,8 +176,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     }
 
     let (data, eval_split) = load_data(args, &spec)?;
-    let mut before_session = Session::new(&artifact, ctx.threads)?;
-    let before = evaluate(&mut before_session, &eval_split, 256)?;
+    let before = evaluate(ctx.cpu.load(&artifact)?.as_mut(), &eval_split, 256)?;
 
     let config = fine_tune_config(
         args,
@@ -258,7 +257,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         "block": args.block,
         "layers": layers.iter().map(|l| (l.name.clone(), l.sparsity)).collect::<BTreeMap<_, _>>(),
     }));
-    let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
+    let after = record_accuracy(&mut out_artifact, &eval_split, args, &ctx.cpu)?;
     let bytes_before = std::fs::read(&args.artifact)?;
     let bytes_after = out_artifact.to_bytes()?;
     let (gz_before, gz_after) = (gzip_size(&bytes_before)?, gzip_size(&bytes_after)?);
@@ -376,14 +375,14 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         return Ok(step);
     }
     let (data, eval_split) = load_data(args, &spec)?;
-    let before = evaluate(&mut Session::new(&artifact, ctx.threads)?, &eval_split, 256)?;
+    let before = evaluate(ctx.cpu.load(&artifact)?.as_mut(), &eval_split, 256)?;
     let mut tuned = small_params;
     let mut accuracy_before_fine_tune = None;
     if args.fine_tune_epochs > 0 {
         let mut untuned = Artifact::from_params(&small_spec, &tuned)?;
         untuned.input = artifact.input.clone();
         accuracy_before_fine_tune =
-            Some(evaluate(&mut Session::new(&untuned, ctx.threads)?, &eval_split, 256)?.accuracy);
+            Some(evaluate(ctx.cpu.load(&untuned)?.as_mut(), &eval_split, 256)?.accuracy);
         let config = fine_tune_config(
             args,
             args.fine_tune_epochs,
@@ -411,7 +410,7 @@ fn run_structured(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let fine_tuning = fine_tuning_record(args, args.fine_tune_epochs);
     lineage_args.extend(fine_tuning.clone());
     derive_from(&mut out_artifact, &artifact, &record.sha256, lineage_args);
-    let after = record_accuracy(&mut out_artifact, &eval_split, args, ctx.threads)?;
+    let after = record_accuracy(&mut out_artifact, &eval_split, args, &ctx.cpu)?;
     let written = out_artifact.save(&out_path)?;
     let drop = before.accuracy - after.accuracy;
     step.gates
@@ -531,9 +530,9 @@ fn record_accuracy(
     artifact: &mut Artifact,
     split: &mlops::data::Split,
     args: &PruneArgs,
-    threads: usize,
+    runtime: &mlops::runtime::CpuRuntime,
 ) -> anyhow::Result<mlops::runtime::EvalReport> {
-    let eval = evaluate(&mut Session::new(artifact, threads)?, split, 256)?;
+    let eval = evaluate(runtime.load(artifact)?.as_mut(), split, 256)?;
     artifact.metrics = Some(EvalMetrics {
         accuracy: eval.accuracy,
         loss: eval.loss,

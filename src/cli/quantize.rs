@@ -12,7 +12,7 @@ use mlops::data::{load_split, Split, SplitKind};
 use mlops::quantize::{compare_logits, quantize, scheme_metadata, CalibMethod, QuantConfig};
 use mlops::report::table::Table;
 use mlops::report::{FileRecord, Gate, StepReport};
-use mlops::runtime::{evaluate, Session};
+use mlops::runtime::{evaluate, Runtime as _};
 
 use super::{Context, HintExt as _, ReportArgs};
 
@@ -160,8 +160,8 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         .as_ref()
         .filter(|_| !args.dynamic)
         .map(|c| mlops::io::combined_sha256(&c.files));
-    let mut session = Session::new(&quantized, ctx.threads)?;
-    let compute = session.compute();
+    let mut engine = ctx.cpu.load(&quantized)?;
+    let compute = engine.compute();
     let layer_map = quantized
         .quantization
         .as_ref()
@@ -233,7 +233,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         mlops::quantize::layer_output_errors(&artifact, &quantized, &x, n, &mut report)?;
         let fp32_logits = mlops::quantize::fp32_logits(&artifact, &x, n)?;
         let mut int8_logits = Vec::new();
-        session.predict(&x, n, &mut int8_logits);
+        engine.predict(&x, n, &mut int8_logits)?;
         let (cosine, agreement) = compare_logits(&fp32_logits, &int8_logits, classes);
         metrics_compare = serde_json::json!({
             "images": n,
@@ -272,15 +272,15 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     });
     let mut human_eval = String::new();
     if let (Some(dir), Some(split)) = (&eval_dir, &eval_split) {
-        let mut fp32 = Session::new(&artifact, ctx.threads)?;
-        let fp32_eval = evaluate(&mut fp32, split, 256)?;
-        let int8_eval = evaluate(&mut session, split, 256)?;
+        let mut fp32 = ctx.cpu.load(&artifact)?;
+        let fp32_eval = evaluate(fp32.as_mut(), split, 256)?;
+        let int8_eval = evaluate(engine.as_mut(), split, 256)?;
         let (mut xs, mut ls, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut agree = 0usize;
         for chunk in (0..split.count).collect::<Vec<_>>().chunks(256) {
             split.gather(chunk, &artifact.input.preprocess(), &mut xs, &mut ls);
-            fp32.predict(&xs, chunk.len(), &mut a);
-            session.predict(&xs, chunk.len(), &mut b);
+            fp32.predict(&xs, chunk.len(), &mut a)?;
+            engine.predict(&xs, chunk.len(), &mut b)?;
             agree += a
                 .chunks_exact(classes)
                 .zip(b.chunks_exact(classes))

@@ -27,6 +27,8 @@ pub(crate) struct ServeArgs {
     /// Port (8501 is TF Serving's REST port; 0 picks a free one)
     #[arg(long, default_value_t = 8501)]
     pub port: u16,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
     /// Images per forward pass at most when merging requests, 1 to 4096; 1 (the default,
     /// as TF Serving's batching is off by default) runs each request on its own: on CPU
     /// our kernels cost the same per image in batches, so merging only adds waiting (README)
@@ -130,7 +132,17 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
             Some(Signer::new(key))
         }
     };
-    let (mut step, started) = StepReport::start("serve", "cpu");
+    // Our CPU kernels run with `--model-threads`; other runtimes are resolved as usual.
+    let native_cpu = args.device.device == "cpu" && args.device.engine == super::EngineArg::Native;
+    let runtime = if native_cpu {
+        None
+    } else {
+        Some(args.device.runtime(ctx)?)
+    };
+    let device = runtime
+        .as_ref()
+        .map_or_else(|| "cpu".to_string(), |r| r.name());
+    let (mut step, started) = StepReport::start("serve", &device);
     let mut names = BTreeSet::new();
     let mut models = Vec::new();
     for path in super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "serve")? {
@@ -156,6 +168,7 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
         },
         cache_images: args.cache_size,
         signer,
+        runtime,
         read_timeout: Duration::from_millis(args.read_timeout_ms),
         max_connections: args.max_connections,
     };

@@ -64,9 +64,8 @@ pub(crate) struct TrainArgs {
     /// Use only the first N test images for evaluation
     #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub val_limit: Option<usize>,
-    /// `cpu`, `cuda` or `cuda:N`
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
     /// Folder for model.safetensors and checkpoint.safetensors
     #[arg(long, value_name = "DIR", default_value = "runs/default")]
     pub out: PathBuf,
@@ -109,8 +108,14 @@ pub(crate) fn load_data(
 }
 
 pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
-    let device = super::device(&args.device)?;
-    let (mut step, started) = StepReport::start("train", &device.to_string());
+    let runtime = args.device.runtime(ctx)?;
+    if runtime.name() != "cpu" {
+        anyhow::bail!(
+            "training on `{}` is not built yet: `mlops train` runs our CPU trainer (`--device cpu --engine native`); the CUDA issue adds candle training",
+            runtime.name()
+        );
+    }
+    let (mut step, started) = StepReport::start("train", &runtime.name());
     let spec = match &args.model {
         Some(path) => ModelSpec::from_file(path)?,
         None => ModelSpec::reference_cnn(),

@@ -11,7 +11,7 @@
 //! Two kernels, chosen at run time ([`Kernel::detect`]): AVX-512F (`vfmadd231ps`, 16
 //! channels per register) and AVX2 + FMA (8 per register; most AMD Zen 2/3 and pre-2017
 //! Intel CPUs, where CI runners often are). Elsewhere [`FloatModel::supported`] is false
-//! and `Session` runs the training executor's forward pass. All give the same results up
+//! and `CpuEngine` runs the training executor's forward pass. All give the same results up
 //! to summation order (tested).
 
 use super::passes::Shards;

@@ -1,10 +1,18 @@
-//! Running artifacts: a [`Session`] holds an artifact's plan and f32 weights and predicts.
+//! Running artifacts: one seam between what a command does and where it runs.
 //!
-//! fp16 and bf16 artifacts are widened to f32 at load (as TFLite does for fp16 weights);
-//! [`evaluate`] measures accuracy, loss, per-class accuracy and the confusion matrix.
+//! A [`Runtime`] (after tract's `Runtime -> Runnable`) is a place models run: our CPU
+//! kernels ([`cpu::CpuRuntime`]), or candle on a device ([`candle::CandleRuntime`]: the
+//! CPU with `--engine candle`, a GPU with `--device cuda[:N]`). It checks it is
+//! available and loads an artifact (or parameters in memory) into an [`Engine`], which
+//! predicts, names what computes, synchronizes its device (after candle's
+//! `synchronize`) and may split its time into copy-in / compute / copy-out.
+//! [`select`] resolves `--device` and `--engine` in one place; no command has device
+//! logic of its own. fp16 and bf16 artifacts are widened to f32 at load (as TFLite does
+//! for fp16 weights); [`evaluate`] measures accuracy, loss, per-class accuracy and the
+//! confusion matrix through any engine.
 
-#[cfg(feature = "cuda")]
-pub mod cuda;
+pub mod candle;
+pub mod cpu;
 pub mod fp32;
 pub mod int8;
 mod passes;
@@ -14,125 +22,140 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub use self::candle::{CandleEngine, CandleRuntime};
+pub use self::cpu::{CpuEngine, CpuRuntime};
 use crate::artifact::Artifact;
 use crate::data::{Preprocess, Split};
-use crate::nn::{softmax_cross_entropy, Executor, Plan};
+use crate::device::Device;
+use crate::nn::{softmax_cross_entropy, Plan};
 use crate::{Error, Result};
 
-/// A loaded model ready to predict on the CPU.
-pub struct Session {
-    engine: Engine,
-    preprocess: Preprocess,
-}
+/// A place models run: checks it is available and loads models into engines.
+pub trait Runtime: Send + Sync {
+    /// `cpu`, `cpu (candle)`, `cuda:0 (candle)`: what reports record as the device.
+    fn name(&self) -> String;
 
-enum Engine {
-    /// fp32 (fp16 / bf16 widened at load).
-    Float {
-        executor: Executor,
+    /// The device it computes on.
+    fn device(&self) -> Device;
+
+    /// Checks the device is there and usable.
+    ///
+    /// # Errors
+    /// A device that is missing or not built in, with what to do.
+    fn check(&self) -> Result<()>;
+
+    /// Loads an artifact (its weights, its preprocessing).
+    ///
+    /// # Errors
+    /// An artifact this runtime cannot run (int8 on candle), or a device error.
+    fn load(&self, artifact: &Artifact) -> Result<Box<dyn Engine>>;
+
+    /// Loads fp32 parameters in memory (spec order): evaluation while training.
+    ///
+    /// # Errors
+    /// Parameters that do not match the plan, or a device error.
+    fn load_params(
+        &self,
+        plan: &Plan,
         params: Vec<Vec<f32>>,
-    },
-    /// fp32 on an in-place SIMD inference kernel (AVX-512 or AVX2, where the CPU has one).
-    Direct(fp32::FloatModel),
-    /// int8 artifacts: integer kernels.
-    Int8(int8::Int8Model),
+        preprocess: Preprocess,
+    ) -> Result<Box<dyn Engine>>;
 }
 
-impl Session {
-    /// Compiles the artifact for the CPU: int8 artifacts run in the integer runtime,
-    /// float ones in fp32.
-    pub fn new(artifact: &Artifact, threads: usize) -> Result<Self> {
-        if artifact.precision == crate::artifact::Precision::Int8 {
-            let model = int8::Int8Model::new(artifact, threads, int8::gemm::Kernel::detect())?;
-            return Ok(Session {
-                engine: Engine::Int8(model),
-                preprocess: artifact.input.preprocess(),
-            });
-        }
-        let mut session = Self::from_params(
-            &Plan::compile(&artifact.spec)?,
-            artifact.params_f32(),
-            threads,
-        )?;
-        session.preprocess = artifact.input.preprocess();
-        Ok(session)
+/// A model loaded on a runtime, ready to predict.
+pub trait Engine: Send {
+    /// Logits `[batch, classes]` into `logits` for `x`, `[batch, h, w, c]` (NHWC) already
+    /// preprocessed ([`Engine::preprocess`]).
+    ///
+    /// # Errors
+    /// `x` not holding `batch` images of the model's input shape; a device error.
+    fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) -> Result<()>;
+
+    /// The compiled plan (shapes, classes).
+    fn plan(&self) -> &Plan;
+
+    /// What computes the conv and dense layers, for reports: `fp32 (avx512)`,
+    /// `int8 (avx512-vnni)`, `fp32 (candle, cuda:0 (candle))`.
+    fn compute(&self) -> String;
+
+    /// How pixel bytes become this model's input (the artifact's `mlops.input`).
+    fn preprocess(&self) -> &Preprocess;
+
+    /// Waits for the device to finish queued work (a no-op on the CPU).
+    ///
+    /// # Errors
+    /// A device error.
+    fn sync(&self) -> Result<()> {
+        Ok(())
     }
 
-    /// The same session fed through `preprocess` (for a model made from parameters whose
-    /// inputs are not [`Preprocess::UNIT`]).
-    pub fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
-        self.preprocess = preprocess;
-        self
+    /// Where the last [`Engine::predict`] spent its time, for engines on a device.
+    fn timing(&self) -> Option<Timing> {
+        None
     }
+}
 
-    /// How pixel bytes become this model's input ([`Preprocess::UNIT`] for a session made
-    /// from parameters): what [`evaluate`] applies.
-    pub fn preprocess(&self) -> &Preprocess {
-        &self.preprocess
-    }
+/// Where the time of one prediction went, in microseconds (trtexec's split).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timing {
+    /// Host-to-device copy of the batch.
+    pub h2d_us: f64,
+    /// The forward pass on the device (synchronized).
+    pub compute_us: f64,
+    /// Device-to-host copy of the logits.
+    pub d2h_us: f64,
+}
 
-    /// A session over parameters already in memory (used while training).
-    pub fn from_params(plan: &Plan, params: Vec<Vec<f32>>, threads: usize) -> Result<Self> {
-        if let Some(kernel) = fp32::Kernel::detect() {
-            return Ok(Session {
-                engine: Engine::Direct(fp32::FloatModel::new(plan, &params, threads, kernel)),
-                preprocess: Preprocess::UNIT,
-            });
-        }
-        Ok(Session {
-            engine: Engine::Float {
-                executor: Executor::new(plan, threads),
-                params,
-            },
-            preprocess: Preprocess::UNIT,
-        })
-    }
+/// Which code runs the model on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Our own kernels on the CPU; candle on CUDA (the only engine there).
+    #[default]
+    Native,
+    /// candle's tensor ops (on the CPU: the code a GPU runs, for tests and comparison).
+    Candle,
+}
 
-    /// The compiled plan.
-    pub fn plan(&self) -> &Plan {
-        match &self.engine {
-            Engine::Float { executor, .. } => executor.plan(),
-            Engine::Direct(model) => model.plan(),
-            Engine::Int8(model) => model.plan(),
-        }
-    }
+/// The runtime for `device` and `engine`, checked: the one place `--device` and
+/// `--engine` are resolved.
+///
+/// # Errors
+/// A CUDA device in a build without the `cuda` feature or not present.
+pub fn select(device: Device, engine: EngineKind, threads: usize) -> Result<Box<dyn Runtime>> {
+    let runtime: Box<dyn Runtime> = match (device, engine) {
+        (Device::Cpu, EngineKind::Native) => Box::new(CpuRuntime::new(threads)),
+        (Device::Cpu, EngineKind::Candle) => Box::new(CandleRuntime::cpu()),
+        (Device::Cuda(n), _) => Box::new(CandleRuntime::cuda(n)?),
+    };
+    runtime.check()?;
+    Ok(runtime)
+}
 
-    /// What computes the conv and dense layers, for reports: `fp32` or `int8 (KERNEL)`.
-    pub fn compute(&self) -> String {
-        match &self.engine {
-            Engine::Float { .. } => "fp32".into(),
-            Engine::Direct(model) => format!("fp32 ({})", model.kernel().name()),
-            Engine::Int8(model) => {
-                let layers = model.layers();
-                let count = |p: crate::artifact::LayerPrecision| {
-                    layers.iter().filter(|l| l.precision == p).count()
-                };
-                let mut notes = vec![model.kernel().name().to_string()];
-                for p in [
-                    crate::artifact::LayerPrecision::Int8Dynamic,
-                    crate::artifact::LayerPrecision::Fp32,
-                ] {
-                    if count(p) > 0 {
-                        notes.push(format!(
-                            "{} of {} layers {}",
-                            count(p),
-                            layers.len(),
-                            p.as_str()
-                        ));
-                    }
-                }
-                format!("int8 ({})", notes.join("; "))
-            }
-        }
+/// The runtimes this build and machine can run, for conformance tests: the CPU kernels,
+/// candle on the CPU, and candle on CUDA device 0 when it is built in and present.
+pub fn available(threads: usize) -> Vec<Box<dyn Runtime>> {
+    let mut all: Vec<Box<dyn Runtime>> = vec![
+        Box::new(CpuRuntime::new(threads)),
+        Box::new(CandleRuntime::cpu()),
+    ];
+    if let Ok(cuda) = select(Device::Cuda(0), EngineKind::Native, threads) {
+        all.push(cuda);
     }
+    all
+}
 
-    /// Logits `[batch, classes]` for `x` (`[batch, h, w, c]`, already scaled).
-    pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
-        match &mut self.engine {
-            Engine::Float { executor, params } => executor.predict(params, x, batch, logits),
-            Engine::Direct(model) => model.predict(x, batch, logits),
-            Engine::Int8(model) => model.predict(x, batch, logits),
-        }
+/// Checks `x` holds `batch` images of the plan's input.
+fn check_input(plan: &Plan, x: &[f32], batch: usize) -> Result<()> {
+    if batch.checked_mul(plan.input_len) != Some(x.len()) {
+        return Err(Error::Config(format!(
+            "the input holds {} values, not {batch} images of {:?} ({} values each)",
+            x.len(),
+            plan.spec.input,
+            plan.input_len
+        )));
     }
+    Ok(())
 }
 
 /// What [`evaluate`] measured.
@@ -152,25 +175,26 @@ pub struct EvalReport {
     pub images_per_s: f64,
 }
 
-/// Runs the whole split through the session in batches of `batch_size`.
+/// Runs the whole split through the engine in batches of `batch_size`, each image
+/// through the engine's own preprocessing (the artifact's `mlops.input`).
 ///
 /// # Errors
 /// [`Error::Config`] when the model's outputs are not finite on some image (weights or
 /// inputs that overflow f32): such outputs are not an answer, and accuracy or loss
 /// computed from them would be meaningless.
-pub fn evaluate(session: &mut Session, split: &Split, batch_size: usize) -> Result<EvalReport> {
-    let classes = session.plan().classes;
+pub fn evaluate(engine: &mut dyn Engine, split: &Split, batch_size: usize) -> Result<EvalReport> {
+    let classes = engine.plan().classes;
     let batch_size = batch_size.clamp(1, split.count.max(1));
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss_sum = 0.0;
     let mut compute = 0.0;
     let indices: Vec<usize> = (0..split.count).collect();
-    let preprocess = *session.preprocess();
+    let preprocess = *engine.preprocess();
     for chunk in indices.chunks(batch_size.max(1)) {
         split.gather(chunk, &preprocess, &mut x, &mut labels);
         let started = Instant::now();
-        session.predict(&x, chunk.len(), &mut logits);
+        engine.predict(&x, chunk.len(), &mut logits)?;
         compute += started.elapsed().as_secs_f64();
         if let Some(bad) = logits.iter().position(|v| !v.is_finite()) {
             let first = chunk[bad / classes];
@@ -238,4 +262,155 @@ pub fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// The engine-conformance suite (tract's `test-rt` pattern): every runtime this build and
+/// machine can run ([`available`]) gets the same checks, so a new device gets the whole
+/// suite by being listed there.
+#[cfg(test)]
+mod conformance {
+    use super::*;
+    use crate::model::ModelSpec;
+
+    fn artifact() -> Artifact {
+        let spec = ModelSpec::reference_cnn();
+        let plan = Plan::compile(&spec).unwrap();
+        Artifact::from_params(&spec, &plan.init_params(7)).unwrap()
+    }
+
+    fn images(plan: &Plan, batch: usize) -> Vec<f32> {
+        (0..batch * plan.input_len)
+            .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+            .collect()
+    }
+
+    /// The training executor's forward pass, the reference every engine must match.
+    fn reference_logits(artifact: &Artifact, x: &[f32], batch: usize) -> Vec<f32> {
+        let plan = Plan::compile(&artifact.spec).unwrap();
+        let mut logits = Vec::new();
+        crate::nn::Executor::new(&plan, 1).predict(&artifact.params_f32(), x, batch, &mut logits);
+        logits
+    }
+
+    #[test]
+    fn every_runtime_matches_the_reference_forward_pass() {
+        let artifact = artifact();
+        for runtime in available(2) {
+            let name = runtime.name();
+            runtime.check().unwrap();
+            let mut engine = runtime.load(&artifact).unwrap();
+            assert_eq!(engine.plan().classes, 10, "{name}");
+            assert!(!engine.compute().is_empty(), "{name}");
+            assert_eq!(*engine.preprocess(), Preprocess::UNIT, "{name}");
+            for batch in [1, 3, 64] {
+                let x = images(engine.plan(), batch);
+                let mut logits = Vec::new();
+                engine.predict(&x, batch, &mut logits).unwrap();
+                engine.sync().unwrap();
+                let want = reference_logits(&artifact, &x, batch);
+                assert_eq!(logits.len(), want.len(), "{name} batch {batch}");
+                for (a, b) in logits.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{name} batch {batch}: {a} vs {b}"
+                    );
+                }
+            }
+            // Parameters in memory give the same engine as the artifact.
+            let plan = Plan::compile(&artifact.spec).unwrap();
+            let mut from_params = runtime
+                .load_params(&plan, artifact.params_f32(), Preprocess::UNIT)
+                .unwrap();
+            let x = images(&plan, 2);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            engine.predict(&x, 2, &mut a).unwrap();
+            from_params.predict(&x, 2, &mut b).unwrap();
+            assert_eq!(a, b, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_runtime_refuses_input_of_the_wrong_size() {
+        let artifact = artifact();
+        for runtime in available(1) {
+            let mut engine = runtime.load(&artifact).unwrap();
+            let mut logits = Vec::new();
+            let err = engine.predict(&[0.0; 100], 1, &mut logits).unwrap_err();
+            assert!(
+                err.to_string().contains("not 1 images"),
+                "{}: {err}",
+                runtime.name()
+            );
+        }
+    }
+
+    /// `evaluate` runs through any engine and applies the artifact's preprocessing.
+    #[test]
+    fn every_runtime_evaluates_alike() {
+        let mut artifact = artifact();
+        artifact.input.mean = 0.5;
+        artifact.input.std = 0.5;
+        let split = Split {
+            images: (0..16 * 784).map(|i| (i * 31 % 256) as u8).collect(),
+            labels: (0..16).map(|i| i % 10).collect(),
+            count: 16,
+            shape: [28, 28, 1],
+            files: Vec::new(),
+        };
+        let reports: Vec<(String, EvalReport)> = available(1)
+            .into_iter()
+            .map(|runtime| {
+                let mut engine = runtime.load(&artifact).unwrap();
+                assert_eq!(engine.preprocess().mean, 0.5);
+                (
+                    runtime.name(),
+                    evaluate(engine.as_mut(), &split, 5).unwrap(),
+                )
+            })
+            .collect();
+        for (name, report) in &reports[1..] {
+            assert_eq!(report.confusion, reports[0].1.confusion, "{name}");
+            assert!((report.loss - reports[0].1.loss).abs() < 1e-4, "{name}");
+        }
+    }
+
+    /// int8 artifacts run only on our integer runtime; candle says so.
+    #[test]
+    fn candle_refuses_int8_naming_the_runtime_that_runs_it() {
+        let artifact = artifact();
+        let calib = Split {
+            images: (0..32 * 784).map(|i| (i * 7 % 256) as u8).collect(),
+            labels: vec![0; 32],
+            count: 32,
+            shape: [28, 28, 1],
+            files: Vec::new(),
+        };
+        let config = crate::quantize::QuantConfig {
+            method: crate::quantize::CalibMethod::MinMax,
+            samples: 32,
+            seed: 0,
+            per_tensor: false,
+            dynamic: false,
+            exclude: Vec::new(),
+        };
+        let (int8, _) = crate::quantize::quantize(&artifact, Some(&calib), &config).unwrap();
+        let err = CandleRuntime::cpu().load(&int8).err().unwrap().to_string();
+        assert!(err.contains("--engine native"), "{err}");
+        CpuRuntime::new(1).load(&int8).unwrap();
+    }
+
+    /// `--device cuda` reaches the CUDA runtime's availability check: in a build without
+    /// the feature it says how to build one; with it, it asks the driver.
+    #[test]
+    fn cuda_is_resolved_by_the_runtime() {
+        let result = select(Device::Cuda(0), EngineKind::Native, 1);
+        if cfg!(feature = "cuda") {
+            if let Err(e) = result {
+                assert!(e.to_string().contains("is not available"), "{e}");
+            }
+        } else {
+            let err = result.err().unwrap().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+    }
 }

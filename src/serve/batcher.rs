@@ -1,6 +1,6 @@
 //! Dynamic batching: images from many requests are merged into one forward pass.
 //!
-//! One worker thread owns the model's [`Session`]. It takes the first queued request,
+//! One worker thread owns the model's [`Engine`]. It takes the first queued request,
 //! then keeps taking requests until `max_batch` images are gathered or `max_wait` has
 //! passed since the first, runs them as one batch and hands each request its logits.
 //! A batch pays where a model or device costs less per image in batches (large models,
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::runtime::Session;
+use crate::runtime::Engine;
 
 /// When the worker stops gathering and runs the batch.
 #[derive(Debug, Clone, Copy)]
@@ -74,17 +74,17 @@ impl Batcher {
     /// Starts the worker thread; `on_batch(images)` is called after every forward pass
     /// (metrics). The worker ends when the `Batcher` is dropped.
     pub fn spawn(
-        mut session: Session,
+        mut engine: Box<dyn Engine>,
         config: BatchConfig,
         on_batch: impl Fn(usize) + Send + 'static,
     ) -> std::io::Result<Self> {
-        let input_len = session.plan().input_len;
+        let input_len = engine.plan().input_len;
         let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE_JOBS);
         std::thread::Builder::new()
             .name("mlops-batcher".into())
             .spawn(move || {
                 crate::nn::denormals::flush_denormals_on_this_thread();
-                run_worker(&mut session, &queue, config, &on_batch)
+                run_worker(engine.as_mut(), &queue, config, &on_batch)
             })?;
         Ok(Batcher { jobs, input_len })
     }
@@ -114,12 +114,12 @@ impl Batcher {
 }
 
 fn run_worker(
-    session: &mut Session,
+    engine: &mut dyn Engine,
     queue: &Receiver<Job>,
     config: BatchConfig,
     on_batch: &dyn Fn(usize),
 ) {
-    let classes = session.plan().classes;
+    let classes = engine.plan().classes;
     let (mut x, mut logits) = (Vec::new(), Vec::new());
     // A job that would have overfilled the last batch starts the next one.
     let mut carried: Option<Job> = None;
@@ -157,15 +157,21 @@ fn run_worker(
         for job in &batch {
             x.extend_from_slice(&job.images);
         }
-        let ran = catch_unwind(AssertUnwindSafe(|| {
-            session.predict(&x, images, &mut logits)
-        }));
-        if let Err(panic) = ran {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+        // An error fails only this batch; a panic in a kernel (a bug) is caught so that it
+        // too fails only this batch and the server keeps serving.
+        let ran = catch_unwind(AssertUnwindSafe(|| engine.predict(&x, images, &mut logits)));
+        let failure = match ran {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default(),
+            ),
+        };
+        if let Some(why) = failure {
             crate::io::log_line(format_args!(
                 "mlops serve: the forward pass failed on a batch of {images} images: {why}"
             ));
@@ -193,9 +199,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    fn session() -> Session {
+    fn session() -> Box<dyn Engine> {
         let plan = Plan::compile(&ModelSpec::reference_cnn()).unwrap();
-        Session::from_params(&plan, plan.init_params(3), 1).unwrap()
+        Box::new(crate::runtime::CpuEngine::from_params(&plan, plan.init_params(3), 1).unwrap())
     }
 
     fn image(seed: usize) -> Vec<f32> {
@@ -231,7 +237,7 @@ mod tests {
         let mut alone = session();
         for (i, logits) in got.iter().enumerate() {
             let mut want = Vec::new();
-            alone.predict(&image(i), 1, &mut want);
+            alone.predict(&image(i), 1, &mut want).unwrap();
             for (a, b) in want.iter().zip(logits) {
                 assert!((a - b).abs() < 1e-4, "request {i}: {a} vs {b}");
             }

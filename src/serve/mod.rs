@@ -6,7 +6,7 @@
 //! from all connections are merged into batches ([`batcher`]), repeated images are
 //! answered from an LRU cache ([`cache`]), requests can be required to carry an
 //! HMAC-SHA256 signature ([`signing`]), and `GET /metrics` exposes Prometheus metrics
-//! ([`metrics`]). Every artifact runs through the same `runtime::Session` as `eval` and
+//! ([`metrics`]). Every artifact runs through the same `runtime::Engine` as `eval` and
 //! `bench`, int8 ones on the integer kernels.
 //!
 //! Resources are bounded before any work: at most `--max-connections` connections are
@@ -32,7 +32,7 @@ use serde_json::json;
 
 use crate::artifact::Artifact;
 use crate::report::FileRecord;
-use crate::runtime::Session;
+use crate::runtime::{CpuEngine, Runtime};
 use batcher::{BatchConfig, Batcher};
 use cache::PredictionCache;
 use metrics::Metrics;
@@ -51,6 +51,9 @@ pub struct ServeConfig {
     pub model_threads: usize,
     /// Dynamic batching.
     pub batch: BatchConfig,
+    /// Where the models run (`--device`, `--engine`); `None` is our CPU kernels with
+    /// `model_threads` threads.
+    pub runtime: Option<Box<dyn Runtime>>,
     /// Images kept in each model's prediction cache (0: no cache).
     pub cache_images: usize,
     /// When set, inference requests must be signed with this key.
@@ -111,15 +114,18 @@ pub fn serve(
         record,
     } in models
     {
-        let session = Session::new(&artifact, config.model_threads.max(1))?;
+        let engine = match &config.runtime {
+            Some(runtime) => runtime.load(&artifact)?,
+            None => Box::new(CpuEngine::new(&artifact, config.model_threads.max(1))?),
+        };
         let info = json!({
             "file": record.path, "sha256": record.sha256, "bytes": record.bytes,
-            "precision": artifact.precision.as_str(), "compute": session.compute(),
+            "precision": artifact.precision.as_str(), "compute": engine.compute(),
             "labels": artifact.labels, "input": artifact.input,
             "accuracy": artifact.metrics.as_ref().map(|m| m.accuracy),
         });
         let batch_images = metrics.batch_images.with_label_values(&[name.as_str()]);
-        let batcher = Batcher::spawn(session, config.batch, move |images| {
+        let batcher = Batcher::spawn(engine, config.batch, move |images| {
             batch_images.observe(images as f64)
         })
         .map_err(|e| crate::Error::io("start the batching thread for", &record.path, e))?;

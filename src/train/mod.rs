@@ -23,7 +23,7 @@ use crate::io::combined_sha256;
 use crate::model::ModelSpec;
 use crate::nn::{Executor, Plan};
 use crate::progress::Progress;
-use crate::runtime::{evaluate, EvalReport, Session};
+use crate::runtime::{evaluate, CpuRuntime, EvalReport, Runtime as _};
 use crate::{Error, Result};
 
 /// Epochs of a default run on a data set as large as MNIST's 60,000 images.
@@ -294,9 +294,12 @@ pub fn fit(
         }
         let train_seconds = started.elapsed().as_secs_f64();
         progress.finish();
-        let mut session = Session::from_params(&plan, params.clone(), config.threads)?
-            .with_preprocess(config.preprocess);
-        let eval = evaluate(&mut session, &data.test, 256).map_err(|e| {
+        let mut engine = CpuRuntime::new(config.threads).load_params(
+            &plan,
+            params.clone(),
+            config.preprocess,
+        )?;
+        let eval = evaluate(engine.as_mut(), &data.test, 256).map_err(|e| {
             Error::Config(format!(
                 "training diverged in epoch {}: {e}; lower `--lr` (it was {})",
                 epoch + 1,

@@ -1,4 +1,4 @@
-use crate::util::{assert_success, json_of, mlops, tiny_data, trained_model};
+use crate::util::{assert_success, assert_user_error, json_of, mlops, tiny_data, trained_model};
 
 #[test]
 fn eval_reports_accuracy_confusion_and_per_class() {
@@ -55,4 +55,51 @@ fn eval_min_accuracy_gate() {
     };
     assert_eq!(run("0.2").status.code(), Some(0));
     assert_eq!(run("0.9999").status.code(), Some(3));
+}
+
+/// `--engine candle` runs the model through candle on the CPU (the code a GPU runs):
+/// the same predictions as our kernels, and the report names the runtime.
+#[test]
+fn eval_on_the_candle_engine_agrees_with_the_native_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |engine: &str| {
+        let output = mlops(dir.path())
+            .arg("eval")
+            .arg(trained_model())
+            .args(["--engine", engine, "--json", "--data"])
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert_success(&output);
+        json_of(&output)
+    };
+    let (native, candle) = (run("native"), run("candle"));
+    assert_eq!(native["device"], "cpu");
+    assert_eq!(candle["device"], "cpu (candle)");
+    assert!(candle["metrics"]["compute"]
+        .as_str()
+        .unwrap()
+        .contains("candle"));
+    assert_eq!(
+        native["metrics"]["confusion"],
+        candle["metrics"]["confusion"]
+    );
+}
+
+/// `--device cuda` reaches the CUDA runtime: without the `cuda` feature it says how to
+/// get a build that has it.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn eval_on_cuda_without_the_feature_says_how_to_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .arg("eval")
+        .arg(trained_model())
+        .args(["--device", "cuda:1"])
+        .output()
+        .unwrap();
+    assert_user_error(
+        &output,
+        "`--device cuda:1` needs a build with the `cuda` feature",
+    );
 }

@@ -8,6 +8,7 @@ use std::process::Stdio;
 
 use mlops::artifact::safetensors::{decode, encode, TensorData};
 use mlops::artifact::{Artifact, DIGEST_KEY};
+use mlops::runtime::Engine as _;
 
 use crate::util::{
     assert_success, assert_usage_error, assert_user_error, dir_with_model, json_of, mlops,
@@ -388,7 +389,7 @@ fn eval_applies_the_artifacts_input_normalisation() {
     artifact.input.std = 0.5;
     artifact.save(&dir.path().join("norm.safetensors")).unwrap();
     let split = mlops::data::load_split(&tiny_data(), mlops::data::SplitKind::Test).unwrap();
-    let mut session = mlops::runtime::Session::new(&artifact, 1).unwrap();
+    let mut session = mlops::runtime::CpuEngine::new(&artifact, 1).unwrap();
     let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..split.count).collect();
     // By hand: (pixel / 255 - 0.5) / 0.5, in [-1, 1].
@@ -399,7 +400,7 @@ fn eval_applies_the_artifacts_input_normalisation() {
         &mut labels,
     );
     x.iter_mut().for_each(|v| *v = (*v - 0.5) / 0.5);
-    session.predict(&x, split.count, &mut logits);
+    session.predict(&x, split.count, &mut logits).unwrap();
     let correct = logits
         .chunks_exact(10)
         .zip(&labels)
@@ -806,7 +807,7 @@ fn mutated_artifacts_are_refused_or_evaluate_finitely() {
                 None
             }
             Ok((artifact, _)) => {
-                let mut session = mlops::runtime::Session::new(&artifact, 1).ok()?;
+                let mut session = mlops::runtime::CpuEngine::new(&artifact, 1).ok()?;
                 match mlops::runtime::evaluate(&mut session, &small, 8) {
                     Ok(report) => {
                         assert!(report.loss.is_finite() && report.accuracy.is_finite());
@@ -875,7 +876,7 @@ fn mutated_artifacts_are_refused_or_evaluate_finitely() {
             continue;
         }
         let (loaded, _) = Artifact::load(&path).unwrap();
-        let mut session = mlops::runtime::Session::new(&loaded, 1).unwrap();
+        let mut session = mlops::runtime::CpuEngine::new(&loaded, 1).unwrap();
         match mlops::runtime::evaluate(&mut session, &small, 8) {
             Ok(report) => assert!(report.loss.is_finite(), "extreme case {case}"),
             Err(e) => assert!(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mlops::artifact::Artifact;
-use mlops::runtime::Session;
+use mlops::runtime::{CpuEngine, Engine as _};
 use mlops::serve::signing::Signer;
 use serde_json::{json, Value};
 
@@ -210,9 +210,10 @@ fn expected(model: &Path) -> (Vec<Vec<u8>>, Vec<usize>, Vec<f32>) {
         &mut x,
         &mut labels,
     );
-    Session::new(&artifact, 1)
+    CpuEngine::new(&artifact, 1)
         .unwrap()
-        .predict(&x, 8, &mut logits);
+        .predict(&x, 8, &mut logits)
+        .unwrap();
     let classes = logits
         .chunks_exact(10)
         .map(mlops::runtime::argmax)
