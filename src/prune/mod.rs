@@ -5,7 +5,13 @@
 //! re-applied after every update, so the zeros survive Adam. The result is a plain fp32
 //! artifact whose zeros are real (nothing to strip).
 
+mod run;
 pub mod structured;
+
+pub use run::{
+    plan, prune, FineTune, LayerCut, MagnitudeReport, Method, PlannedTensor, PruneConfig,
+    PruneData, PrunePlan, PruneReport, ScheduleKind, StructuredReport,
+};
 
 use serde::Serialize;
 
@@ -264,7 +270,7 @@ pub struct LayerSparsity {
 }
 
 /// Zeros per weight tensor and over all pruned weights (what `mlops.sparsity` records).
-pub fn measure(
+pub fn sparsity_of(
     spec: &ModelSpec,
     params: &[Vec<f32>],
     pruned: &[usize],

@@ -36,6 +36,16 @@ impl Gate {
             passed: value >= threshold,
         }
     }
+
+    /// An upper bound: passes when `value <= threshold` (`--max-accuracy-drop`).
+    pub fn at_most(name: &str, threshold: f64, value: f64) -> Self {
+        Gate {
+            name: name.into(),
+            threshold,
+            value,
+            passed: value <= threshold,
+        }
+    }
 }
 
 /// One step's report envelope; `metrics` holds the step's own figures.
