@@ -7,6 +7,7 @@
 //! - [`nn`]: the CPU numerics (im2col + GEMM conv, pooling, dense, loss, gradients).
 //! - [`train`]: Adam training with checkpoints and resume.
 //! - [`artifact`]: self-describing `.safetensors` artifacts (fp32, fp16, bf16).
+//! - [`export`]: a copy of an artifact at another float precision.
 //! - [`prune`]: magnitude pruning schedules and masks.
 //! - [`quantize`]: static int8 quantization with calibration.
 //! - [`runtime`]: loading artifacts into sessions; evaluation.
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod io;
 pub mod model;
 pub mod nn;

@@ -1,11 +1,10 @@
 //! `mlops export`: write the artifact at another precision, lineage extended.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{LineageEntry, Precision};
+use mlops::artifact::Precision;
 use mlops::report::StepReport;
 
 use super::{Context, ReportArgs};
@@ -46,37 +45,9 @@ pub(crate) fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<StepReport
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
     let precision = Precision::from(args.precision);
     let out = super::output_beside(&args.artifact, args.out.as_ref(), precision.as_str())?;
-    let mut exported = artifact.cast(precision)?;
-    exported.metrics = None; // measured on the parent's weights, not these
-    let mut lineage_args = BTreeMap::new();
-    lineage_args.insert("precision".to_string(), precision.as_str().into());
-    lineage_args.insert("from".to_string(), artifact.precision.as_str().into());
-    exported.lineage.push(LineageEntry::new(
-        "export",
-        Some((&artifact, &record.sha256)),
-        lineage_args,
-    ));
-    let max_abs_error = artifact
-        .params_f32()
-        .iter()
-        .zip(exported.params_f32())
-        .flat_map(|(a, b)| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .collect::<Vec<_>>()
-        })
-        .fold(0.0f32, f32::max);
+    let (exported, report) = mlops::export::export(&artifact, &record, precision)?;
     let written = exported.save(&out)?;
-    let ratio = written.bytes as f64 / record.bytes as f64;
-    step.metrics = serde_json::json!({
-        "from_precision": artifact.precision.as_str(),
-        "precision": precision.as_str(),
-        "bytes_before": record.bytes,
-        "bytes_after": written.bytes,
-        "size_ratio": ratio,
-        "max_abs_weight_error": max_abs_error,
-    });
+    step.metrics = serde_json::to_value(&report)?;
     step.inputs.push(record.clone());
     step.outputs.push(written.clone());
     step.finish(started);
@@ -87,8 +58,8 @@ pub(crate) fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<StepReport
         out.display(),
         record.bytes,
         written.bytes,
-        100.0 * ratio,
-        max_abs_error
+        100.0 * report.size_ratio,
+        report.max_abs_weight_error
     );
     ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)

@@ -68,3 +68,21 @@ fn export_default_name_sits_beside_the_input() {
         .success();
     assert!(dir.path().join("model.bf16.safetensors").is_file());
 }
+
+/// An artifact made through the library API is byte-identical to the one `mlops` writes
+/// (issue 11: the library returns finished artifacts, the CLI only saves them).
+#[test]
+fn export_through_the_library_writes_the_same_bytes() {
+    let dir = crate::util::dir_with_model();
+    let output = mlops(dir.path())
+        .args(["export", "model.safetensors", "--precision", "bf16"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let cli = std::fs::read(dir.path().join("model.bf16.safetensors")).unwrap();
+    let (artifact, record) =
+        mlops::artifact::Artifact::load(&dir.path().join("model.safetensors")).unwrap();
+    let (exported, _) =
+        mlops::export::export(&artifact, &record, mlops::artifact::Precision::Bf16).unwrap();
+    assert_eq!(exported.to_bytes().unwrap(), cli);
+}
