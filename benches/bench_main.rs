@@ -60,7 +60,7 @@ fn inference(c: &mut Criterion) {
         dynamic: false,
         exclude: Vec::new(),
     };
-    let (int8, _) = mlops::quantize::quantize(&fp32, Some(&calib), &config).unwrap();
+    let (int8, _) = mlops::quantize::quantize(&fp32, None, Some(&calib), &config).unwrap();
     let mut group = c.benchmark_group("inference");
     for (name, artifact) in [("fp32", &fp32), ("int8", &int8)] {
         let mut session = CpuEngine::new(artifact, threads()).unwrap();

@@ -1,15 +1,14 @@
 //! `mlops quantize`: fp32 artifact + calibration images -> int8 artifact, with per-layer
 //! figures and (with evaluation data) accuracy, agreement and the drop against fp32.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{expected_tensors, LayerPrecision, LineageEntry, Precision};
+use mlops::artifact::{expected_tensors, LayerPrecision, Precision};
 use mlops::data::{load_split, Split, SplitKind};
-use mlops::quantize::{compare_logits, quantize, scheme_metadata, CalibMethod, QuantConfig};
+use mlops::quantize::{compare_logits, quantize, CalibMethod, QuantConfig};
 use mlops::report::table::Table;
 use mlops::report::{FileRecord, Gate, StepReport};
 use mlops::runtime::{evaluate, Runtime as _};
@@ -155,40 +154,9 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         dynamic: args.dynamic,
         exclude,
     };
-    let (mut quantized, mut report) = quantize(&artifact, calib.as_ref(), &config)?;
-    let calib_sha = calib
-        .as_ref()
-        .filter(|_| !args.dynamic)
-        .map(|c| mlops::io::combined_sha256(&c.files));
+    let (quantized, mut report) = quantize(&artifact, Some(&record), calib.as_ref(), &config)?;
     let mut engine = ctx.cpu.load(&quantized)?;
     let compute = engine.compute();
-    let layer_map = quantized
-        .quantization
-        .as_ref()
-        .and_then(|q| q.get("layers"))
-        .cloned();
-    quantized.quantization = Some(scheme_metadata(
-        &report,
-        layer_map.as_ref(),
-        calib_sha.as_deref(),
-        &compute,
-    ));
-    let mut lineage_args = BTreeMap::new();
-    lineage_args.insert("method".to_string(), report.method.clone().into());
-    lineage_args.insert("samples".to_string(), report.samples.into());
-    lineage_args.insert("weights".to_string(), report.weight_scheme.clone().into());
-    lineage_args.insert("activations".to_string(), report.activations.clone().into());
-    if let Some(sha) = &calib_sha {
-        lineage_args.insert("calibration_sha256".to_string(), sha.clone().into());
-    }
-    if !args.exclude.is_empty() {
-        lineage_args.insert("exclude".to_string(), args.exclude.clone().into());
-    }
-    quantized.lineage.push(LineageEntry::new(
-        "quantize",
-        Some((&artifact, &record.sha256)),
-        lineage_args,
-    ));
 
     // Evaluation data: `--eval-data`, else the artifact's own when recorded and present.
     let eval_dir = args.eval_data.clone().or_else(|| {

@@ -9,8 +9,11 @@ pub mod calibrate;
 
 use serde::Serialize;
 
-use crate::artifact::{Artifact, LayerPrecision, NamedTensor, Precision, TensorData};
+use std::collections::BTreeMap;
+
+use crate::artifact::{Artifact, LayerPrecision, LineageEntry, NamedTensor, Precision, TensorData};
 use crate::data::Split;
+use crate::io::{combined_sha256, FileRecord};
 use crate::nn::plan::Op;
 use crate::nn::{Executor, Plan};
 use crate::runtime::int8::ActQuant;
@@ -97,8 +100,18 @@ fn snr_db(signal: f64, noise: f64) -> f64 {
 
 /// Quantizes an fp32 (or fp16/bf16) artifact to int8: static layers calibrated on
 /// `calib`, dynamic ones (`config.dynamic`) without it, excluded ones kept in fp32.
+///
+/// The artifact comes back finished: tensors, `mlops.quantization` (scheme, method,
+/// samples, calibration sha256, the CPU kernel that runs it, per-layer precision) and a
+/// `quantize` lineage step whose parent is `record` (the input's file; `None` for an
+/// artifact that only lives in memory), so a library caller writes the same file as
+/// `mlops quantize`.
+///
+/// # Errors
+/// An int8 input, static quantization without calibration images, zero samples.
 pub fn quantize(
     artifact: &Artifact,
+    record: Option<&FileRecord>,
     calib: Option<&Split>,
     config: &QuantConfig,
 ) -> Result<(Artifact, QuantizeReport)> {
@@ -237,8 +250,9 @@ pub fn quantize(
     out.precision = Precision::Int8;
     out.metrics = None;
     out.tensors = tensors;
-    // The layer map goes in now (the loader needs it); the CLI adds the rest.
-    out.quantization = Some(serde_json::json!({ "layers": precisions }));
+    // The layer map goes in first: the loader and the runtime need it.
+    let layer_map = serde_json::Value::Object(precisions);
+    out.quantization = Some(serde_json::json!({ "layers": layer_map }));
     let report = QuantizeReport {
         method: if config.dynamic {
             "none".into()
@@ -260,6 +274,39 @@ pub fn quantize(
         bits_per_weight: total_bits / total_params.max(1) as f64,
         warnings,
     };
+    let compute = crate::runtime::Engine::compute(&crate::runtime::CpuEngine::new(&out, 1)?);
+    let calib_sha = calib
+        .filter(|_| !config.dynamic)
+        .map(|c| combined_sha256(&c.files));
+    out.quantization = Some(scheme_metadata(
+        &report,
+        Some(&layer_map),
+        calib_sha.as_deref(),
+        &compute,
+    ));
+    let mut args = BTreeMap::new();
+    args.insert("method".to_string(), report.method.clone().into());
+    args.insert("samples".to_string(), report.samples.into());
+    args.insert("weights".to_string(), report.weight_scheme.clone().into());
+    args.insert("activations".to_string(), report.activations.clone().into());
+    if let Some(sha) = &calib_sha {
+        args.insert("calibration_sha256".to_string(), sha.clone().into());
+    }
+    if !config.exclude.is_empty() {
+        let names: Vec<String> = config
+            .exclude
+            .iter()
+            .map(|&i| plan.params[i].name.trim_end_matches(".weight").to_string())
+            .collect();
+        args.insert("exclude".to_string(), names.into());
+    }
+    let mut entry = LineageEntry::new(
+        "quantize",
+        record.map(|r| (artifact, r.sha256.as_str())),
+        args,
+    );
+    entry.parent_digest = Some(artifact.digest());
+    out.lineage.push(entry);
     Ok((out, report))
 }
 
@@ -426,7 +473,7 @@ mod tests {
             dynamic: false,
             exclude: Vec::new(),
         };
-        let (int8, report) = quantize(&fp32, Some(&synthetic_split(64)), &config).unwrap();
+        let (int8, report) = quantize(&fp32, None, Some(&synthetic_split(64)), &config).unwrap();
         assert_eq!(report.layers.len(), 5);
         (fp32, int8)
     }
@@ -558,7 +605,7 @@ mod tests {
                     dynamic,
                     exclude: exclude.clone(),
                 };
-                let (int8, mut report) = quantize(&fp32, Some(&split), &config).unwrap();
+                let (int8, mut report) = quantize(&fp32, None, Some(&split), &config).unwrap();
                 let what = format!(
                     "input {:?} dynamic {dynamic} exclude {exclude:?}",
                     spec.input
@@ -608,7 +655,7 @@ mod tests {
             dynamic: false,
             exclude: Vec::new(),
         };
-        let err = quantize(&int8, Some(&synthetic_split(8)), &config)
+        let err = quantize(&int8, None, Some(&synthetic_split(8)), &config)
             .unwrap_err()
             .to_string();
         assert!(err.contains("already int8"), "{err}");

@@ -393,7 +393,7 @@ mod conformance {
             dynamic: false,
             exclude: Vec::new(),
         };
-        let (int8, _) = crate::quantize::quantize(&artifact, Some(&calib), &config).unwrap();
+        let (int8, _) = crate::quantize::quantize(&artifact, None, Some(&calib), &config).unwrap();
         let err = CandleRuntime::cpu().load(&int8).err().unwrap().to_string();
         assert!(err.contains("--engine native"), "{err}");
         CpuRuntime::new(1).load(&int8).unwrap();
