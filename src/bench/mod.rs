@@ -6,11 +6,15 @@
 //! the samples with nearest-rank percentiles.
 
 pub mod machine;
+mod run;
 
-use crate::Result;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+pub use run::{compare_baseline, run, BenchInput, BenchPlan};
+
+use crate::Result;
 
 /// How long to warm up and how long to measure.
 #[derive(Debug, Clone, Copy)]

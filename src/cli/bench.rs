@@ -4,18 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use mlops::bench::machine::{Machine, Usage};
-use mlops::bench::{
-    measure, BenchConfig, BenchDoc, BenchRow, LatencyStats, GIT_COMMIT, UNSTABLE_CV,
-};
-use mlops::nn::{Executor, Plan};
+use mlops::bench::{compare_baseline, BenchConfig, BenchDoc, BenchInput, BenchPlan, BenchRow};
 use mlops::report::table::Table;
-use mlops::report::{Gate, StepReport, MLOPS_VERSION};
-use mlops::runtime::evaluate;
-use mlops::train::Adam;
+use mlops::report::{StepReport, MLOPS_VERSION};
 
 use super::{Context, HintExt as _};
 
@@ -84,27 +78,8 @@ fn config(args: &BenchArgs) -> BenchConfig {
     }
 }
 
-/// Deterministic stand-in pixels when no data folder is given.
-fn synthetic_batch(input_len: usize, batch: usize) -> Vec<f32> {
-    (0..batch * input_len)
-        .map(|i| ((i * 7919) % 255) as f32 / 255.0)
-        .collect()
-}
-
 pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     let runtime = args.device.runtime(ctx)?;
-    if args.train && runtime.name() != "cpu" {
-        bail!(
-            "`--train` times our CPU training step; training on `{}` is not built yet (the CUDA issue adds it)",
-            runtime.name()
-        );
-    }
-    if args.batch.contains(&0) {
-        bail!("`--batch` sizes must be at least 1");
-    }
-    if !(0.0..1.0).contains(&args.max_regression) {
-        bail!("`--max-regression` must be in [0, 1), e.g. 0.10 for 10%");
-    }
     let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
     let (mut step, started) = StepReport::start("bench", &runtime.name());
     let eval_split = match &args.eval_data {
@@ -116,138 +91,38 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
         ),
         None => None,
     };
-    let config = config(args);
-    let mode = if args.train { "train" } else { "infer" };
-    let mut rows: Vec<BenchRow> = Vec::new();
-    let artifacts = super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "bench")?;
-    for path in artifacts {
+    let mut inputs = Vec::new();
+    for path in super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "bench")? {
         let load = Instant::now();
         let (artifact, record) = super::eval::load_artifact(path)?;
-        let mut engine = runtime.load(&artifact)?;
-        let load_ms = load.elapsed().as_secs_f64() * 1e3;
         step.inputs.push(record.clone());
-        let accuracy = match &eval_split {
-            Some(split) => {
-                split.check_fits(artifact.spec.input, artifact.spec.classes)?;
-                Some(evaluate(engine.as_mut(), split, 256)?.accuracy)
-            }
-            None => None,
-        };
-        let plan = Plan::compile(&artifact.spec)?;
-        if args.train {
-            for &batch in &args.batch {
-                artifact.spec.check_batch(batch)?;
-            }
-        }
-        for &batch in &args.batch {
-            ctx.printer.note(&format!(
-                "bench {} ({}) {mode} batch {batch} ...",
-                path.display(),
-                artifact.precision
-            ));
-            let x = match &eval_split {
-                Some(split) if split.count >= batch => {
-                    let (mut x, mut labels) = (Vec::new(), Vec::new());
-                    split.gather(
-                        &(0..batch).collect::<Vec<_>>(),
-                        &artifact.input.preprocess(),
-                        &mut x,
-                        &mut labels,
-                    );
-                    x
-                }
-                Some(split) => {
-                    let note = format!(
-                        "batch {batch} of `{}` timed on synthetic pixels: `--eval-data` has only {} images",
-                        path.display(),
-                        split.count
-                    );
-                    ctx.printer.note(&note);
-                    step.warnings.push(note);
-                    synthetic_batch(plan.input_len, batch)
-                }
-                None => synthetic_batch(plan.input_len, batch),
-            };
-            let before = Usage::now();
-            let wall = Instant::now();
-            let (cold_us, repeats) = if args.train {
-                let labels: Vec<u8> = (0..batch).map(|i| (i % plan.classes) as u8).collect();
-                let mut params = artifact.params_f32();
-                let mut adam = Adam::new(&params);
-                let mut executor = Executor::new(&plan, ctx.threads);
-                measure(&config, || {
-                    executor.train_step(&params, &x, &labels, adam.step);
-                    adam.update(&mut params, &executor.grads, 1e-4);
-                    Ok(())
-                })?
-            } else {
-                let mut logits = Vec::new();
-                measure(&config, || engine.predict(&x, batch, &mut logits))?
-            };
-            let wall_s = wall.elapsed().as_secs_f64();
-            let after = Usage::now();
-            let repeat_throughputs: Vec<f64> = repeats
-                .iter()
-                .map(|r| batch as f64 * r.len() as f64 / (r.iter().sum::<f64>() / 1e6))
-                .collect();
-            let samples: Vec<f64> = repeats.into_iter().flatten().collect();
-            let latency = LatencyStats::of(&samples).expect("at least one sample");
-            let total_s: f64 = samples.iter().sum::<f64>() / 1e6;
-            let throughput = batch as f64 * samples.len() as f64 / total_s;
-            let first = rows
-                .iter()
-                .find(|r| r.batch == batch && r.mode == mode)
-                .map(|r| (r.throughput_images_per_s, r.accuracy));
-            rows.push(BenchRow {
-                artifact: path.display().to_string(),
-                sha256: record.sha256.clone(),
-                precision: artifact.precision.as_str().into(),
-                compute: engine.compute(),
-                device: runtime.name(),
-                mode: mode.into(),
-                batch,
-                threads: ctx.threads,
-                latency_us: latency,
-                throughput_images_per_s: throughput,
-                cold_first_us: cold_us,
-                load_ms,
-                peak_rss_bytes: after.peak_rss_bytes,
-                cpu_utilization: (after.cpu_s - before.cpu_s) / wall_s,
-                speedup_vs_first: first.map_or(1.0, |(t, _)| throughput / t),
-                accuracy,
-                accuracy_drop: match (first.and_then(|(_, a)| a), accuracy) {
-                    (Some(base), Some(a)) => Some(base - a),
-                    _ => None,
-                },
-                baseline_throughput: None,
-                change_vs_baseline: None,
-                cv: latency.cv(),
-                unstable: latency.cv() > UNSTABLE_CV,
-                repeat_throughputs,
-                samples_us: samples,
-            });
-        }
+        inputs.push(BenchInput {
+            path: path.display().to_string(),
+            artifact,
+            record,
+            load_ms: load.elapsed().as_secs_f64() * 1e3,
+        });
     }
-    for row in &rows {
-        if row.unstable {
-            step.warnings.push(format!(
-                "unstable: {} batch {} has a coefficient of variation of {:.0}% (over {:.0}%); the machine may be busy",
-                row.artifact,
-                row.batch,
-                100.0 * row.cv,
-                100.0 * UNSTABLE_CV
-            ));
-        }
-    }
-    if let Some(baseline) = &baseline {
-        compare(&mut rows, baseline, args.max_regression, &mut step);
-    }
-    let doc = BenchDoc {
-        mlops_version: MLOPS_VERSION.into(),
-        git_commit: GIT_COMMIT.into(),
-        machine: Machine::detect(),
-        rows,
+    let plan = BenchPlan {
+        batches: args.batch.clone(),
+        train: args.train,
+        config: config(args),
+        threads: ctx.threads,
     };
+    let progress = ctx.printer.progress();
+    let (mut doc, warnings) = mlops::bench::run(
+        &inputs,
+        &plan,
+        eval_split.as_ref(),
+        runtime.as_ref(),
+        &progress,
+    )?;
+    step.warnings.extend(warnings);
+    if let Some(baseline) = &baseline {
+        let (gates, warnings) = compare_baseline(&mut doc, baseline, args.max_regression);
+        step.gates.extend(gates);
+        step.warnings.extend(warnings);
+    }
     step.metrics = serde_json::to_value(&doc)?;
     step.finish(started);
     if ctx.in_pipeline {
@@ -294,50 +169,6 @@ fn read_baseline(path: &Path) -> anyhow::Result<BenchDoc> {
             path.display()
         )
     })
-}
-
-/// Fills the baseline columns and adds one gate per matched row.
-fn compare(rows: &mut [BenchRow], baseline: &BenchDoc, max_regression: f64, step: &mut StepReport) {
-    let file_name = |p: &str| {
-        Path::new(p)
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-    };
-    for row in rows.iter_mut() {
-        let same =
-            |b: &&BenchRow| b.batch == row.batch && b.mode == row.mode && b.device == row.device;
-        let matched = baseline
-            .rows
-            .iter()
-            .filter(same)
-            .find(|b| b.sha256 == row.sha256)
-            .or_else(|| {
-                baseline
-                    .rows
-                    .iter()
-                    .filter(same)
-                    .find(|b| file_name(&b.artifact) == file_name(&row.artifact))
-            });
-        let Some(base) = matched else {
-            step.warnings.push(format!(
-                "no baseline row for {} batch {} ({})",
-                row.artifact, row.batch, row.mode
-            ));
-            continue;
-        };
-        let change = row.throughput_images_per_s / base.throughput_images_per_s - 1.0;
-        row.baseline_throughput = Some(base.throughput_images_per_s);
-        row.change_vs_baseline = Some(change);
-        step.gates.push(Gate {
-            name: format!(
-                "max_regression {} batch {} {}",
-                row.artifact, row.batch, row.mode
-            ),
-            threshold: -max_regression,
-            value: change,
-            passed: change >= -max_regression,
-        });
-    }
 }
 
 fn print_doc(out: &mut dyn std::io::Write, doc: &BenchDoc, format: Format) -> anyhow::Result<()> {

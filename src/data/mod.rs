@@ -133,6 +133,14 @@ impl Split {
     }
 }
 
+/// `batch` deterministic stand-in images of `input_len` values in `[0, 1]` (a fixed
+/// pattern, not noise), for timing when no data is given.
+pub fn synthetic_batch(input_len: usize, batch: usize) -> Vec<f32> {
+    (0..batch * input_len)
+        .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+        .collect()
+}
+
 /// A data set folder: its train and test splits.
 #[derive(Debug, Clone)]
 pub struct Dataset {

@@ -179,6 +179,45 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// One optimizer update as [`fit`] runs it: forward and backward on the CPU executor,
+/// then Adam. Shared by `fit`, pruning's fine-tuning and `mlops bench --train`, so what
+/// bench times is what training does.
+pub struct Trainer {
+    executor: Executor,
+    /// Parameters, spec order (updated in place).
+    pub params: Vec<Vec<f32>>,
+    /// Optimizer state.
+    pub adam: Adam,
+}
+
+impl Trainer {
+    /// A trainer for `plan` from `params` and `adam`, with `threads` batch shards.
+    pub fn new(plan: &Plan, params: Vec<Vec<f32>>, adam: Adam, threads: usize) -> Self {
+        Trainer {
+            executor: Executor::new(plan, threads),
+            params,
+            adam,
+        }
+    }
+
+    /// One update on batch `x` (`[batch, h, w, c]`, preprocessed) with `labels`; the
+    /// dropout masks derive from `seed` and the Adam step.
+    pub fn step(
+        &mut self,
+        x: &[f32],
+        labels: &[u8],
+        seed: u64,
+        learning_rate: f32,
+    ) -> crate::nn::BatchStats {
+        let stats = self
+            .executor
+            .train_step(&self.params, x, labels, seed ^ self.adam.step);
+        self.adam
+            .update(&mut self.params, &self.executor.grads, learning_rate);
+        stats
+    }
+}
+
 /// Where training starts from.
 #[derive(Debug, Clone)]
 pub enum Start {
@@ -212,7 +251,7 @@ pub fn fit(
     spec.check_batch(config.batch_size)?;
     let plan = Plan::compile(spec)?;
     let settings = resume_settings(config, data);
-    let (mut params, mut adam, start_epoch) = match start {
+    let (params, adam, start_epoch) = match start {
         Start::Resume(ck) => {
             if ck.state.spec != *spec {
                 return Err(Error::Config(
@@ -249,7 +288,7 @@ pub fn fit(
     let train = &data.train;
     let batches_per_epoch = train.count.div_ceil(config.batch_size) as u64;
     let total_steps = batches_per_epoch * config.epochs as u64;
-    let mut executor = Executor::new(&plan, config.threads);
+    let mut trainer = Trainer::new(&plan, params, adam, config.threads);
     let (mut x, mut labels) = (Vec::new(), Vec::new());
     let mut epoch_reports = Vec::new();
     let mut last_eval = None;
@@ -272,10 +311,9 @@ pub fn fit(
         let mut learning_rate = config.learning_rate;
         for (b, chunk) in order.chunks(config.batch_size).enumerate() {
             train.gather(chunk, &config.preprocess, &mut x, &mut labels);
-            let stats = executor.train_step(&params, &x, &labels, config.seed ^ adam.step);
-            learning_rate = config.learning_rate_at(adam.step, total_steps);
-            adam.update(&mut params, &executor.grads, learning_rate);
-            after_update(adam.step - 1, &mut params);
+            learning_rate = config.learning_rate_at(trainer.adam.step, total_steps);
+            let stats = trainer.step(&x, &labels, config.seed, learning_rate);
+            after_update(trainer.adam.step - 1, &mut trainer.params);
             loss_sum += stats.loss_sum;
             correct += stats.correct;
             seen += chunk.len();
@@ -296,7 +334,7 @@ pub fn fit(
         progress.finish();
         let mut engine = CpuRuntime::new(config.threads).load_params(
             &plan,
-            params.clone(),
+            trainer.params.clone(),
             config.preprocess,
         )?;
         let eval = evaluate(engine.as_mut(), &data.test, 256).map_err(|e| {
@@ -336,11 +374,11 @@ pub fn fit(
                     "algorithm": "chacha8",
                     "seed": config.seed,
                     "next_shuffle_epoch": epoch + 1,
-                    "dropout_step": adam.step,
+                    "dropout_step": trainer.adam.step,
                 }),
             },
-            params: params.clone(),
-            adam: adam.clone(),
+            params: trainer.params.clone(),
+            adam: trainer.adam.clone(),
         };
         on_epoch(&checkpoint, &report)?;
         epoch_reports.push(report);
@@ -364,7 +402,7 @@ pub fn fit(
         epoch_reports,
         last_eval,
     };
-    Ok((params, report))
+    Ok((trainer.params, report))
 }
 
 #[cfg(test)]
