@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{expected_tensors, LayerPrecision, Precision};
+use mlops::artifact::{LayerPrecision, Precision};
 use mlops::data::{load_split, Split, SplitKind};
-use mlops::quantize::{compare_logits, quantize, CalibMethod, QuantConfig};
+use mlops::quantize::{
+    compare_accuracy, quantize, CalibMethod, Comparison, QuantConfig, QuantizeSummary,
+};
 use mlops::report::table::Table;
 use mlops::report::{FileRecord, Gate, StepReport};
-use mlops::runtime::{evaluate, Runtime as _};
+use mlops::runtime::Runtime as _;
 
 use super::{Context, HintExt as _, ReportArgs};
 
@@ -122,8 +124,21 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         );
     }
     let exclude = mlops::model::resolve_layers(&artifact.spec, &args.exclude)?;
+    let config = QuantConfig {
+        method: match args.calib_method {
+            MethodArg::Minmax => CalibMethod::MinMax,
+            MethodArg::Percentile => CalibMethod::Percentile(args.percentile),
+            MethodArg::Mse => CalibMethod::Mse,
+            MethodArg::Entropy => CalibMethod::Entropy,
+        },
+        samples: args.calib_samples,
+        seed: 0,
+        per_tensor: args.per_tensor,
+        dynamic: args.dynamic,
+        exclude,
+    };
     if args.dry_run {
-        return dry_run(args, &artifact, &exclude, ctx);
+        return dry_run(args, &artifact, &config, ctx);
     }
     if args.calib.is_none() && !args.dynamic {
         bail!("`--int8` needs calibration images: add `--calib DIR` (an IDX folder such as `fixtures/mnist`), or use `--dynamic` (weights-only int8, no calibration)");
@@ -141,19 +156,6 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         }
         None => None,
     };
-    let config = QuantConfig {
-        method: match args.calib_method {
-            MethodArg::Minmax => CalibMethod::MinMax,
-            MethodArg::Percentile => CalibMethod::Percentile(args.percentile),
-            MethodArg::Mse => CalibMethod::Mse,
-            MethodArg::Entropy => CalibMethod::Entropy,
-        },
-        samples: args.calib_samples,
-        seed: 0,
-        per_tensor: args.per_tensor,
-        dynamic: args.dynamic,
-        exclude,
-    };
     let (quantized, mut report) = quantize(&artifact, Some(&record), calib.as_ref(), &config)?;
     let mut engine = ctx.cpu.load(&quantized)?;
     let compute = engine.compute();
@@ -166,6 +168,9 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
             .map(|m| PathBuf::from(&m.data))
             .filter(|p| p.is_dir())
     });
+    if args.max_accuracy_drop.is_some() && eval_dir.is_none() {
+        bail!("`--max-accuracy-drop` needs evaluation data: add `--eval-data DIR`");
+    }
     let eval_split = match &eval_dir {
         Some(dir) => {
             let split = load_split(dir, SplitKind::Test).hinted(
@@ -181,126 +186,42 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     // fp32 vs quantized, per layer and at the logits, on evaluation images when there are
     // some: compared on the calibration images themselves, a degenerate set (all black)
     // looks perfect while the model fails on real inputs (issue 10).
-    let classes = artifact.spec.classes;
-    let (comparison, comparison_name) = match (&eval_split, &calib) {
-        (Some(split), _) => (Some(split), "evaluation"),
-        (None, Some(calib)) => (Some(calib), "calibration"),
-        (None, None) => (None, "none"),
+    let comparison = match (&eval_split, &calib) {
+        (Some(split), _) => Some((split, "evaluation")),
+        (None, Some(calib)) => Some((calib, "calibration")),
+        (None, None) => None,
     };
-    let mut metrics_compare = serde_json::json!({"images": 0, "data": comparison_name});
-    let mut human_compare = String::new();
-    if let Some(images) = comparison {
-        let n = args.calib_samples.clamp(1, 500).min(images.count);
-        let (mut x, mut labels) = (Vec::new(), Vec::new());
-        images.gather(
-            &(0..n).collect::<Vec<_>>(),
-            &artifact.input.preprocess(),
-            &mut x,
-            &mut labels,
-        );
-        mlops::quantize::layer_output_errors(&artifact, &quantized, &x, n, &mut report)?;
-        let fp32_logits = mlops::quantize::fp32_logits(&artifact, &x, n)?;
-        let mut int8_logits = Vec::new();
-        engine.predict(&x, n, &mut int8_logits)?;
-        let (cosine, agreement) = compare_logits(&fp32_logits, &int8_logits, classes);
-        metrics_compare = serde_json::json!({
-            "images": n,
-            "data": comparison_name,
-            "logits_cosine": cosine,
-            "top1_agreement": agreement,
-        });
-        human_compare = format!(
-            "logits cosine vs fp32 on {n} {comparison_name} images {cosine:.5}, top-1 agreement {:.2}%\n",
-            100.0 * agreement
-        );
-    }
-
-    let mut metrics = serde_json::to_value(&report)?;
-    metrics["compute"] = compute.clone().into();
-    let names_of = |wanted: &[LayerPrecision]| -> Vec<String> {
-        report
-            .layers
-            .iter()
-            .filter(|l| wanted.contains(&l.precision))
-            .map(|l| l.name.clone())
-            .collect()
+    let comparison = match comparison {
+        Some((images, name)) => mlops::quantize::compare(
+            &artifact,
+            &quantized,
+            engine.as_mut(),
+            images,
+            name,
+            args.calib_samples.min(500),
+            &mut report,
+        )?,
+        None => Comparison::none(),
     };
-    metrics["layers_int8"] =
-        names_of(&[LayerPrecision::Int8Static, LayerPrecision::Int8Dynamic]).into();
-    metrics["layers_fp32"] = names_of(&[LayerPrecision::Fp32]).into();
-    metrics["comparison"] = metrics_compare;
-
     // Evaluation: fp32 and int8 on the same test images.
-    let eval_dir = args.eval_data.clone().or_else(|| {
-        artifact
-            .metrics
-            .as_ref()
-            .map(|m| PathBuf::from(&m.data))
-            .filter(|p| p.is_dir())
-    });
-    let mut human_eval = String::new();
-    if let (Some(dir), Some(split)) = (&eval_dir, &eval_split) {
-        let mut fp32 = ctx.cpu.load(&artifact)?;
-        let fp32_eval = evaluate(fp32.as_mut(), split, 256)?;
-        let int8_eval = evaluate(engine.as_mut(), split, 256)?;
-        let (mut xs, mut ls, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut agree = 0usize;
-        for chunk in (0..split.count).collect::<Vec<_>>().chunks(256) {
-            split.gather(chunk, &artifact.input.preprocess(), &mut xs, &mut ls);
-            fp32.predict(&xs, chunk.len(), &mut a)?;
-            engine.predict(&xs, chunk.len(), &mut b)?;
-            agree += a
-                .chunks_exact(classes)
-                .zip(b.chunks_exact(classes))
-                .filter(|(p, q)| mlops::runtime::argmax(p) == mlops::runtime::argmax(q))
-                .count();
-        }
-        let agreement = agree as f64 / split.count.max(1) as f64;
-        let drop = fp32_eval.accuracy - int8_eval.accuracy;
-        let worst = (0..classes)
-            .filter_map(|c| {
-                Some((
-                    c,
-                    fp32_eval.per_class_accuracy[c]? - int8_eval.per_class_accuracy[c]?,
-                ))
-            })
-            .max_by(|x, y| x.1.total_cmp(&y.1));
-        metrics["eval"] = serde_json::json!({
-            "data": dir.display().to_string(),
-            "images": split.count,
-            "fp32_accuracy": fp32_eval.accuracy,
-            "int8_accuracy": int8_eval.accuracy,
-            "accuracy_drop": drop,
-            "top1_agreement": agreement,
-            "worst_class": worst.map(|(c, d)| serde_json::json!({"class": c, "drop": d})),
-            "int8_images_per_s": int8_eval.images_per_s,
-            "fp32_images_per_s": fp32_eval.images_per_s,
-        });
+    let eval = match (&eval_dir, &eval_split) {
+        (Some(dir), Some(split)) => Some(compare_accuracy(
+            ctx.cpu.load(&artifact)?.as_mut(),
+            engine.as_mut(),
+            split,
+            &dir.display().to_string(),
+        )?),
+        _ => None,
+    };
+    if let Some(eval) = &eval {
         if let Some(max) = args.max_accuracy_drop {
-            step.gates.push(Gate {
-                name: "max_accuracy_drop".into(),
-                threshold: max,
-                value: drop,
-                passed: drop <= max,
-            });
+            step.gates
+                .push(Gate::at_most("max_accuracy_drop", max, eval.accuracy_drop));
         }
-        step.inputs.extend(split.files.iter().cloned());
-        // One sign convention in text and JSON: a drop is fp32 minus int8, positive when
-        // accuracy was lost (README: "Accuracy drops").
-        human_eval = format!(
-            "accuracy on {} images of `{}`: fp32 {:.2}%, int8 {:.2}% (drop {:+.2} pt), top-1 agreement {:.2}%{}\n",
-            split.count,
-            dir.display(),
-            100.0 * fp32_eval.accuracy,
-            100.0 * int8_eval.accuracy,
-            100.0 * drop,
-            100.0 * agreement,
-            worst.map_or(String::new(), |(c, d)| format!(", worst class {c} (drop {:+.2} pt)", 100.0 * d)),
-        );
-    } else if args.max_accuracy_drop.is_some() {
-        bail!("`--max-accuracy-drop` needs evaluation data: add `--eval-data DIR`");
     }
-
+    if let Some(split) = &eval_split {
+        step.inputs.extend(split.files.iter().cloned());
+    }
     step.warnings.extend(report.warnings.iter().cloned());
     if args.strict {
         step.gates.push(Gate {
@@ -311,16 +232,55 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         });
     }
     let written = quantized.save(&out_path)?;
-    metrics["bytes_before"] = record.bytes.into();
-    metrics["bytes_after"] = written.bytes.into();
-    metrics["size_ratio"] = (written.bytes as f64 / record.bytes as f64).into();
+    let summary = QuantizeSummary {
+        layers_int8: report.layers_in(&[LayerPrecision::Int8Static, LayerPrecision::Int8Dynamic]),
+        layers_fp32: report.layers_in(&[LayerPrecision::Fp32]),
+        report,
+        compute: compute.clone(),
+        comparison,
+        eval,
+        bytes_before: record.bytes,
+        bytes_after: written.bytes,
+        size_ratio: written.bytes as f64 / record.bytes as f64,
+    };
     step.inputs.insert(0, record.clone());
     if let Some(calib) = &calib {
         step.inputs.extend(calib.files.iter().cloned());
     }
     step.outputs.push(written.clone());
-    step.metrics = metrics;
+    step.metrics = serde_json::to_value(&summary)?;
     step.finish(started);
+    let report = &summary.report;
+    let human_compare = match (
+        summary.comparison.logits_cosine,
+        summary.comparison.top1_agreement,
+    ) {
+        (Some(cosine), Some(agreement)) => format!(
+            "logits cosine vs fp32 on {} {} images {cosine:.5}, top-1 agreement {:.2}%\n",
+            summary.comparison.images,
+            summary.comparison.data,
+            100.0 * agreement
+        ),
+        _ => String::new(),
+    };
+    // One sign convention in text and JSON: a drop is fp32 minus int8, positive when
+    // accuracy was lost (README: "Accuracy drops").
+    let human_eval = summary.eval.as_ref().map_or(String::new(), |e| {
+        format!(
+            "accuracy on {} images of `{}`: fp32 {:.2}%, int8 {:.2}% (drop {:+.2} pt), top-1 agreement {:.2}%{}\n",
+            e.images,
+            e.data,
+            100.0 * e.fp32_accuracy,
+            100.0 * e.int8_accuracy,
+            100.0 * e.accuracy_drop,
+            100.0 * e.top1_agreement,
+            e.worst_class.map_or(String::new(), |w| format!(
+                ", worst class {} (drop {:+.2} pt)",
+                w.class,
+                100.0 * w.drop
+            )),
+        )
+    });
 
     let mut table = Table::new([
         "layer",
@@ -380,26 +340,10 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
 fn dry_run(
     args: &QuantizeArgs,
     artifact: &mlops::artifact::Artifact,
-    exclude: &[usize],
+    config: &QuantConfig,
     ctx: &Context,
 ) -> anyhow::Result<StepReport> {
-    let params = artifact.spec.params()?;
-    let layers: serde_json::Map<String, serde_json::Value> = params
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.name.ends_with(".weight"))
-        .map(|(i, p)| {
-            let precision = if exclude.contains(&i) {
-                LayerPrecision::Fp32
-            } else if args.dynamic {
-                LayerPrecision::Int8Dynamic
-            } else {
-                LayerPrecision::Int8Static
-            };
-            (p.name.clone(), precision.as_str().into())
-        })
-        .collect();
-    let quantization = serde_json::json!({ "layers": layers });
+    let plan = mlops::quantize::plan(artifact, config)?;
     let (mut step, started) = StepReport::start("quantize", "cpu");
     let mut table = Table::new([
         "tensor",
@@ -409,31 +353,20 @@ fn dry_run(
         "bytes before",
         "bytes after",
     ]);
-    let mut rows = Vec::new();
-    let (mut before, mut after) = (0usize, 0usize);
-    for (name, shape, dtype) in
-        expected_tensors(&artifact.spec, Precision::Int8, Some(&quantization))?
-    {
-        let count: usize = shape.iter().product();
-        let old = artifact.tensor(&name);
-        let from = old.map_or("-", |t| t.data.dtype_name());
-        let old_bytes = old.map_or(0, |t| t.data.to_le_bytes().len());
-        let new_bytes = count * if dtype == "I8" || dtype == "U8" { 1 } else { 4 };
-        before += old_bytes;
-        after += new_bytes;
+    for t in &plan.tensors {
         table.row([
-            name.clone(),
-            format!("{shape:?}"),
-            from.to_string(),
-            dtype.to_string(),
-            old_bytes.to_string(),
-            new_bytes.to_string(),
+            t.tensor.clone(),
+            format!("{:?}", t.shape),
+            t.from.clone(),
+            t.to.clone(),
+            t.bytes_before.to_string(),
+            t.bytes_after.to_string(),
         ]);
-        rows.push(serde_json::json!({"tensor": name, "shape": shape, "from": from, "to": dtype, "bytes_before": old_bytes, "bytes_after": new_bytes}));
     }
     step.inputs.push(FileRecord::of(&args.artifact)?);
-    step.metrics = serde_json::json!({"dry_run": true, "tensors": rows, "weight_bytes_before": before, "weight_bytes_after": after});
+    step.metrics = serde_json::to_value(&plan)?;
     step.finish(started);
+    let (before, after) = (plan.weight_bytes_before, plan.weight_bytes_after);
     let human = format!(
         "\n{table}\ndry run: weights {before} -> {after} bytes ({:.1}%); nothing written\n",
         100.0 * after as f64 / before.max(1) as f64

@@ -20,6 +20,49 @@ use crate::runtime::int8::ActQuant;
 use crate::{Error, Result};
 
 pub use calibrate::CalibMethod;
+pub use check::{
+    compare, compare_accuracy, plan, AccuracyComparison, Comparison, PlannedTensor, QuantizePlan,
+    WorstClass,
+};
+
+mod check;
+
+/// Everything `mlops quantize` reports (its `metrics`): the quantization, what runs it,
+/// how it compares with fp32, and the sizes.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeSummary {
+    /// Per layer and in total.
+    #[serde(flatten)]
+    pub report: QuantizeReport,
+    /// What computes the int8 layers: `int8 (avx512-vnni)` ...
+    pub compute: String,
+    /// Weights stored and run as int8.
+    pub layers_int8: Vec<String>,
+    /// Weights kept in fp32.
+    pub layers_fp32: Vec<String>,
+    /// Logits against fp32 on a few images.
+    pub comparison: Comparison,
+    /// Accuracy against fp32 on the evaluation split, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<AccuracyComparison>,
+    /// Bytes of the input file.
+    pub bytes_before: u64,
+    /// Bytes of the int8 file.
+    pub bytes_after: u64,
+    /// `bytes_after / bytes_before`.
+    pub size_ratio: f64,
+}
+
+impl QuantizeReport {
+    /// Names of the weights whose precision is one of `wanted`.
+    pub fn layers_in(&self, wanted: &[LayerPrecision]) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|l| wanted.contains(&l.precision))
+            .map(|l| l.name.clone())
+            .collect()
+    }
+}
 
 /// Settings of a quantization run.
 #[derive(Debug, Clone)]
