@@ -5,6 +5,7 @@
 //! against the spec; saving goes through a temp file and a rename so a crash never
 //! leaves a half-written model where a good one was.
 
+mod describe;
 mod foreign;
 pub mod safetensors;
 
@@ -14,6 +15,7 @@ use std::path::Path;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
+pub use self::describe::{ArtifactInfo, LayerInfo, TensorInfo};
 pub use self::safetensors::{NamedTensor, TensorData};
 use crate::io::{sha256_hex, write_atomically, FileRecord, MLOPS_VERSION};
 use crate::model::ModelSpec;

@@ -93,11 +93,12 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
     let report = evaluate(engine.as_mut(), &split, args.batch_size.max(1))?;
     step.inputs.push(record);
     step.inputs.extend(split.files.iter().cloned());
-    let mut metrics = serde_json::to_value(&report)?;
-    metrics["precision"] = artifact.precision.as_str().into();
-    metrics["compute"] = engine.compute().into();
-    metrics["data"] = data_dir.display().to_string().into();
-    step.metrics = metrics;
+    step.metrics = serde_json::to_value(mlops::runtime::EvalSummary {
+        report: report.clone(),
+        precision: artifact.precision,
+        compute: engine.compute(),
+        data: data_dir.display().to_string(),
+    })?;
     if let Some(min) = args.min_accuracy {
         step.gates
             .push(Gate::at_least("min_accuracy", min, report.accuracy));

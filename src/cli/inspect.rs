@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::Args;
 
 use mlops::artifact::LineageCheck;
-use mlops::model::Shape;
 use mlops::report::table::Table;
 use mlops::report::StepReport;
 
@@ -26,57 +25,9 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
     // Loading verified the digest when there is one.
     let record_has_digest = mlops::artifact::safetensors::read_header_metadata(&args.artifact)
         .is_some_and(|m| m.contains_key(mlops::artifact::DIGEST_KEY));
+    let info = artifact.describe(record.clone(), record_has_digest)?;
+    step.metrics = serde_json::to_value(&info)?;
     let spec = &artifact.spec;
-    let shapes = spec.shapes()?;
-    let flops = spec.flops()?;
-    let params = spec.params()?;
-    let layers: Vec<serde_json::Value> = spec
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, layer)| {
-            let prefix = format!("layers.{i}.");
-            let count: usize = params
-                .iter()
-                .filter(|p| p.name.starts_with(&prefix))
-                .map(|p| p.len())
-                .sum();
-            serde_json::json!({
-                "index": i,
-                "type": layer.kind(),
-                "output_shape": shape_vec(shapes[i + 1]),
-                "params": count,
-                "flops": flops[i],
-            })
-        })
-        .collect();
-    let tensors: Vec<serde_json::Value> = artifact
-        .tensors
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "name": t.name,
-                "dtype": t.data.dtype_name(),
-                "shape": t.shape,
-                "bytes": t.data.to_le_bytes().len(),
-            })
-        })
-        .collect();
-    step.metrics = serde_json::json!({
-        "file": record,
-        "precision": artifact.precision.as_str(),
-        "model": spec,
-        "input": artifact.input,
-        "labels": artifact.labels,
-        "lineage": artifact.lineage,
-        "lineage_check": artifact.lineage_check(),
-        "digest_verified": record_has_digest,
-        "metrics": artifact.metrics,
-        "param_count": spec.param_count()?,
-        "flops_per_image": flops.iter().sum::<u64>(),
-        "layers": layers,
-        "tensors": tensors,
-    });
     step.inputs.push(record.clone());
     step.finish(started);
 
@@ -87,8 +38,8 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
         record.bytes,
         artifact.precision,
         if spec.name.is_empty() { "-" } else { &spec.name },
-        spec.param_count()?,
-        flops.iter().sum::<u64>() as f64 / 1e6,
+        info.param_count,
+        info.flops_per_image as f64 / 1e6,
         artifact.input.shape,
         artifact.input.layout,
         artifact.input.scale,
@@ -104,7 +55,7 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
             m.data
         ));
     }
-    let chain = artifact.lineage_check();
+    let chain = &info.lineage_check;
     human.push_str(&format!(
         "  integrity  {}\n",
         if record_has_digest {
@@ -115,7 +66,7 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
     ));
     human.push_str(&format!(
         "\nlineage: {}\n",
-        match &chain {
+        match chain {
             LineageCheck::Intact => "intact (each step starts from the weights the one before wrote, and the last wrote these)".to_string(),
             LineageCheck::Unrecorded => "not checkable (no step digests recorded)".to_string(),
             LineageCheck::Broken(why) => format!("BROKEN: {why}"),
@@ -139,28 +90,23 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
         ));
     }
     let mut layer_table = Table::new(["#", "layer", "output", "params", "MFLOP"]);
-    for (i, layer) in spec.layers.iter().enumerate() {
-        let prefix = format!("layers.{i}.");
-        let count: usize = params
-            .iter()
-            .filter(|p| p.name.starts_with(&prefix))
-            .map(|p| p.len())
-            .sum();
+    for l in &info.layers {
+        let shape: Vec<String> = l.output_shape.iter().map(usize::to_string).collect();
         layer_table.row([
-            i.to_string(),
-            layer.kind().to_string(),
-            shapes[i + 1].to_string(),
-            count.to_string(),
-            format!("{:.3}", flops[i] as f64 / 1e6),
+            l.index.to_string(),
+            l.kind.to_string(),
+            shape.join("x"),
+            l.params.to_string(),
+            format!("{:.3}", l.flops as f64 / 1e6),
         ]);
     }
     let mut tensor_table = Table::new(["tensor", "dtype", "shape", "bytes"]);
-    for t in &artifact.tensors {
+    for t in &info.tensors {
         tensor_table.row([
             t.name.clone(),
-            t.data.dtype_name().to_string(),
+            t.dtype.to_string(),
             format!("{:?}", t.shape),
-            t.data.to_le_bytes().len().to_string(),
+            t.bytes.to_string(),
         ]);
     }
     human.push_str(&format!("\n{layer_table}\n{tensor_table}"));
@@ -174,11 +120,4 @@ pub(crate) fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<StepRepor
         write!(std::io::stdout().lock(), "{human}")?;
     }
     Ok(step)
-}
-
-fn shape_vec(shape: Shape) -> Vec<usize> {
-    match shape {
-        Shape::Spatial(s) => s.to_vec(),
-        Shape::Flat(n) => vec![n],
-    }
 }

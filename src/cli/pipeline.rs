@@ -11,9 +11,12 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser};
 use serde::Deserialize;
 
+use mlops::artifact::Precision;
 use mlops::bench::{BenchDoc, BenchRow};
 use mlops::report::table::Table;
 use mlops::report::{ReportFile, StepReport};
+use mlops::runtime::EvalSummary;
+use mlops::train::TrainReport;
 
 use super::{Cli, Command, Context, Outcome};
 
@@ -211,7 +214,7 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             return Ok(Outcome::GateFailed);
         }
     }
-    ctx.printer.note(&summary(&reports));
+    ctx.printer.note(&summary(&reports)?);
     ctx.printer
         .note(&format!("report: `{}`", report_path.display()));
     if args.json {
@@ -223,14 +226,12 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
 
 /// One row per evaluated artifact: size and accuracy against the first fp32 one, and the
 /// bench step's batch-1 latency and batch-64 throughput where the pipeline has one.
-fn summary(reports: &[StepReport]) -> String {
-    let bench_rows: Vec<BenchRow> = reports
-        .iter()
-        .filter(|r| r.step == "bench")
-        .filter_map(|r| serde_json::from_value::<BenchDoc>(r.metrics.clone()).ok())
-        .flat_map(|d| d.rows)
-        .filter(|r| r.mode == "infer")
-        .collect();
+fn summary(reports: &[StepReport]) -> anyhow::Result<String> {
+    let mut bench_rows: Vec<BenchRow> = Vec::new();
+    for r in reports.iter().filter(|r| r.step == "bench") {
+        let doc: BenchDoc = serde_json::from_value(r.metrics.clone())?;
+        bench_rows.extend(doc.rows.into_iter().filter(|r| r.mode == "infer"));
+    }
     let bench_cell = |artifact: &str, batch: usize, f: &dyn Fn(&BenchRow) -> String| {
         bench_rows
             .iter()
@@ -248,19 +249,19 @@ fn summary(reports: &[StepReport]) -> String {
         "p99 us b1",
         "images/s b64",
     ]);
-    let evals: Vec<&StepReport> = reports.iter().filter(|r| r.step == "eval").collect();
+    // Typed: a renamed field is an error here, never a silent 0.00%.
+    let evals = reports
+        .iter()
+        .filter(|r| r.step == "eval")
+        .map(|r| Ok((r, serde_json::from_value::<EvalSummary>(r.metrics.clone())?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let baseline = evals
         .iter()
-        .find(|r| r.metrics["precision"] == "fp32")
-        .map(|r| {
-            (
-                r.inputs[0].bytes as f64,
-                r.metrics["accuracy"].as_f64().unwrap_or(0.0),
-            )
-        });
-    for r in &evals {
+        .find(|(_, e)| e.precision == Precision::Fp32)
+        .map(|(r, e)| (r.inputs[0].bytes as f64, e.report.accuracy));
+    for (r, e) in &evals {
         let bytes = r.inputs[0].bytes as f64;
-        let accuracy = r.metrics["accuracy"].as_f64().unwrap_or(0.0);
+        let accuracy = e.report.accuracy;
         let (size, delta) = match baseline {
             Some((b_bytes, b_acc)) => (
                 format!("{:.1}%", 100.0 * bytes / b_bytes),
@@ -271,7 +272,7 @@ fn summary(reports: &[StepReport]) -> String {
         let path = r.inputs[0].path.clone();
         table.row([
             path.clone(),
-            r.metrics["precision"].as_str().unwrap_or("?").to_string(),
+            e.precision.to_string(),
             format!("{}", bytes as u64),
             size,
             format!("{:.2}%", 100.0 * accuracy),
@@ -281,12 +282,15 @@ fn summary(reports: &[StepReport]) -> String {
             bench_cell(&path, 64, &|b| format!("{:.0}", b.throughput_images_per_s)),
         ]);
     }
-    let train = reports.iter().find(|r| r.step == "train").map(|r| {
-        format!(
-            "training: {:.0} images/s, {:.1} s in all\n",
-            r.metrics["images_per_s"].as_f64().unwrap_or(0.0),
-            r.duration_s
-        )
-    });
-    format!("\n== summary\n{}{table}", train.unwrap_or_default())
+    let train = match reports.iter().find(|r| r.step == "train") {
+        Some(r) => {
+            let t: TrainReport = serde_json::from_value(r.metrics.clone())?;
+            format!(
+                "training: {:.0} images/s, {:.1} s in all\n",
+                t.images_per_s, r.duration_s
+            )
+        }
+        None => String::new(),
+    };
+    Ok(format!("\n== summary\n{train}{table}"))
 }

@@ -159,7 +159,7 @@ fn check_input(plan: &Plan, x: &[f32], batch: usize) -> Result<()> {
 }
 
 /// What [`evaluate`] measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EvalReport {
     /// Top-1 accuracy in `[0, 1]`.
     pub accuracy: f64,
@@ -173,6 +173,20 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<u64>>,
     /// Images per second of the forward passes (data preparation excluded).
     pub images_per_s: f64,
+}
+
+/// What `mlops eval` reports (its `metrics`): the evaluation, and what ran it on what.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EvalSummary {
+    /// The figures.
+    #[serde(flatten)]
+    pub report: EvalReport,
+    /// The artifact's precision.
+    pub precision: crate::artifact::Precision,
+    /// What computed it ([`Engine::compute`]).
+    pub compute: String,
+    /// The data folder as given.
+    pub data: String,
 }
 
 /// Runs the whole split through the engine in batches of `batch_size`, each image

@@ -92,7 +92,7 @@ impl TrainConfig {
 }
 
 /// One epoch's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochReport {
     /// 1-based epoch number.
     pub epoch: usize,
@@ -113,7 +113,7 @@ pub struct EpochReport {
 }
 
 /// What a training run did and measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
     /// The spec's name.
     pub model: String,
