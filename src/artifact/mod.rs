@@ -5,6 +5,7 @@
 //! against the spec; saving goes through a temp file and a rename so a crash never
 //! leaves a half-written model where a good one was.
 
+pub mod checkpoint;
 mod describe;
 mod foreign;
 pub mod safetensors;

@@ -3,6 +3,7 @@
 //! This is where training and fp32 inference spend their time; `runtime` and `train`
 //! drive it, and candle serves as the reference implementation in tests.
 
+pub mod adam;
 pub mod denormals;
 pub mod executor;
 pub mod gemm;

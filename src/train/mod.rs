@@ -5,9 +5,6 @@
 //! it. Everything random derives from the seed, so the same seed, data and thread count
 //! give bit-identical weights, and a resumed run equals an uninterrupted one.
 
-pub mod adam;
-pub mod checkpoint;
-
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -15,8 +12,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-pub use adam::Adam;
-pub use checkpoint::{Checkpoint, CheckpointState};
+pub use crate::artifact::checkpoint::{Checkpoint, CheckpointState};
+pub use crate::nn::adam::Adam;
 
 use crate::data::{Dataset, Preprocess};
 use crate::io::combined_sha256;

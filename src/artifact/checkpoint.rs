@@ -1,17 +1,18 @@
-//! Training checkpoints: weights, Adam moments and where the run stood, in one
-//! safetensors file written atomically after every epoch, so `--resume` continues
-//! exactly where an interrupted run left off.
+//! Training checkpoints, the other kind of safetensors file mlops writes (beside
+//! artifacts, so one module reads and writes every `.safetensors`): weights, Adam moments
+//! and where the run stood, written atomically after every epoch with a digest, so
+//! `--resume` continues exactly where an interrupted run left off.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::adam::Adam;
-use crate::artifact::safetensors::{decode, encode, read_header_metadata, NamedTensor, TensorData};
-use crate::artifact::{metadata_digest, tensors_digest, Digest, DIGEST_KEY};
+use super::safetensors::{decode, encode, read_header_metadata, NamedTensor, TensorData};
+use super::{metadata_digest, tensors_digest, Digest, DIGEST_KEY};
 use crate::io::write_atomically;
 use crate::model::ModelSpec;
+use crate::nn::adam::Adam;
 use crate::{Error, Result};
 
 /// Everything besides tensors that a resumed run must agree with or restore.
