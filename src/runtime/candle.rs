@@ -3,7 +3,7 @@
 //! On CUDA (`--device cuda[:N]`, built with `--features cuda`) it is how mlops runs on a
 //! GPU; on the CPU (`--engine candle`) it runs exactly the same code, which is how CI, with
 //! no GPU, exercises everything but candle's own CUDA kernels. The weights are uploaded
-//! once ([`reference::Weights`]); each call copies the batch to the device, runs candle's
+//! once ([`super::reference::Weights`]); each call copies the batch to the device, runs candle's
 //! conv/pool/matmul and copies the logits back, with the three parts timed apart (the
 //! device is synchronized between them: the `h2d_us` / `compute_us` / `d2h_us` split that
 //! `mlops bench` reports, as trtexec does). int8 artifacts are refused: their runtime is

@@ -362,6 +362,13 @@ mod vnni {
         w: &'a PackedWeights,
     }
 
+    /// The int8 GEMM with AVX-512 VNNI (`vpdpbusd`: u8 x i8 -> i32, four at a time).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI (`Kernel::Avx512Vnni` is only detected
+    /// where it does; the safe `gemm` re-checks before calling). `source` and `sink` must
+    /// have been bounds-checked for `m` rows and `w` (the safe `gemm` does): the tiles
+    /// read and write through raw pointers without further checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn gemm(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
         let ctx = Ctx {
@@ -404,6 +411,10 @@ mod vnni {
 
     /// `R` rows x `NB` blocks of 16 channels, accumulated in registers over all of k,
     /// then stored through the sink (with `POOL`, the max of the `R` rows, as row `row`).
+    ///
+    /// # Safety
+    /// As [`gemm()`]: AVX-512 F/BW/VL/VNNI present, `bases` and `row` within the checked
+    /// source and sink, `block + NB` blocks within the packed weights.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
@@ -509,6 +520,13 @@ mod avx2 {
         w: &'a PackedWeights,
     }
 
+    /// The int8 GEMM with AVX2 (bytes widened to i16, `vpmaddwd`: exact).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 (`Kernel::Avx2` is only detected where it does; the safe
+    /// `gemm` re-checks before calling). `source` and `sink` must have been bounds-checked
+    /// for `m` rows and `w` (the safe `gemm` does): the tiles read and write through raw
+    /// pointers without further checks.
     #[target_feature(enable = "avx2")]
     pub unsafe fn gemm(source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
         let ctx = Ctx {
@@ -546,6 +564,10 @@ mod avx2 {
     /// `R` rows x `NB` blocks of 8 channels: each 4-byte group of a row is split into
     /// the zero-extended pairs (a0, a1) and (a2, a3), multiplied with the widened weight
     /// pairs and summed into int32 (`vpmaddwd`: exact, no saturation).
+    ///
+    /// # Safety
+    /// As [`gemm()`]: AVX2 present, `bases` and `row` within the checked source and sink,
+    /// `block + NB` blocks within the packed weights.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn tile<const R: usize, const NB: usize, const POOL: bool>(
