@@ -1,17 +1,14 @@
 //! `mlops train`: data + spec -> fp32 artifact, checkpoint and train report.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{Artifact, EvalMetrics, LineageEntry};
 use mlops::data::Dataset;
-use mlops::io::combined_sha256;
 use mlops::model::ModelSpec;
 use mlops::report::{FileRecord, Gate, StepReport};
-use mlops::train::{fit, Checkpoint, LrSchedule, Start, TrainConfig, TrainReport};
+use mlops::train::{epoch_artifact, fit, Checkpoint, LrSchedule, Start, TrainConfig, TrainReport};
 
 use super::{Context, HintExt as _, ReportArgs};
 
@@ -174,8 +171,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         args.batch_size,
         ctx.threads
     ));
-    let lineage_args = lineage_args(&spec, &config, &data);
-    let test_sha = combined_sha256(&data.test.files);
+    let data_name = args.data.display().to_string();
     let mut model_record = None;
     let progress = ctx.printer.progress();
     let (_params, report) = fit(
@@ -187,22 +183,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         &mut |_, _| {},
         |ck, epoch| {
             ck.save(&checkpoint_path)?;
-            let mut artifact = Artifact::from_params(&spec, &ck.params)?;
-            // The lineage says what these weights are: the epochs done so far, not the
-            // epochs asked for (a run stopped or killed after epoch 1 of 2 says 1).
-            let mut done = lineage_args.clone();
-            done.insert("epochs".into(), epoch.epoch.into());
-            done.insert("planned_epochs".into(), config.epochs.into());
-            artifact
-                .lineage
-                .push(LineageEntry::new("train", None, done));
-            artifact.metrics = Some(EvalMetrics {
-                accuracy: epoch.test_accuracy,
-                loss: epoch.test_loss,
-                images: data.test.count,
-                data: args.data.display().to_string(),
-                data_sha256: test_sha.clone(),
-            });
+            let artifact = epoch_artifact(&spec, &config, &data, &data_name, ck, epoch)?;
             model_record = Some(artifact.save(&model_path)?);
             Ok(())
         },
@@ -238,19 +219,6 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
     ctx.printer
         .report(&step, &human(&report, &model_path), &args.output)?;
     Ok(step)
-}
-
-/// The settings that determine the weights (no paths, no flags like `--resume`), so the
-/// same run always yields the same artifact bytes.
-fn lineage_args(
-    spec: &ModelSpec,
-    config: &TrainConfig,
-    data: &Dataset,
-) -> BTreeMap<String, serde_json::Value> {
-    let mut args = mlops::train::resume_settings(config, data);
-    args.insert("epochs".into(), config.epochs.into());
-    args.insert("model".into(), spec.name.clone().into());
-    args
 }
 
 fn human(report: &TrainReport, model_path: &Path) -> String {

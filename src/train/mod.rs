@@ -163,6 +163,47 @@ pub fn resume_settings(
     s
 }
 
+/// The artifact of a training run after `epoch`: the weights of `checkpoint`, a `train`
+/// lineage step with the settings that determine them and the epochs done so far (not
+/// the epochs asked for: a run stopped or killed after epoch 1 of 2 says 1), and the
+/// test figures of that epoch on `data`'s test split (`data_name` as given).
+///
+/// # Errors
+/// Parameters that do not match the spec.
+pub fn epoch_artifact(
+    spec: &ModelSpec,
+    config: &TrainConfig,
+    data: &Dataset,
+    data_name: &str,
+    checkpoint: &Checkpoint,
+    epoch: &EpochReport,
+) -> Result<crate::artifact::Artifact> {
+    use crate::artifact::{Artifact, EvalMetrics, LineageEntry};
+    let mut artifact = Artifact::from_params(spec, &checkpoint.params)?;
+    artifact.input = crate::artifact::InputSpec {
+        shape: spec.input,
+        layout: "nhwc".into(),
+        scale: config.preprocess.scale,
+        mean: config.preprocess.mean,
+        std: config.preprocess.std,
+    };
+    let mut args = resume_settings(config, data);
+    args.insert("model".into(), spec.name.clone().into());
+    args.insert("epochs".into(), epoch.epoch.into());
+    args.insert("planned_epochs".into(), config.epochs.into());
+    artifact
+        .lineage
+        .push(LineageEntry::new("train", None, args));
+    artifact.metrics = Some(EvalMetrics {
+        accuracy: epoch.test_accuracy,
+        loss: epoch.test_loss,
+        images: data.test.count,
+        data: data_name.into(),
+        data_sha256: combined_sha256(&data.test.files),
+    });
+    Ok(artifact)
+}
+
 fn shuffle_seed(seed: u64, epoch: usize) -> u64 {
     seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
