@@ -5,6 +5,7 @@
 //! calls until the iteration count or duration is reached; [`LatencyStats`] summarizes
 //! the samples with nearest-rank percentiles.
 
+pub mod format;
 pub mod machine;
 mod run;
 
@@ -223,6 +224,10 @@ pub struct BenchRow {
     /// `throughput / baseline_throughput - 1`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub change_vs_baseline: Option<f64>,
+    /// Mean split of a timed call into copy-in, compute and copy-out, for engines on a
+    /// device (candle: `--engine candle`, `--device cuda`), as trtexec reports it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub timing_us: Option<crate::runtime::Timing>,
     /// std / mean of the samples.
     pub cv: f64,
     /// `cv` above [`UNSTABLE_CV`].

@@ -13,7 +13,7 @@ use crate::io::{FileRecord, MLOPS_VERSION};
 use crate::nn::Plan;
 use crate::progress::Progress;
 use crate::report::Gate;
-use crate::runtime::{evaluate, Runtime};
+use crate::runtime::{evaluate, Runtime, Timing};
 use crate::train::{Adam, Trainer};
 use crate::{Error, Result};
 
@@ -116,6 +116,7 @@ pub fn run(
             };
             let before = Usage::now();
             let wall = Instant::now();
+            let mut timing = None;
             let (cold_us, repeats) = if plan.train {
                 let labels: Vec<u8> = (0..batch).map(|i| (i % model.classes) as u8).collect();
                 let params = artifact.params_f32();
@@ -127,7 +128,26 @@ pub fn run(
                 })?
             } else {
                 let mut logits = Vec::new();
-                measure(&plan.config, || engine.predict(&x, batch, &mut logits))?
+                let (mut split, mut calls) = (Timing::default(), 0u32);
+                let timed = measure(&plan.config, || {
+                    engine.predict(&x, batch, &mut logits)?;
+                    if let Some(t) = engine.timing() {
+                        split.h2d_us += t.h2d_us;
+                        split.compute_us += t.compute_us;
+                        split.d2h_us += t.d2h_us;
+                        calls += 1;
+                    }
+                    Ok(())
+                })?;
+                if calls > 0 {
+                    let n = f64::from(calls);
+                    timing = Some(Timing {
+                        h2d_us: split.h2d_us / n,
+                        compute_us: split.compute_us / n,
+                        d2h_us: split.d2h_us / n,
+                    });
+                }
+                timed
             };
             let wall_s = wall.elapsed().as_secs_f64();
             let after = Usage::now();
@@ -167,6 +187,7 @@ pub fn run(
                 },
                 baseline_throughput: None,
                 change_vs_baseline: None,
+                timing_us: timing,
                 cv: latency.cv(),
                 unstable: latency.cv() > UNSTABLE_CV,
                 repeat_throughputs,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use mlops::bench::{compare_baseline, BenchConfig, BenchDoc, BenchInput, BenchPlan, BenchRow};
-use mlops::report::table::Table;
+use mlops::bench::format::{write_doc, OutputFormat};
+use mlops::bench::{compare_baseline, BenchConfig, BenchDoc, BenchInput, BenchPlan};
 use mlops::report::{StepReport, MLOPS_VERSION};
 
 use super::{Context, HintExt as _};
@@ -125,12 +125,21 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     }
     step.metrics = serde_json::to_value(&doc)?;
     step.finish(started);
+    let format = match args.format {
+        Format::Table => OutputFormat::Table,
+        Format::Md => OutputFormat::Md,
+        Format::Csv => OutputFormat::Csv,
+        Format::Json => OutputFormat::Json,
+        Format::Jsonl => OutputFormat::Jsonl,
+    };
     if ctx.in_pipeline {
         if !ctx.printer.is_quiet() {
-            print_doc(&mut std::io::stderr().lock(), &doc, args.format)?;
+            // Pipeline steps keep stdout for the pipeline's own `--json`; a closed stderr
+            // is not an error worth failing the pipeline for.
+            let _ = write_doc(&mut std::io::stderr().lock(), &doc, format);
         }
     } else {
-        print_doc(&mut std::io::stdout().lock(), &doc, args.format)?;
+        write_doc(&mut std::io::stdout().lock(), &doc, format)?;
     }
     // The document above is bench's own output (`--format`); only `--report` remains.
     let output = super::ReportArgs {
@@ -169,161 +178,4 @@ fn read_baseline(path: &Path) -> anyhow::Result<BenchDoc> {
             path.display()
         )
     })
-}
-
-fn print_doc(out: &mut dyn std::io::Write, doc: &BenchDoc, format: Format) -> anyhow::Result<()> {
-    match format {
-        Format::Json => {
-            serde_json::to_writer_pretty(&mut *out, doc)?;
-            writeln!(out)?;
-        }
-        Format::Jsonl => {
-            for row in &doc.rows {
-                let mut value = flat_row(doc, row);
-                value.insert("samples_us".into(), serde_json::to_value(&row.samples_us)?);
-                writeln!(out, "{}", serde_json::Value::Object(value))?;
-            }
-        }
-        Format::Csv => {
-            let rows: Vec<_> = doc.rows.iter().map(|r| flat_row(doc, r)).collect();
-            let header: Vec<String> = rows
-                .first()
-                .map(|r| r.keys().cloned().collect())
-                .unwrap_or_default();
-            writeln!(out, "{},samples_us", header.join(","))?;
-            for (row, flat) in doc.rows.iter().zip(&rows) {
-                let cells: Vec<String> = header.iter().map(|k| csv_cell(&flat[k])).collect();
-                let samples: Vec<String> =
-                    row.samples_us.iter().map(|s| format!("{s:.3}")).collect();
-                writeln!(out, "{},{}", cells.join(","), samples.join(";"))?;
-            }
-        }
-        Format::Table | Format::Md => {
-            let table = human_table(doc);
-            if format == Format::Md {
-                write!(out, "{}", table.to_markdown())?;
-            } else {
-                write!(out, "{}", table)?;
-                writeln!(
-                    out,
-                    "\n{} ({} cores, {}), mlops {} ({})",
-                    doc.machine.cpu,
-                    doc.machine.cores,
-                    doc.machine.simd.join(" "),
-                    doc.mlops_version,
-                    doc.git_commit
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A row as flat `key: scalar` pairs (csv and jsonl), machine fields included.
-fn flat_row(doc: &BenchDoc, row: &BenchRow) -> serde_json::Map<String, serde_json::Value> {
-    let mut map = serde_json::Map::new();
-    map.insert("mlops_version".into(), doc.mlops_version.clone().into());
-    map.insert("git_commit".into(), doc.git_commit.clone().into());
-    map.insert("cpu".into(), doc.machine.cpu.clone().into());
-    map.insert("cores".into(), doc.machine.cores.into());
-    map.insert("simd".into(), doc.machine.simd.join(" ").into());
-    let value = serde_json::to_value(row).expect("rows serialize");
-    for (key, v) in value.as_object().expect("row is an object") {
-        match (key.as_str(), v) {
-            ("samples_us", _) => {}
-            (_, serde_json::Value::Array(items)) => {
-                let joined: Vec<String> = items.iter().map(|v| v.to_string()).collect();
-                map.insert(key.clone(), joined.join(";").into());
-            }
-            (_, serde_json::Value::Object(inner)) => {
-                for (k, x) in inner {
-                    map.insert(format!("{key}_{k}"), x.clone());
-                }
-            }
-            _ => {
-                map.insert(key.clone(), v.clone());
-            }
-        }
-    }
-    for key in [
-        "accuracy",
-        "accuracy_drop",
-        "baseline_throughput",
-        "change_vs_baseline",
-    ] {
-        map.entry(key).or_insert(serde_json::Value::Null);
-    }
-    map
-}
-
-fn csv_cell(value: &serde_json::Value) -> String {
-    match value {
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::String(s) if s.contains([',', '"', '\n']) => {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        }
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn human_table(doc: &BenchDoc) -> Table {
-    let with_accuracy = doc.rows.iter().any(|r| r.accuracy.is_some());
-    let with_baseline = doc.rows.iter().any(|r| r.change_vs_baseline.is_some());
-    let mut header = vec![
-        "artifact",
-        "precision",
-        "mode",
-        "batch",
-        "p50 us",
-        "p90 us",
-        "p99 us",
-        "mean±std us",
-        "images/s",
-        "speedup",
-    ];
-    if with_accuracy {
-        header.extend(["accuracy", "drop"]);
-    }
-    if with_baseline {
-        header.push("vs baseline");
-    }
-    let mut table = Table::new(header);
-    for r in &doc.rows {
-        let mut cells = vec![
-            r.artifact.clone(),
-            r.precision.clone(),
-            r.mode.clone(),
-            r.batch.to_string(),
-            format!("{:.1}", r.latency_us.p50),
-            format!("{:.1}", r.latency_us.p90),
-            format!("{:.1}", r.latency_us.p99),
-            format!(
-                "{:.1}±{:.1}{}",
-                r.latency_us.mean,
-                r.latency_us.std,
-                if r.unstable { " !" } else { "" }
-            ),
-            format!("{:.0}", r.throughput_images_per_s),
-            format!("{:.2}x", r.speedup_vs_first),
-        ];
-        if with_accuracy {
-            cells.push(
-                r.accuracy
-                    .map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
-            );
-            cells.push(
-                r.accuracy_drop
-                    .map_or("-".into(), |d| format!("{:+.2} pt", -100.0 * d)),
-            );
-        }
-        if with_baseline {
-            cells.push(
-                r.change_vs_baseline
-                    .map_or("-".into(), |c| format!("{:+.1}%", 100.0 * c)),
-            );
-        }
-        table.row(cells);
-    }
-    table
 }

@@ -6,9 +6,8 @@ use anyhow::Context as _;
 use clap::Args;
 
 use mlops::artifact::Artifact;
-use mlops::report::table::Table;
 use mlops::report::{Gate, StepReport};
-use mlops::runtime::{evaluate, EvalReport};
+use mlops::runtime::evaluate;
 
 use super::{Context, HintExt as _, ReportArgs};
 
@@ -93,12 +92,13 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
     let report = evaluate(engine.as_mut(), &split, args.batch_size.max(1))?;
     step.inputs.push(record);
     step.inputs.extend(split.files.iter().cloned());
-    step.metrics = serde_json::to_value(mlops::runtime::EvalSummary {
+    let summary = mlops::runtime::EvalSummary {
         report: report.clone(),
         precision: artifact.precision,
         compute: engine.compute(),
         data: data_dir.display().to_string(),
-    })?;
+    };
+    step.metrics = serde_json::to_value(&summary)?;
     if let Some(min) = args.min_accuracy {
         step.gates
             .push(Gate::at_least("min_accuracy", min, report.accuracy));
@@ -106,32 +106,8 @@ pub(crate) fn run(args: &EvalArgs, ctx: &Context) -> anyhow::Result<StepReport> 
     step.finish(started);
     ctx.printer.report(
         &step,
-        &human(&report, &args.artifact, artifact.precision.as_str()),
+        &format!("\n`{}` {summary}", args.artifact.display()),
         &args.output,
     )?;
     Ok(step)
-}
-
-fn human(report: &EvalReport, path: &Path, precision: &str) -> String {
-    let classes = report.confusion.len();
-    let mut header = vec!["true\\pred".to_string()];
-    header.extend((0..classes).map(|c| c.to_string()));
-    header.push("acc".into());
-    let mut table = Table::new(header);
-    for (c, row) in report.confusion.iter().enumerate() {
-        let mut cells = vec![c.to_string()];
-        cells.extend(row.iter().map(u64::to_string));
-        cells.push(
-            report.per_class_accuracy[c].map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
-        );
-        table.row(cells);
-    }
-    format!(
-        "\n`{}` ({precision}): accuracy {:.2}%, loss {:.4} on {} images ({:.0} images/s)\n\n{table}",
-        path.display(),
-        100.0 * report.accuracy,
-        report.loss,
-        report.images,
-        report.images_per_s
-    )
 }

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use mlops::prune::{
-    FineTune, Method, PruneConfig, PruneData, PrunePlan, PruneReport, ScheduleKind,
-};
-use mlops::report::table::Table;
+use mlops::prune::{FineTune, Method, PruneConfig, PruneData, PruneReport, ScheduleKind};
 use mlops::report::{Gate, StepReport};
 
 use super::train::LrScheduleArg;
@@ -158,10 +155,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         step.inputs.push(record);
         step.metrics = serde_json::to_value(&plan)?;
         step.finish(started);
-        let human = format!(
-            "\n{}dry run: nothing written\n",
-            render_plan(&plan, &artifact.spec)
-        );
+        let human = format!("\n{plan}dry run: nothing written\n");
         ctx.printer.report(&step, &human, &args.output)?;
         return Ok(step);
     }
@@ -200,7 +194,7 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
         ctx.printer.note(warning);
         step.warnings.push(warning.clone());
     }
-    let (before, after, drop) = report.accuracy();
+    let (_, _, drop) = report.accuracy();
     if let Some(max) = args.max_accuracy_drop {
         step.gates
             .push(Gate::at_most("max_accuracy_drop", max, drop));
@@ -210,106 +204,20 @@ pub(crate) fn run(args: &PruneArgs, ctx: &Context) -> anyhow::Result<StepReport>
     step.outputs.push(written.clone());
     step.metrics = serde_json::to_value(&report)?;
     step.finish(started);
-    let human = match &report {
-        PruneReport::Magnitude(r) => {
-            let mut table = Table::new(["tensor", "params", "zeros", "sparsity", "pruned"]);
-            for l in &r.layers {
-                table.row([
-                    l.name.clone(),
-                    l.params.to_string(),
-                    l.zeros.to_string(),
-                    format!("{:.2}%", 100.0 * l.sparsity),
-                    l.pruned.to_string(),
-                ]);
-            }
+    let human = format!(
+        "\n{report}wrote `{}` (from `{}`){}\n",
+        out_path.display(),
+        args.artifact.display(),
+        if matches!(report, PruneReport::Structured(_)) {
             format!(
-                "\n{table}\npruned `{}` -> `{}`: sparsity {:.2}% over the pruned layers; accuracy {:.2}% -> {:.2}% (drop {:+.2} pt); gzip {} -> {} bytes ({:.2}x smaller)\n",
+                "; measure the speed-up with `mlops bench {} {}`",
                 args.artifact.display(),
-                out_path.display(),
-                100.0 * r.total_sparsity,
-                100.0 * before,
-                100.0 * after,
-                100.0 * drop,
-                r.gzip_bytes_before,
-                r.gzip_bytes_after,
-                r.gzip_ratio,
+                out_path.display()
             )
+        } else {
+            String::new()
         }
-        PruneReport::Structured(r) => format!(
-            "\n{}{}\nwrote `{}`: {} -> {} bytes; accuracy {:.2}% -> {:.2}% (drop {:+.2} pt){}\nmeasure the speed-up with `mlops bench {} {}`\n",
-            cut_table(&r.plan, &artifact.spec),
-            size_summary(r.params_before, r.params_after, r.flops_before, r.flops_after),
-            out_path.display(),
-            r.bytes_before,
-            written.bytes,
-            100.0 * before,
-            100.0 * after,
-            100.0 * drop,
-            r.accuracy_after_pruning
-                .map_or(String::new(), |a| format!(", {:.2}% before fine-tuning", 100.0 * a)),
-            args.artifact.display(),
-            out_path.display(),
-        ),
-    };
+    );
     ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
-}
-
-/// A dry run's plan for people.
-fn render_plan(plan: &PrunePlan, spec: &mlops::model::ModelSpec) -> String {
-    match plan {
-        PrunePlan::Magnitude { tensors, .. } => {
-            let mut table = Table::new(["tensor", "params", "pruned", "zeros after"]);
-            for t in tensors {
-                table.row([
-                    t.tensor.clone(),
-                    t.params.to_string(),
-                    t.pruned.to_string(),
-                    t.zeros_after.to_string(),
-                ]);
-            }
-            format!("{table}\n")
-        }
-        PrunePlan::Structured {
-            plan,
-            params_before,
-            params_after,
-            flops_before,
-            flops_after,
-            ..
-        } => format!(
-            "{}{}\n",
-            cut_table(plan, spec),
-            size_summary(*params_before, *params_after, *flops_before, *flops_after)
-        ),
-    }
-}
-
-fn cut_table(plan: &[mlops::prune::LayerCut], spec: &mlops::model::ModelSpec) -> String {
-    let mut table = Table::new(["layer", "type", "outputs before", "kept", "removed"]);
-    for p in plan {
-        table.row([
-            format!("layers.{}", p.layer),
-            spec.layers[p.layer].kind().to_string(),
-            p.before.to_string(),
-            p.kept.to_string(),
-            (p.before - p.kept).to_string(),
-        ]);
-    }
-    format!("{table}\n")
-}
-
-fn size_summary(
-    params_before: usize,
-    params_after: usize,
-    flops_before: u64,
-    flops_after: u64,
-) -> String {
-    format!(
-        "parameters {params_before} -> {params_after} ({:.1}%), MFLOP per image {:.2} -> {:.2} ({:.1}%)",
-        100.0 * params_after as f64 / params_before as f64,
-        flops_before as f64 / 1e6,
-        flops_after as f64 / 1e6,
-        100.0 * flops_after as f64 / flops_before as f64
-    )
 }

@@ -11,7 +11,6 @@ use mlops::data::{load_split, Split, SplitKind};
 use mlops::quantize::{
     compare_accuracy, quantize, CalibMethod, Comparison, QuantConfig, QuantizeSummary,
 };
-use mlops::report::table::Table;
 use mlops::report::{FileRecord, Gate, StepReport};
 use mlops::runtime::Runtime as _;
 
@@ -250,87 +249,10 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     step.outputs.push(written.clone());
     step.metrics = serde_json::to_value(&summary)?;
     step.finish(started);
-    let report = &summary.report;
-    let human_compare = match (
-        summary.comparison.logits_cosine,
-        summary.comparison.top1_agreement,
-    ) {
-        (Some(cosine), Some(agreement)) => format!(
-            "logits cosine vs fp32 on {} {} images {cosine:.5}, top-1 agreement {:.2}%\n",
-            summary.comparison.images,
-            summary.comparison.data,
-            100.0 * agreement
-        ),
-        _ => String::new(),
-    };
-    // One sign convention in text and JSON: a drop is fp32 minus int8, positive when
-    // accuracy was lost (README: "Accuracy drops").
-    let human_eval = summary.eval.as_ref().map_or(String::new(), |e| {
-        format!(
-            "accuracy on {} images of `{}`: fp32 {:.2}%, int8 {:.2}% (drop {:+.2} pt), top-1 agreement {:.2}%{}\n",
-            e.images,
-            e.data,
-            100.0 * e.fp32_accuracy,
-            100.0 * e.int8_accuracy,
-            100.0 * e.accuracy_drop,
-            100.0 * e.top1_agreement,
-            e.worst_class.map_or(String::new(), |w| format!(
-                ", worst class {} (drop {:+.2} pt)",
-                w.class,
-                100.0 * w.drop
-            )),
-        )
-    });
-
-    let mut table = Table::new([
-        "layer",
-        "shape",
-        "runs in",
-        "w scale min..max",
-        "input scale",
-        "zp",
-        "w SNR dB",
-        "out SNR dB",
-        "out cosine",
-        "bytes fp32",
-        "bytes stored",
-    ]);
-    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-    for l in &report.layers {
-        table.row([
-            l.name.clone(),
-            format!("{:?}", l.shape),
-            l.precision.as_str().to_string(),
-            or_dash(
-                l.weight_scale_range
-                    .map(|r| format!("{:.2e}..{:.2e}", r[0], r[1])),
-            ),
-            or_dash(l.input_scale.map(|s| format!("{s:.3e}"))),
-            or_dash(l.input_zero_point.map(|z| z.to_string())),
-            or_dash(l.weight_snr_db.map(|d| format!("{d:.1}"))),
-            or_dash(l.output_snr_db.map(|d| format!("{d:.1}"))),
-            or_dash(l.output_cosine.map(|c| format!("{c:.5}"))),
-            l.bytes_fp32.to_string(),
-            l.bytes_stored.to_string(),
-        ]);
-    }
-    let scheme = if args.dynamic {
-        format!("{}, dynamic activations", report.weight_scheme)
-    } else {
-        format!(
-            "{}, {} on {} calibration images",
-            report.weight_scheme, report.method, report.samples
-        )
-    };
     let human = format!(
-        "\n{table}\nquantized `{}` -> `{}` ({scheme}): {} -> {} bytes ({:.1}%), {:.2} bits per weight\n\
-         int8 layers run with {compute}\n{human_compare}{human_eval}",
+        "\n{summary}quantized `{}` -> `{}`\n",
         args.artifact.display(),
-        out_path.display(),
-        record.bytes,
-        written.bytes,
-        100.0 * written.bytes as f64 / record.bytes as f64,
-        report.bits_per_weight,
+        out_path.display()
     );
     ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
@@ -345,32 +267,10 @@ fn dry_run(
 ) -> anyhow::Result<StepReport> {
     let plan = mlops::quantize::plan(artifact, config)?;
     let (mut step, started) = StepReport::start("quantize", "cpu");
-    let mut table = Table::new([
-        "tensor",
-        "shape",
-        "from",
-        "to",
-        "bytes before",
-        "bytes after",
-    ]);
-    for t in &plan.tensors {
-        table.row([
-            t.tensor.clone(),
-            format!("{:?}", t.shape),
-            t.from.clone(),
-            t.to.clone(),
-            t.bytes_before.to_string(),
-            t.bytes_after.to_string(),
-        ]);
-    }
     step.inputs.push(FileRecord::of(&args.artifact)?);
     step.metrics = serde_json::to_value(&plan)?;
     step.finish(started);
-    let (before, after) = (plan.weight_bytes_before, plan.weight_bytes_after);
-    let human = format!(
-        "\n{table}\ndry run: weights {before} -> {after} bytes ({:.1}%); nothing written\n",
-        100.0 * after as f64 / before.max(1) as f64
-    );
+    let human = format!("\n{plan}; dry run: nothing written\n");
     ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
 }

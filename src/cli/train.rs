@@ -222,33 +222,5 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
 }
 
 fn human(report: &TrainReport, model_path: &Path) -> String {
-    let mut table = mlops::report::table::Table::new([
-        "epoch",
-        "lr",
-        "train loss",
-        "train acc",
-        "test loss",
-        "test acc",
-        "img/s",
-        "s",
-    ]);
-    for e in &report.epoch_reports {
-        table.row([
-            e.epoch.to_string(),
-            format!("{:.2e}", e.learning_rate),
-            format!("{:.4}", e.train_loss),
-            format!("{:.2}%", 100.0 * e.train_accuracy),
-            format!("{:.4}", e.test_loss),
-            format!("{:.2}%", 100.0 * e.test_accuracy),
-            format!("{:.0}", e.images_per_s),
-            format!("{:.1}", e.train_seconds),
-        ]);
-    }
-    format!(
-        "\n{table}\ntest accuracy {:.2}% after {} epoch(s); training {:.0} images/s (median of epochs); model written to `{}`\n",
-        100.0 * report.test_accuracy,
-        report.epoch_reports.last().map_or(0, |e| e.epoch),
-        report.images_per_s,
-        model_path.display()
-    )
+    format!("\n{report}; model written to `{}`\n", model_path.display())
 }

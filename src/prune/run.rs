@@ -175,6 +175,9 @@ pub struct MagnitudeReport {
 pub struct LayerCut {
     /// Layer index.
     pub layer: usize,
+    /// Its `type` (`conv2d`, `dense`).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     /// Filters / units before.
     pub before: usize,
     /// Kept.
@@ -404,7 +407,7 @@ pub fn plan(artifact: &Artifact, config: &PruneConfig) -> Result<PrunePlan> {
                 dry_run: true,
                 structured: true,
                 keep,
-                plan: cut.rows(),
+                plan: cut.rows(&artifact.spec),
                 params_before: spec.param_count()?,
                 params_after: cut.spec.param_count()?,
                 flops_before: spec.flops()?.iter().sum(),
@@ -433,11 +436,12 @@ impl Cut {
         })
     }
 
-    fn rows(&self) -> Vec<LayerCut> {
+    fn rows(&self, spec: &crate::model::ModelSpec) -> Vec<LayerCut> {
         self.plans
             .iter()
             .map(|p| LayerCut {
                 layer: p.layer,
+                kind: spec.layers[p.layer].kind(),
                 before: p.before,
                 kept: p.kept.len(),
                 kept_indices: p.kept.clone(),
@@ -663,7 +667,7 @@ fn structured_prune(
         sparsity: removed,
         keep,
         global,
-        plan: cut.rows(),
+        plan: cut.rows(&artifact.spec),
         params_before: spec.param_count()?,
         params_after: cut.spec.param_count()?,
         flops_before: spec.flops()?.iter().sum(),
@@ -724,4 +728,130 @@ fn gzip_size(bytes: &[u8]) -> Result<usize> {
         .and_then(|()| e.finish())
         .map(|out| out.len())
         .map_err(|e| Error::Config(format!("gzip failed: {e}")))
+}
+
+fn cut_table(plan: &[LayerCut]) -> crate::report::table::Table {
+    let mut table =
+        crate::report::table::Table::new(["layer", "type", "outputs before", "kept", "removed"]);
+    for p in plan {
+        table.row([
+            format!("layers.{}", p.layer),
+            p.kind.to_string(),
+            p.before.to_string(),
+            p.kept.to_string(),
+            (p.before - p.kept).to_string(),
+        ]);
+    }
+    table
+}
+
+fn size_line(params: (usize, usize), flops: (u64, u64)) -> String {
+    format!(
+        "parameters {} -> {} ({:.1}%), MFLOP per image {:.2} -> {:.2} ({:.1}%)",
+        params.0,
+        params.1,
+        100.0 * params.1 as f64 / params.0 as f64,
+        flops.0 as f64 / 1e6,
+        flops.1 as f64 / 1e6,
+        100.0 * flops.1 as f64 / flops.0 as f64
+    )
+}
+
+/// For people: per-layer sparsity (or the cut per layer and the model's size), accuracy
+/// before and after (the drop as in JSON: positive when lost) and the gzip sizes.
+impl std::fmt::Display for PruneReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (before, after, drop) = self.accuracy();
+        match self {
+            PruneReport::Magnitude(r) => {
+                let mut table = crate::report::table::Table::new([
+                    "tensor", "params", "zeros", "sparsity", "pruned",
+                ]);
+                for l in &r.layers {
+                    table.row([
+                        l.name.clone(),
+                        l.params.to_string(),
+                        l.zeros.to_string(),
+                        format!("{:.2}%", 100.0 * l.sparsity),
+                        l.pruned.to_string(),
+                    ]);
+                }
+                writeln!(f, "{table}")?;
+                writeln!(
+                    f,
+                    "sparsity {:.2}% over the pruned layers; accuracy {:.2}% -> {:.2}% (drop {:+.2} pt); gzip {} -> {} bytes ({:.2}x smaller)",
+                    100.0 * r.total_sparsity,
+                    100.0 * before,
+                    100.0 * after,
+                    100.0 * drop,
+                    r.gzip_bytes_before,
+                    r.gzip_bytes_after,
+                    r.gzip_ratio,
+                )
+            }
+            PruneReport::Structured(r) => {
+                writeln!(f, "{}", cut_table(&r.plan))?;
+                writeln!(
+                    f,
+                    "{}",
+                    size_line(
+                        (r.params_before, r.params_after),
+                        (r.flops_before, r.flops_after)
+                    )
+                )?;
+                writeln!(
+                    f,
+                    "{} -> {} bytes; accuracy {:.2}% -> {:.2}% (drop {:+.2} pt){}",
+                    r.bytes_before,
+                    r.bytes_after,
+                    100.0 * before,
+                    100.0 * after,
+                    100.0 * drop,
+                    r.accuracy_after_pruning.map_or(String::new(), |a| format!(
+                        ", {:.2}% before fine-tuning",
+                        100.0 * a
+                    )),
+                )
+            }
+        }
+    }
+}
+
+/// For people: what would be pruned.
+impl std::fmt::Display for PrunePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrunePlan::Magnitude { tensors, .. } => {
+                let mut table =
+                    crate::report::table::Table::new(["tensor", "params", "pruned", "zeros after"]);
+                for t in tensors {
+                    table.row([
+                        t.tensor.clone(),
+                        t.params.to_string(),
+                        t.pruned.to_string(),
+                        t.zeros_after.to_string(),
+                    ]);
+                }
+                writeln!(f, "{table}")
+            }
+            PrunePlan::Structured {
+                plan,
+                params_before,
+                params_after,
+                flops_before,
+                flops_after,
+                ..
+            } => {
+                writeln!(f, "{}", cut_table(plan))?;
+                writeln!(
+                    f,
+                    "{}",
+                    size_line(
+                        (*params_before, *params_after),
+                        (*flops_before, *flops_after)
+                    )
+                )
+            }
+        }
+    }
 }

@@ -228,3 +228,34 @@ pub fn plan(artifact: &Artifact, config: &super::QuantConfig) -> Result<Quantize
         tensors,
     })
 }
+
+/// For people: a row per tensor and the weight bytes before and after.
+impl std::fmt::Display for QuantizePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut table = crate::report::table::Table::new([
+            "tensor",
+            "shape",
+            "from",
+            "to",
+            "bytes before",
+            "bytes after",
+        ]);
+        for t in &self.tensors {
+            table.row([
+                t.tensor.clone(),
+                format!("{:?}", t.shape),
+                t.from.clone(),
+                t.to.clone(),
+                t.bytes_before.to_string(),
+                t.bytes_after.to_string(),
+            ]);
+        }
+        let (before, after) = (self.weight_bytes_before, self.weight_bytes_after);
+        writeln!(f, "{table}")?;
+        write!(
+            f,
+            "weights {before} -> {after} bytes ({:.1}%)",
+            100.0 * after as f64 / before.max(1) as f64
+        )
+    }
+}

@@ -53,6 +53,94 @@ pub struct QuantizeSummary {
     pub size_ratio: f64,
 }
 
+/// For people: a row per layer, the scheme and sizes, what runs it, and how it compares
+/// with fp32 (drops as in JSON: fp32 minus int8, positive when accuracy was lost).
+impl std::fmt::Display for QuantizeSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let report = &self.report;
+        let mut table = crate::report::table::Table::new([
+            "layer",
+            "shape",
+            "runs in",
+            "w scale min..max",
+            "input scale",
+            "zp",
+            "w SNR dB",
+            "out SNR dB",
+            "out cosine",
+            "bytes fp32",
+            "bytes stored",
+        ]);
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        for l in &report.layers {
+            table.row([
+                l.name.clone(),
+                format!("{:?}", l.shape),
+                l.precision.as_str().to_string(),
+                or_dash(
+                    l.weight_scale_range
+                        .map(|r| format!("{:.2e}..{:.2e}", r[0], r[1])),
+                ),
+                or_dash(l.input_scale.map(|s| format!("{s:.3e}"))),
+                or_dash(l.input_zero_point.map(|z| z.to_string())),
+                or_dash(l.weight_snr_db.map(|d| format!("{d:.1}"))),
+                or_dash(l.output_snr_db.map(|d| format!("{d:.1}"))),
+                or_dash(l.output_cosine.map(|c| format!("{c:.5}"))),
+                l.bytes_fp32.to_string(),
+                l.bytes_stored.to_string(),
+            ]);
+        }
+        let scheme = if report.activations == "dynamic" {
+            format!("{}, dynamic activations", report.weight_scheme)
+        } else {
+            format!(
+                "{}, {} on {} calibration images",
+                report.weight_scheme, report.method, report.samples
+            )
+        };
+        writeln!(f, "{table}")?;
+        writeln!(
+            f,
+            "{scheme}: {} -> {} bytes ({:.1}%), {:.2} bits per weight",
+            self.bytes_before,
+            self.bytes_after,
+            100.0 * self.size_ratio,
+            report.bits_per_weight
+        )?;
+        writeln!(f, "int8 layers run with {}", self.compute)?;
+        if let (Some(cosine), Some(agreement)) = (
+            self.comparison.logits_cosine,
+            self.comparison.top1_agreement,
+        ) {
+            writeln!(
+                f,
+                "logits cosine vs fp32 on {} {} images {cosine:.5}, top-1 agreement {:.2}%",
+                self.comparison.images,
+                self.comparison.data,
+                100.0 * agreement
+            )?;
+        }
+        if let Some(e) = &self.eval {
+            writeln!(
+                f,
+                "accuracy on {} images of `{}`: fp32 {:.2}%, int8 {:.2}% (drop {:+.2} pt), top-1 agreement {:.2}%{}",
+                e.images,
+                e.data,
+                100.0 * e.fp32_accuracy,
+                100.0 * e.int8_accuracy,
+                100.0 * e.accuracy_drop,
+                100.0 * e.top1_agreement,
+                e.worst_class.map_or(String::new(), |w| format!(
+                    ", worst class {} (drop {:+.2} pt)",
+                    w.class,
+                    100.0 * w.drop
+                )),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl QuantizeReport {
     /// Names of the weights whose precision is one of `wanted`.
     pub fn layers_in(&self, wanted: &[LayerPrecision]) -> Vec<String> {

@@ -96,7 +96,7 @@ pub trait Engine: Send {
 }
 
 /// Where the time of one prediction went, in microseconds (trtexec's split).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Timing {
     /// Host-to-device copy of the batch.
     pub h2d_us: f64,
@@ -187,6 +187,36 @@ pub struct EvalSummary {
     pub compute: String,
     /// The data folder as given.
     pub data: String,
+}
+
+/// For people: accuracy, loss and speed, then the confusion matrix with per-class accuracy.
+impl std::fmt::Display for EvalSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let report = &self.report;
+        let classes = report.confusion.len();
+        let mut header = vec!["true\\pred".to_string()];
+        header.extend((0..classes).map(|c| c.to_string()));
+        header.push("acc".into());
+        let mut table = crate::report::table::Table::new(header);
+        for (c, row) in report.confusion.iter().enumerate() {
+            let mut cells = vec![c.to_string()];
+            cells.extend(row.iter().map(u64::to_string));
+            cells.push(
+                report.per_class_accuracy[c].map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
+            );
+            table.row(cells);
+        }
+        writeln!(
+            f,
+            "({}): accuracy {:.2}%, loss {:.4} on {} images ({:.0} images/s)\n",
+            self.precision,
+            100.0 * report.accuracy,
+            report.loss,
+            report.images,
+            report.images_per_s
+        )?;
+        write!(f, "{table}")
+    }
 }
 
 /// Runs the whole split through the engine in batches of `batch_size`, each image

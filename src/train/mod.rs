@@ -141,6 +141,42 @@ pub struct TrainReport {
     pub last_eval: Option<EvalReport>,
 }
 
+/// For people: a row per epoch and the final test accuracy and speed.
+impl std::fmt::Display for TrainReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut table = crate::report::table::Table::new([
+            "epoch",
+            "lr",
+            "train loss",
+            "train acc",
+            "test loss",
+            "test acc",
+            "img/s",
+            "s",
+        ]);
+        for e in &self.epoch_reports {
+            table.row([
+                e.epoch.to_string(),
+                format!("{:.2e}", e.learning_rate),
+                format!("{:.4}", e.train_loss),
+                format!("{:.2}%", 100.0 * e.train_accuracy),
+                format!("{:.4}", e.test_loss),
+                format!("{:.2}%", 100.0 * e.test_accuracy),
+                format!("{:.0}", e.images_per_s),
+                format!("{:.1}", e.train_seconds),
+            ]);
+        }
+        writeln!(f, "{table}")?;
+        write!(
+            f,
+            "test accuracy {:.2}% after {} epoch(s); training {:.0} images/s (median of epochs)",
+            100.0 * self.test_accuracy,
+            self.epoch_reports.last().map_or(0, |e| e.epoch),
+            self.images_per_s,
+        )
+    }
+}
+
 /// Settings a resumed run must share with its checkpoint, as recorded in it.
 pub fn resume_settings(
     config: &TrainConfig,

@@ -275,3 +275,26 @@ fn bench_skips_the_training_checkpoint_in_a_glob() {
         .unwrap();
     assert_user_error(&alone, "nothing to bench");
 }
+
+/// On the candle engine (the code a GPU runs) each row splits a call's time into
+/// copy-in, compute and copy-out, as `mlops bench --device cuda` reports it.
+#[test]
+fn bench_on_the_candle_engine_reports_the_timing_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .arg("bench")
+        .arg(trained_model())
+        .args(QUICK)
+        .args(["--engine", "candle", "--batch", "4", "--format", "json"])
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let doc = json_of(&output);
+    let row = &doc["rows"][0];
+    assert_eq!(row["device"], "cpu (candle)");
+    assert!(
+        row["timing_us"]["compute_us"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
+    assert!(row["timing_us"]["h2d_us"].as_f64().is_some(), "{row}");
+}
