@@ -14,6 +14,7 @@
 //! - [`device`]: `cpu` / `cuda[:N]` selection.
 //! - [`bench`]: latency percentiles and throughput of loaded models.
 //! - [`report`]: per-step reports (JSON for CI, tables for people).
+//! - [`pipeline`]: the summary of a pipeline run, from the steps' typed reports.
 //! - [`progress`]: the callback through which long work reports progress.
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod export;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod pipeline;
 pub mod progress;
 pub mod prune;
 pub mod quantize;
