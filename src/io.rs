@@ -36,11 +36,7 @@ impl FileRecord {
         Ok(FileRecord {
             path: path.display().to_string(),
             bytes,
-            sha256: hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: hex(&hasher.finalize()),
         })
     }
 
@@ -56,7 +52,11 @@ impl FileRecord {
 
 /// Hex sha256 of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of a digest (how every sha256 in reports and metadata is written).
+pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -113,18 +113,7 @@ impl Checkpoint {
         let (tensors, metadata) = decode(path, &bytes)?;
         // Same integrity check as artifacts: a checkpoint that changed after it was
         // written must not resume silently.
-        if let Some(text) = metadata.get(DIGEST_KEY) {
-            let digest: Digest = serde_json::from_str(text)
-                .map_err(|e| Error::artifact(path, format!("bad `{DIGEST_KEY}` metadata: {e}")))?;
-            if digest.tensors != tensors_digest(&tensors)
-                || digest.metadata != metadata_digest(&metadata)
-            {
-                return Err(Error::artifact(
-                    path,
-                    "the checkpoint does not match the digest recorded when it was written: it was changed or damaged; start again without `--resume`",
-                ));
-            }
-        }
+        super::verify_digest(path, &tensors, &metadata)?;
         let state: CheckpointState = metadata
             .get("mlops.checkpoint")
             .ok_or_else(|| {

@@ -402,7 +402,7 @@ impl Artifact {
         artifact
             .check_numbers()
             .map_err(|problem| Error::artifact(path, problem))?;
-        verify_digest(path, &artifact, &metadata)?;
+        verify_digest(path, &artifact.tensors, &metadata)?;
         Ok((artifact, record))
     }
 
@@ -694,11 +694,7 @@ pub fn tensors_digest(tensors: &[NamedTensor]) -> String {
         }
         hasher.update(t.data.to_le_bytes());
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::io::hex(&hasher.finalize())
 }
 
 /// The metadata key of [`Digest`].
@@ -730,9 +726,10 @@ pub fn metadata_digest(metadata: &BTreeMap<String, String>) -> String {
 
 /// Checks `mlops.digest` against what was loaded. Artifacts written before digests
 /// existed have none and load as they are (`mlops inspect` says so).
-fn verify_digest(
+/// Shared by artifacts and checkpoints (`checkpoint::Checkpoint::load`).
+pub(crate) fn verify_digest(
     path: &Path,
-    artifact: &Artifact,
+    tensors: &[NamedTensor],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     let Some(text) = metadata.get(DIGEST_KEY) else {
@@ -749,7 +746,7 @@ fn verify_digest(
             ),
         ));
     }
-    if digest.tensors != artifact.digest() {
+    if digest.tensors != tensors_digest(tensors) {
         return Err(Error::artifact(
             path,
             "its tensor data does not match the digest recorded when it was written: the file was changed or damaged (a flipped bit in a weight?); restore it from its source or rebuild it",

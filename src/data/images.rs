@@ -104,7 +104,7 @@ pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
         files: vec![FileRecord {
             path: dir.display().to_string(),
             bytes: total_bytes,
-            sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+            sha256: crate::io::hex(&digest),
         }],
     })
 }
