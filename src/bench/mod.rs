@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use run::{compare_baseline, run, BenchInput, BenchPlan};
+pub use run::{compare_baseline, read_baseline, run, BenchInput, BenchPlan};
 
 use crate::Result;
 
@@ -30,6 +30,47 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// Timed rounds, each with its own `iters` / `duration` (spread between rounds).
     pub repeats: usize,
+}
+
+/// Longest warm-up or timing period accepted, in seconds.
+pub const MAX_SECONDS: f64 = 3600.0;
+
+impl BenchConfig {
+    /// A config from counts and seconds as a user gives them (`--warmup`,
+    /// `--warmup-secs`, `--iters`, `--duration`, `--repeats`).
+    ///
+    /// # Errors
+    /// [`crate::Error::Config`] for zero `iters` or `repeats`, or seconds that are not a
+    /// finite number in `[0, MAX_SECONDS]`.
+    pub fn from_seconds(
+        warmup_iters: usize,
+        warmup_secs: f64,
+        iters: usize,
+        duration_secs: f64,
+        repeats: usize,
+    ) -> Result<Self> {
+        let seconds = |flag: &str, value: f64| {
+            if value.is_finite() && (0.0..=MAX_SECONDS).contains(&value) {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(crate::Error::Config(format!(
+                    "`{flag}` must be 0 to {MAX_SECONDS} seconds, got {value}"
+                )))
+            }
+        };
+        if iters == 0 || repeats == 0 {
+            return Err(crate::Error::Config(
+                "`--iters` and `--repeats` must be at least 1".into(),
+            ));
+        }
+        Ok(BenchConfig {
+            warmup_iters,
+            warmup_time: seconds("--warmup-secs", warmup_secs)?,
+            iters,
+            duration: seconds("--duration", duration_secs)?,
+            repeats,
+        })
+    }
 }
 
 impl Default for BenchConfig {

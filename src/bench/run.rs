@@ -43,6 +43,37 @@ pub struct BenchPlan {
     pub threads: usize,
 }
 
+impl BenchPlan {
+    /// Checks what a user can get wrong: no batch sizes, a batch of 0 or past
+    /// `MAX_BATCH`, zero threads ([`BenchConfig::from_seconds`] checks the timing).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting.
+    pub fn check(&self) -> Result<()> {
+        if self.batches.is_empty() {
+            return Err(Error::Config(
+                "`--batch` needs at least one batch size".into(),
+            ));
+        }
+        if let Some(bad) = self
+            .batches
+            .iter()
+            .find(|&&b| b == 0 || b > crate::model::MAX_BATCH)
+        {
+            return Err(Error::Config(format!(
+                "`--batch` {bad} is outside 1..={}",
+                crate::model::MAX_BATCH
+            )));
+        }
+        if self.threads == 0 || self.config.iters == 0 || self.config.repeats == 0 {
+            return Err(Error::Config(
+                "threads, `--iters` and `--repeats` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Learning rate of the timed training updates (the value does not change their cost).
 const BENCH_LEARNING_RATE: f32 = 1e-4;
 
@@ -60,6 +91,7 @@ pub fn run(
     runtime: &dyn Runtime,
     progress: &dyn Progress,
 ) -> Result<(BenchDoc, Vec<String>)> {
+    plan.check()?;
     if plan.train && runtime.name() != "cpu" {
         return Err(Error::Config(format!(
             "`--train` times our CPU training step; training on `{}` is not built yet (the CUDA issue adds it)",
@@ -264,4 +296,40 @@ pub fn compare_baseline(
         });
     }
     (gates, warnings)
+}
+
+/// Reads a baseline for [`compare_baseline`]: a bench document (`mlops bench --format
+/// json`), or the last bench step of a report file (`--report`, `mlops pipeline`).
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read; [`Error::Data`] when it is not JSON, holds
+/// no bench document, or has another schema than this version writes.
+pub fn read_baseline(path: &std::path::Path) -> Result<BenchDoc> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::data(path, format!("`--baseline` is not JSON: {e}")))?;
+    let doc = if value.get("rows").is_some() {
+        value
+    } else {
+        value["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().rev().find(|s| s["step"] == "bench"))
+            .map(|s| s["metrics"].clone())
+            .ok_or_else(|| {
+                Error::data(
+                    path,
+                    "`--baseline` is not an mlops bench report (no `rows`, no bench step); \
+                     make one with `mlops bench --format json`",
+                )
+            })?
+    };
+    serde_json::from_value(doc).map_err(|e| {
+        Error::data(
+            path,
+            format!(
+                "`--baseline` has another schema than this mlops {} writes ({e})",
+                crate::io::MLOPS_VERSION
+            ),
+        )
+    })
 }

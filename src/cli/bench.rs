@@ -1,15 +1,15 @@
 //! `mlops bench`: latency percentiles and throughput per artifact x batch size, side by
 //! side, in table / md / csv / json / jsonl, with an optional regression gate.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
 use mlops::bench::format::{write_doc, OutputFormat};
-use mlops::bench::{compare_baseline, BenchConfig, BenchDoc, BenchInput, BenchPlan};
-use mlops::report::{StepReport, MLOPS_VERSION};
+use mlops::bench::{compare_baseline, read_baseline, BenchConfig, BenchInput, BenchPlan};
+use mlops::report::StepReport;
 
 use super::{Context, HintExt as _};
 
@@ -68,19 +68,21 @@ pub(crate) struct BenchArgs {
     pub report: Option<PathBuf>,
 }
 
-fn config(args: &BenchArgs) -> BenchConfig {
-    BenchConfig {
-        warmup_iters: args.warmup,
-        warmup_time: Duration::from_secs_f64(args.warmup_secs),
-        iters: args.iters,
-        duration: Duration::from_secs_f64(args.duration),
-        repeats: args.repeats,
-    }
-}
-
 pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     let runtime = args.device.runtime(ctx)?;
-    let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
+    let config = BenchConfig::from_seconds(
+        args.warmup,
+        args.warmup_secs,
+        args.iters,
+        args.duration,
+        args.repeats,
+    )?;
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(read_baseline)
+        .transpose()
+        .context("cannot read `--baseline`")?;
     let (mut step, started) = StepReport::start("bench", &runtime.name());
     let eval_split = match &args.eval_data {
         Some(dir) => Some(
@@ -106,7 +108,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let plan = BenchPlan {
         batches: args.batch.clone(),
         train: args.train,
-        config: config(args),
+        config,
         threads: ctx.threads,
     };
     let progress = ctx.printer.progress();
@@ -148,34 +150,4 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     };
     ctx.printer.report(&step, "", &output)?;
     Ok(step)
-}
-
-/// Reads a bench document, or the last bench step of a report file.
-fn read_baseline(path: &Path) -> anyhow::Result<BenchDoc> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| mlops::Error::io("read", path, e))
-        .context("cannot read `--baseline`")?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("`--baseline` `{}` is not JSON", path.display()))?;
-    let doc = if value.get("rows").is_some() {
-        value
-    } else {
-        value["steps"]
-            .as_array()
-            .and_then(|steps| steps.iter().rev().find(|s| s["step"] == "bench"))
-            .map(|s| s["metrics"].clone())
-            .with_context(|| {
-                format!(
-                    "`--baseline` `{}` is not an mlops bench report (no `rows`, no bench step); \
-                     make one with `mlops bench --format json`",
-                    path.display()
-                )
-            })?
-    };
-    serde_json::from_value(doc).with_context(|| {
-        format!(
-            "`--baseline` `{}` has another schema than this mlops {MLOPS_VERSION} writes",
-            path.display()
-        )
-    })
 }

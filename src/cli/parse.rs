@@ -8,10 +8,10 @@ use std::fmt::Display;
 use std::str::FromStr;
 
 /// Largest batch a flag may ask for (images per step or per forward pass).
-pub(crate) const MAX_BATCH: usize = 1 << 16;
+pub(crate) const MAX_BATCH: usize = mlops::model::MAX_BATCH;
 
 /// Longest time a timing flag may ask for, in seconds (one hour).
-pub(crate) const MAX_SECONDS: f64 = 3600.0;
+pub(crate) const MAX_SECONDS: f64 = mlops::bench::MAX_SECONDS;
 
 fn number<T: FromStr>(text: &str) -> Result<T, String>
 where

@@ -3,16 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 
-use mlops::artifact::{LayerPrecision, Precision};
 use mlops::data::{load_split, Split, SplitKind};
-use mlops::quantize::{
-    compare_accuracy, quantize, CalibMethod, Comparison, QuantConfig, QuantizeSummary,
-};
+use mlops::quantize::{MethodName, QuantConfig, QuantizeConfig, QuantizeInputs};
 use mlops::report::{FileRecord, Gate, StepReport};
-use mlops::runtime::Runtime as _;
 
 use super::{Context, HintExt as _, ReportArgs};
 
@@ -116,34 +112,14 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     }
     let out_path = super::output_beside(&args.artifact, args.out.as_ref(), "int8")?;
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
-    if artifact.precision == Precision::Int8 {
-        bail!(
-            "`{}` is already int8; quantize its fp32 parent instead",
-            args.artifact.display()
-        );
-    }
-    let exclude = mlops::model::resolve_layers(&artifact.spec, &args.exclude)?;
-    let config = QuantConfig {
-        method: match args.calib_method {
-            MethodArg::Minmax => CalibMethod::MinMax,
-            MethodArg::Percentile => CalibMethod::Percentile(args.percentile),
-            MethodArg::Mse => CalibMethod::Mse,
-            MethodArg::Entropy => CalibMethod::Entropy,
-        },
-        samples: args.calib_samples,
-        seed: 0,
-        per_tensor: args.per_tensor,
-        dynamic: args.dynamic,
-        exclude,
-    };
+    let config = settings(args)
+        .resolve(&artifact)
+        .with_context(|| format!("cannot quantize `{}`", args.artifact.display()))?;
     if args.dry_run {
         return dry_run(args, &artifact, &config, ctx);
     }
     if args.calib.is_none() && !args.dynamic {
         bail!("`--int8` needs calibration images: add `--calib DIR` (an IDX folder such as `fixtures/mnist`), or use `--dynamic` (weights-only int8, no calibration)");
-    }
-    if !(50.0..100.0).contains(&args.percentile) {
-        bail!("`--percentile` must be in [50, 100), e.g. 99.99");
     }
     let (mut step, started) = StepReport::start("quantize", "cpu");
     let calib = match &args.calib {
@@ -155,10 +131,6 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         }
         None => None,
     };
-    let (quantized, mut report) = quantize(&artifact, Some(&record), calib.as_ref(), &config)?;
-    let mut engine = ctx.cpu.load(&quantized)?;
-    let compute = engine.compute();
-
     // Evaluation data: `--eval-data`, else the artifact's own when recorded and present.
     let eval_dir = args.eval_data.clone().or_else(|| {
         artifact
@@ -181,47 +153,20 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         }
         None => None,
     };
-
-    // fp32 vs quantized, per layer and at the logits, on evaluation images when there are
-    // some: compared on the calibration images themselves, a degenerate set (all black)
-    // looks perfect while the model fails on real inputs (issue 10).
-    let comparison = match (&eval_split, &calib) {
-        (Some(split), _) => Some((split, "evaluation")),
-        (None, Some(calib)) => Some((calib, "calibration")),
-        (None, None) => None,
+    let eval_name = eval_dir.as_ref().map(|d| d.display().to_string());
+    let inputs = QuantizeInputs {
+        artifact: &artifact,
+        record: Some(&record),
+        calib: calib.as_ref(),
+        eval: eval_split.as_ref().zip(eval_name.as_deref()),
     };
-    let comparison = match comparison {
-        Some((images, name)) => mlops::quantize::compare(
-            &artifact,
-            &quantized,
-            engine.as_mut(),
-            images,
-            name,
-            args.calib_samples.min(500),
-            &mut report,
-        )?,
-        None => Comparison::none(),
-    };
-    // Evaluation: fp32 and int8 on the same test images.
-    let eval = match (&eval_dir, &eval_split) {
-        (Some(dir), Some(split)) => Some(compare_accuracy(
-            ctx.cpu.load(&artifact)?.as_mut(),
-            engine.as_mut(),
-            split,
-            &dir.display().to_string(),
-        )?),
-        _ => None,
-    };
-    if let Some(eval) = &eval {
-        if let Some(max) = args.max_accuracy_drop {
-            step.gates
-                .push(Gate::at_most("max_accuracy_drop", max, eval.accuracy_drop));
-        }
+    let (quantized, summary) = mlops::quantize::run(inputs, &config, &ctx.cpu)?;
+    if let (Some(eval), Some(max)) = (&summary.eval, args.max_accuracy_drop) {
+        step.gates
+            .push(Gate::at_most("max_accuracy_drop", max, eval.accuracy_drop));
     }
-    if let Some(split) = &eval_split {
-        step.inputs.extend(split.files.iter().cloned());
-    }
-    step.warnings.extend(report.warnings.iter().cloned());
+    step.warnings
+        .extend(summary.report.warnings.iter().cloned());
     if args.strict {
         step.gates.push(Gate {
             name: "strict".into(),
@@ -231,22 +176,11 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
         });
     }
     let written = quantized.save(&out_path)?;
-    let summary = QuantizeSummary {
-        layers_int8: report.layers_in(&[LayerPrecision::Int8Static, LayerPrecision::Int8Dynamic]),
-        layers_fp32: report.layers_in(&[LayerPrecision::Fp32]),
-        report,
-        compute: compute.clone(),
-        comparison,
-        eval,
-        bytes_before: record.bytes,
-        bytes_after: written.bytes,
-        size_ratio: written.bytes as f64 / record.bytes as f64,
-    };
-    step.inputs.insert(0, record.clone());
-    if let Some(calib) = &calib {
-        step.inputs.extend(calib.files.iter().cloned());
+    step.inputs.push(record);
+    for split in [&eval_split, &calib].into_iter().flatten() {
+        step.inputs.extend(split.files.iter().cloned());
     }
-    step.outputs.push(written.clone());
+    step.outputs.push(written);
     step.metrics = serde_json::to_value(&summary)?;
     step.finish(started);
     let human = format!(
@@ -256,6 +190,23 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     );
     ctx.printer.report(&step, &human, &args.output)?;
     Ok(step)
+}
+
+/// The flags as the library's settings.
+fn settings(args: &QuantizeArgs) -> QuantizeConfig {
+    QuantizeConfig {
+        method: match args.calib_method {
+            MethodArg::Minmax => MethodName::MinMax,
+            MethodArg::Percentile => MethodName::Percentile,
+            MethodArg::Mse => MethodName::Mse,
+            MethodArg::Entropy => MethodName::Entropy,
+        },
+        percentile: args.percentile,
+        samples: args.calib_samples,
+        per_tensor: args.per_tensor,
+        dynamic: args.dynamic,
+        exclude: args.exclude.clone(),
+    }
 }
 
 /// `--dry-run`: a row per tensor that would change, and nothing written.

@@ -7,4 +7,6 @@ pub mod names;
 pub mod spec;
 
 pub use names::resolve_layers;
-pub use spec::{Activation, LayerSpec, ModelSpec, Padding, ParamInfo, Shape};
+pub use spec::{
+    Activation, LayerSpec, ModelSpec, Padding, ParamInfo, Shape, MAX_BATCH, MAX_BATCH_BYTES,
+};

@@ -21,6 +21,9 @@ pub const MAX_PARAMETERS: usize = 1 << 28;
 /// is refused before anything is allocated.
 pub const MAX_BATCH_BYTES: usize = 8 << 30;
 
+/// Most images in one step or forward pass that any command accepts (`--batch`).
+pub const MAX_BATCH: usize = 1 << 16;
+
 /// Non-linearity applied after a conv or dense layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -26,6 +26,9 @@ pub use check::{
 };
 
 mod check;
+mod step;
+
+pub use step::{run, MethodName, QuantizeConfig, QuantizeInputs, COMPARED_IMAGES};
 
 /// Everything `mlops quantize` reports (its `metrics`): the quantization, what runs it,
 /// how it compares with fp32, and the sizes.

@@ -314,3 +314,45 @@ fn quantize_dynamic_and_mixed_precision() {
     assert_eq!(to("layers.7.weight"), Some("F32".into()));
     assert_eq!(to("layers.6.weight"), Some("I8".into()));
 }
+
+/// `mlops::quantize::run` gives the artifact and summary `mlops quantize` writes (issue 11:
+/// the library returns the finished int8 artifact, the CLI only saves it).
+#[test]
+fn quantize_through_the_library_writes_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = quantize(dir.path(), &["--calib-samples", "64", "--json"]);
+    assert_success(&output);
+    let cli = std::fs::read(dir.path().join("model.int8.safetensors")).unwrap();
+    let cli_metrics = json_of(&output)["metrics"].clone();
+
+    let path = dir.path().join("model.safetensors");
+    let (artifact, record) = mlops::artifact::Artifact::load(&path).unwrap();
+    let calib = mlops::data::load_split(&tiny_data(), mlops::data::SplitKind::Train).unwrap();
+    let settings = mlops::quantize::QuantizeConfig {
+        method: mlops::quantize::MethodName::MinMax,
+        percentile: 99.99,
+        samples: 64,
+        per_tensor: false,
+        dynamic: false,
+        exclude: Vec::new(),
+    };
+    let config = settings.resolve(&artifact).unwrap();
+    let inputs = mlops::quantize::QuantizeInputs {
+        artifact: &artifact,
+        record: Some(&record),
+        calib: Some(&calib),
+        eval: None,
+    };
+    let runtime = mlops::runtime::CpuRuntime::new(1);
+    let (quantized, summary) = mlops::quantize::run(inputs, &config, &runtime).unwrap();
+    assert_eq!(quantized.to_bytes().unwrap(), cli);
+    let library = serde_json::to_value(&summary).unwrap();
+    for key in [
+        "bytes_before",
+        "bytes_after",
+        "layers_int8",
+        "bits_per_weight",
+    ] {
+        assert_eq!(library[key], cli_metrics[key], "{key}");
+    }
+}
