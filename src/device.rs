@@ -17,6 +17,10 @@ pub enum Device {
 
 impl Device {
     /// Parses `cpu`, `cuda` or `cuda:N`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for any other text (whether the device exists is checked later,
+    /// by the runtime).
     pub fn parse(text: &str) -> Result<Self> {
         match text {
             "cpu" => Ok(Device::Cpu),

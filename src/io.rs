@@ -28,6 +28,9 @@ pub struct FileRecord {
 
 impl FileRecord {
     /// Hashes a file on disk, streaming (a data file is never held in memory for this).
+    ///
+    /// # Errors
+    /// [`Error::Io`] (`read`) when the file cannot be opened or read.
     pub fn of(path: &Path) -> Result<Self> {
         let mut file = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
         let mut hasher = Sha256::new();
@@ -61,6 +64,11 @@ pub fn hex(digest: &[u8]) -> String {
 }
 
 /// Writes `bytes` to a temp file beside `path`, syncs it, then renames it over `path`.
+///
+/// # Errors
+/// [`Error::Io`]: `write to folder` when `path`'s folder does not exist, `write` when
+/// creating, writing, syncing or renaming the temp file fails (the temp file is removed
+/// and `path` is left as it was).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -41,7 +41,15 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Writes the checkpoint atomically.
+    /// Writes the checkpoint atomically: `params` and the Adam moments as F32 tensors of
+    /// the spec's shapes (`name`, `adam.m.name`, `adam.v.name`), `adam.step` as U64 `[1]`.
+    ///
+    /// # Errors
+    /// - [`Error::Spec`] / [`Error::SpecLayer`] when `state.spec` is invalid.
+    /// - [`Error::Artifact`] naming `path` when a tensor holds a non-finite value (training
+    ///   diverged); nothing is written then.
+    /// - [`Error::Config`] when a tensor's length does not match its spec shape.
+    /// - [`Error::Io`] when the file cannot be written (or its folder does not exist).
     pub fn save(&self, path: &Path) -> Result<()> {
         let infos = self.state.spec.params()?;
         let mut tensors = Vec::new();
@@ -77,19 +85,13 @@ impl Checkpoint {
             ));
         }
         let mut metadata = BTreeMap::new();
-        metadata.insert(
-            "mlops.checkpoint".to_string(),
-            serde_json::to_string(&self.state).expect("state serializes"),
-        );
+        metadata.insert("mlops.checkpoint".to_string(), super::json(&self.state));
         let digest = Digest {
             algorithm: "sha256".into(),
             tensors: tensors_digest(&tensors),
             metadata: metadata_digest(&metadata),
         };
-        metadata.insert(
-            DIGEST_KEY.to_string(),
-            serde_json::to_string(&digest).expect("digest serializes"),
-        );
+        metadata.insert(DIGEST_KEY.to_string(), super::json(&digest));
         write_atomically(path, &encode(&tensors, &metadata)?)
     }
 
@@ -102,6 +104,14 @@ impl Checkpoint {
     }
 
     /// Reads a checkpoint, checking every tensor against the spec inside it.
+    ///
+    /// # Errors
+    /// - [`Error::Config`] when `path` is not a file (`--resume` without a checkpoint).
+    /// - [`Error::Io`] when it cannot be read.
+    /// - [`Error::Artifact`] naming `path` when it is not valid safetensors, fails its
+    ///   `mlops.digest`, lacks or has a bad `mlops.checkpoint`, or a tensor (or
+    ///   `adam.step`) is missing or has the wrong shape or dtype.
+    /// - [`Error::Spec`] / [`Error::SpecLayer`] when the recorded spec is invalid.
     pub fn load(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::Config(format!(

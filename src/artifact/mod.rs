@@ -102,7 +102,12 @@ impl LayerPrecision {
         }
     }
 
-    /// The precision of weight tensor `weight` given an artifact's `mlops.quantization`.
+    /// The precision of weight tensor `weight` given an artifact's `mlops.quantization`
+    /// (`Int8Static` when it has no entry for `weight`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `mlops.quantization.layers.<weight>` is not one of
+    /// `"int8-static"`, `"int8-dynamic"`, `"fp32"`.
     pub fn of_layer(quantization: Option<&serde_json::Value>, weight: &str) -> Result<Self> {
         let Some(value) = quantization
             .and_then(|q| q.get("layers"))
@@ -251,9 +256,29 @@ pub struct Artifact {
 const LAYOUT: &str = r#"{"activations":"nhwc","conv_weight":"[out,kh,kw,in]","dense_weight":"[out,in]","flatten":"hwc"}"#;
 
 impl Artifact {
-    /// Wraps fp32 parameters (spec order) into an artifact.
+    /// Wraps fp32 parameters into an artifact: `params` in spec order
+    /// ([`ModelSpec::params`]), conv weights `[out, kh, kw, in]`, dense weights
+    /// `[out, in]`, biases `[out]`, each flat row-major. Input `mlops.input` is pixels
+    /// scaled to `[0, 1]`, labels are `"0"`, `"1"`, ...
+    ///
+    /// # Errors
+    /// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+    /// - [`Error::Config`] when `params` does not hold one tensor of the right length per
+    ///   spec parameter.
     pub fn from_params(spec: &ModelSpec, params: &[Vec<f32>]) -> Result<Self> {
         let infos = spec.params()?;
+        if params.len() != infos.len()
+            || params
+                .iter()
+                .zip(&infos)
+                .any(|(p, info)| p.len() != info.len())
+        {
+            return Err(Error::Config(format!(
+                "{} parameter tensors do not match the model's {}",
+                params.len(),
+                infos.len()
+            )));
+        }
         let tensors = infos
             .iter()
             .zip(params)
@@ -281,8 +306,15 @@ impl Artifact {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The parameters as f32 in spec order: widened from fp16/bf16, or dequantized from
-    /// int8 (`q * weight_scale`; the fp32 reference of an int8 model, not its runtime).
+    /// The parameters as f32 in spec order (layouts as [`Artifact::from_params`]): widened
+    /// from fp16/bf16, or dequantized from int8 (`q * weight_scale`, one scale per output
+    /// channel; the fp32 reference of an int8 model, not its runtime).
+    ///
+    /// # Panics
+    /// If the artifact does not hold together, which [`Artifact::load`] and
+    /// [`Artifact::from_params`] rule out but a hand-built or edited `Artifact` (its fields
+    /// are public) may not: `spec` invalid, a spec parameter missing from `tensors`, an I8
+    /// weight without its F32 `<name>_scale`, or a parameter stored as U8/U64.
     pub fn params_f32(&self) -> Vec<Vec<f32>> {
         let infos = self.spec.params().expect("validated spec");
         infos
@@ -309,6 +341,10 @@ impl Artifact {
     }
 
     /// A copy with the weights cast to a float `precision` (round to nearest even).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when this artifact or `precision` is int8, or a tensor is not a
+    /// float tensor (only possible in a hand-built `Artifact`).
     pub fn cast(&self, precision: Precision) -> Result<Artifact> {
         if self.precision == Precision::Int8 || precision == Precision::Int8 {
             return Err(Error::Config(
@@ -318,7 +354,13 @@ impl Artifact {
         let mut out = self.clone();
         out.precision = precision;
         for t in &mut out.tensors {
-            let values = t.data.to_f32().expect("validated float tensors");
+            let values = t.data.to_f32().ok_or_else(|| {
+                Error::Config(format!(
+                    "tensor `{}` is {}, not a float tensor: only fp32, fp16 and bf16 weights can be cast",
+                    t.name,
+                    t.data.dtype_name()
+                ))
+            })?;
             t.data = match precision {
                 Precision::Fp16 => {
                     TensorData::F16(values.iter().map(|&v| f16::from_f32(v)).collect())
@@ -388,6 +430,15 @@ impl Artifact {
     }
 
     /// Loads and fully validates an artifact; returns it with its file record.
+    ///
+    /// # Errors
+    /// - [`Error::Io`] when the file cannot be read.
+    /// - [`Error::Artifact`] naming `path` for everything else: no such file, another
+    ///   model format (ONNX, TFLite, ...), not valid safetensors, missing or bad `mlops.*`
+    ///   metadata or another format version, an invalid spec, labels or input shape that
+    ///   disagree with the spec, a tensor missing, unexpected, or of the wrong shape or
+    ///   dtype, a non-finite weight or non-positive scale ([`Artifact::check_numbers`]),
+    ///   or data that no longer matches `mlops.digest`.
     pub fn load(path: &Path) -> Result<(Artifact, FileRecord)> {
         if !path.is_file() {
             return Err(Error::artifact(path, "no such artifact file"));
@@ -642,6 +693,12 @@ impl Artifact {
 /// int8 adds, per int8 conv/dense layer, `weight_scale` (one per output channel) and,
 /// for static layers, the input activation's `input_scale` and `input_zero_point`;
 /// biases and the weights of layers kept in fp32 stay f32 (see [`LayerPrecision`]).
+/// Dtypes are safetensors names (`F32`, `F16`, `BF16`, `I8`, `U8`).
+///
+/// # Errors
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+/// - [`Error::Config`] when a per-layer precision in `quantization` is unknown
+///   ([`LayerPrecision::of_layer`]).
 pub fn expected_tensors(
     spec: &ModelSpec,
     precision: Precision,

@@ -157,6 +157,10 @@ pub fn read_header_metadata(path: &Path) -> Option<BTreeMap<String, String>> {
 }
 
 /// Serializes tensors and string metadata into safetensors bytes with a sorted header.
+///
+/// # Errors
+/// [`Error::Config`] when a tensor's values do not fill its `shape` exactly, or the
+/// `safetensors` crate refuses to serialize (a header past its 100 MB limit).
 pub fn encode(tensors: &[NamedTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.data.to_le_bytes()).collect();
     let mut views = Vec::with_capacity(tensors.len());
@@ -199,7 +203,12 @@ fn canonicalize_header(buffer: &mut [u8]) {
     }
 }
 
-/// Parses safetensors bytes read from `path` into tensors (file order) and metadata.
+/// Parses safetensors bytes read from `path` into tensors (sorted by name) and metadata.
+///
+/// # Errors
+/// [`Error::Artifact`] naming `path` when the bytes are not valid safetensors (truncated,
+/// another format, an unreadable header) or a tensor has a dtype mlops does not store
+/// (anything but F32, F16, BF16, U64, I8, U8).
 pub fn decode(path: &Path, bytes: &[u8]) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let parsed = SafeTensors::deserialize(bytes).map_err(|e| {
         Error::artifact(

@@ -23,6 +23,9 @@ pub struct IdxArray {
 pub const MAX_IDX_BYTES: u64 = 8 << 30;
 
 /// Reads a raw or gzip-compressed IDX file, checking magic, dimensions and length.
+///
+/// # Errors
+/// As [`read_idx_limited`] without a limit.
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
     read_idx_limited(path, None)
 }
@@ -34,8 +37,10 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
 /// records used. Without a limit the whole body must match the header exactly.
 ///
 /// # Errors
-/// [`Error::Data`] naming the file: unreadable, not IDX, larger than [`MAX_IDX_BYTES`],
-/// truncated, or with trailing bytes.
+/// - [`Error::Io`] when the file cannot be opened or read.
+/// - [`Error::Data`] naming the file: a corrupt gzip stream, not IDX (magic, element type
+///   or rank), a zero dimension, larger than [`MAX_IDX_BYTES`], truncated, or with
+///   trailing bytes (checked only when every record is read).
 pub fn read_idx_limited(path: &Path, limit: Option<usize>) -> Result<IdxArray> {
     let file = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
     let file_len = file.metadata().map(|m| m.len()).ok();
@@ -197,7 +202,12 @@ fn check_magic(bytes: &[u8; 4]) -> std::result::Result<usize, String> {
     Ok(rank)
 }
 
-/// Parses IDX bytes; the error string says what was expected and what was found.
+/// Parses IDX bytes (a whole uncompressed file) held in memory.
+///
+/// # Errors
+/// A message saying what was expected and what was found: fewer than 4 bytes, a wrong
+/// magic number, element type or rank, a truncated header, a zero dimension, dimensions
+/// whose product overflows, or a body of the wrong length.
 pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
     if bytes.len() < 4 {
         return Err(format!(

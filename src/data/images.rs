@@ -56,7 +56,14 @@ pub fn looks_like_image_folder(dir: &Path) -> bool {
     list(dir).is_ok_and(|f| !f.is_empty())
 }
 
-/// Loads every image of `dir`, converted to `shape` (`[h, w, c]`, c = 1 or 3).
+/// Loads every image of `dir`, converted to `shape` (`[h, w, c]`, c = 1 or 3): grey or
+/// RGB bytes, NHWC, resized (triangle filter) when an image's size differs. Labels are
+/// the sorted class sub-folder's index, 0 for images directly in `dir`.
+///
+/// # Errors
+/// - [`Error::Data`] when `c` is not 1 or 3, `dir` holds no PNG or JPEG image, or an
+///   image cannot be decoded (naming it).
+/// - [`Error::Io`] when `dir`, a class folder or an image cannot be read.
 pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
     let [h, w, c] = shape;
     if c != 1 && c != 3 {

@@ -154,11 +154,18 @@ pub struct Dataset {
 
 impl Dataset {
     /// Loads both splits of an IDX folder, checking they agree with each other.
+    ///
+    /// # Errors
+    /// As [`Dataset::load_limited`].
     pub fn load(root: &Path) -> Result<Self> {
         Self::load_limited(root, None, None)
     }
 
     /// Loads at most `train_limit` training and `test_limit` test images.
+    ///
+    /// # Errors
+    /// As [`load_split_limited`] for either split, and [`Error::Data`] naming `root` when
+    /// the train and test images differ in shape.
     pub fn load_limited(
         root: &Path,
         train_limit: Option<usize>,
@@ -206,12 +213,23 @@ fn find_file(root: &Path, split: SplitKind, kind: &str) -> Result<PathBuf> {
 }
 
 /// Loads one split of an IDX folder.
+///
+/// # Errors
+/// As [`load_split_limited`].
 pub fn load_split(root: &Path, split: SplitKind) -> Result<Split> {
     load_split_limited(root, split, None)
 }
 
 /// Loads at most `limit` images (and labels) of one split, reading no more of the files
-/// than that ([`idx::read_idx_limited`]).
+/// than that ([`idx::read_idx_limited`]). Images of rank 3 (`N, H, W`) get one channel.
+///
+/// # Errors
+/// - [`Error::Data`] when `root` is not a folder, lacks the split's images or labels
+///   (`train-*`, or `t10k-*` / `test-*`: `images-idx{3,4}-ubyte`, `labels-idx1-ubyte`,
+///   optionally `.gz`), a file is not valid IDX
+///   ([`idx::read_idx_limited`]), the images are not of rank 3 or 4, the labels not of
+///   rank 1, or their counts differ.
+/// - [`Error::Io`] when a file cannot be read.
 pub fn load_split_limited(root: &Path, split: SplitKind, limit: Option<usize>) -> Result<Split> {
     if !root.is_dir() {
         return Err(Error::data(root, "data folder does not exist"));
@@ -274,11 +292,18 @@ pub struct SplitSummary {
 
 impl Split {
     /// Checks the images fit a model's input (for calibration, where labels are unused).
+    ///
+    /// # Errors
+    /// [`Error::Data`] when the images' `[h, w, c]` differs from `input`.
     pub fn check_shape(&self, input: [usize; 3]) -> Result<()> {
         self.check_fits(input, usize::MAX)
     }
 
     /// Checks the images fit a model's input and its labels its classes.
+    ///
+    /// # Errors
+    /// [`Error::Data`] when the images' `[h, w, c]` differs from `input` (naming the image
+    /// file), or a label is `classes` or more (naming the label file).
     pub fn check_fits(&self, input: [usize; 3], classes: usize) -> Result<()> {
         // An image folder has one record for all its files; an IDX split one per file.
         let file = |i: usize| {

@@ -5,7 +5,12 @@ use super::ModelSpec;
 use crate::{Error, Result};
 
 /// Resolves layer names (`layers.4` or `4`) to parameter indices; unknown names are an
-/// error that suggests the nearest layer with weights.
+/// error that suggests the nearest layer with weights. Indices are into
+/// [`ModelSpec::params`] (the weight's; its bias follows it).
+///
+/// # Errors
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+/// - [`Error::Config`] when a name is not a layer with weights (conv or dense).
 pub fn resolve_layers(spec: &ModelSpec, names: &[String]) -> Result<Vec<usize>> {
     let params = spec.params()?;
     let candidates: Vec<(usize, String)> = params

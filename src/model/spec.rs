@@ -248,6 +248,12 @@ impl ModelSpec {
     }
 
     /// Parses and validates a YAML spec.
+    ///
+    /// # Errors
+    /// - [`Error::Spec`] for YAML that does not parse or lacks / has unknown top-level
+    ///   fields, and for whole-spec problems ([`ModelSpec::shapes`]).
+    /// - [`Error::SpecLayer`] naming the layer's index and `type` when a layer does not
+    ///   decode (unknown type or field) or does not fit its input ([`ModelSpec::params`]).
     pub fn from_yaml(text: &str) -> Result<Self> {
         let raw: RawSpec = serde_yaml::from_str(text).map_err(|e| Error::Spec(e.to_string()))?;
         let mut layers = Vec::with_capacity(raw.layers.len());
@@ -275,6 +281,11 @@ impl ModelSpec {
     }
 
     /// Reads and validates a YAML spec file.
+    ///
+    /// # Errors
+    /// - [`Error::Io`] when the file cannot be read.
+    /// - [`Error::Spec`] when it is not UTF-8 text (a binary file), and as
+    ///   [`ModelSpec::from_yaml`], the message naming the file ([`Error::SpecLayer`] too).
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         let Ok(text) = String::from_utf8(bytes) else {
@@ -298,7 +309,17 @@ impl ModelSpec {
         })
     }
 
-    /// The shape after each layer (`shapes()[0]` is the input), checking every layer fits.
+    /// The shape after each layer (`shapes()[0]` is the input, so `layers.len() + 1`
+    /// shapes; per image, batch left out), checking every layer fits.
+    ///
+    /// # Errors
+    /// - [`Error::Spec`] when the input has a zero dimension or more than
+    ///   [`MAX_ACTIVATION_VALUES`] values, `classes` is below 2, there are no layers, or
+    ///   the last layer does not produce `classes` values.
+    /// - [`Error::SpecLayer`] when a layer does not fit: a zero size, a conv or pool on a
+    ///   flat input, a dense layer on a spatial one, a window larger than its input,
+    ///   softmax anywhere but the last dense layer, a dropout rate outside `[0, 1)`, or an
+    ///   output (or a conv's unfolded input) past [`MAX_ACTIVATION_VALUES`].
     pub fn shapes(&self) -> Result<Vec<Shape>> {
         if self.input.contains(&0) {
             return Err(Error::Spec(format!(
@@ -434,7 +455,13 @@ impl ModelSpec {
         Ok(shapes)
     }
 
-    /// The parameter tensors in artifact order (weight then bias, layer by layer).
+    /// The parameter tensors in artifact order (weight then bias, layer by layer): conv
+    /// weight `[filters, kernel, kernel, in_channels]`, dense weight `[units, inputs]`,
+    /// bias `[out]`.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::shapes`], and [`Error::SpecLayer`] when a weight takes the model
+    /// past [`MAX_PARAMETERS`].
     pub fn params(&self) -> Result<Vec<ParamInfo>> {
         let shapes = self.shapes()?;
         let mut params = Vec::new();
@@ -481,6 +508,9 @@ impl ModelSpec {
     /// f32 values one image takes in the training executor's workspace: every activation
     /// and its gradient, plus the largest unfolded conv input (im2col). Inference needs
     /// less, so this bounds both.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::shapes`].
     pub fn workspace_values_per_image(&self) -> Result<usize> {
         let shapes = self.shapes()?;
         let activations: usize = shapes.iter().map(Shape::len).sum();
@@ -506,7 +536,8 @@ impl ModelSpec {
     /// Checks that `batch` images fit [`MAX_BATCH_BYTES`] of workspace.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the batch, the bytes it needs and the largest that fits.
+    /// [`Error::Config`] naming the batch, the bytes it needs and the largest that fits;
+    /// as [`ModelSpec::shapes`] for an invalid spec.
     pub fn check_batch(&self, batch: usize) -> Result<()> {
         let per_image = 4 * self.workspace_values_per_image()?.max(1);
         if batch
@@ -524,11 +555,18 @@ impl ModelSpec {
     }
 
     /// Total number of trainable values.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::params`].
     pub fn param_count(&self) -> Result<usize> {
         Ok(self.params()?.iter().map(ParamInfo::len).sum())
     }
 
-    /// Multiply-adds times two for one image's forward pass, per layer.
+    /// Multiply-adds times two for one image's forward pass, per layer (0 for layers
+    /// without weights).
+    ///
+    /// # Errors
+    /// As [`ModelSpec::shapes`].
     pub fn flops(&self) -> Result<Vec<u64>> {
         let shapes = self.shapes()?;
         Ok(self

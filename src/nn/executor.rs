@@ -281,7 +281,15 @@ impl Executor {
 
     /// Forward + backward on one batch; leaves the summed gradients in `self.grads`.
     ///
-    /// `x` is `[batch, input_len]` NHWC in `[0, 1]`; `step_seed` drives the dropout masks.
+    /// `x` is `[batch, h, w, c]` NHWC f32, preprocessed, with `batch = labels.len()`;
+    /// `params` are the plan's tensors in spec order (conv `[out, kh, kw, in]`, dense
+    /// `[out, in]`, biases `[out]`); `step_seed` drives the dropout masks. The returned
+    /// loss is summed over the batch, the gradients are of the batch's mean loss.
+    ///
+    /// # Panics
+    /// If `x.len() < labels.len() * plan.input_len`, a label is `plan.classes` or more, or
+    /// `params` does not match `plan.params` (fewer tensors, or one shorter than its
+    /// shape).
     pub fn train_step(
         &mut self,
         params: &[Vec<f32>],
@@ -346,8 +354,9 @@ impl Executor {
         stats
     }
 
-    /// The fp32 activations of one batch: `[0]` is the input, `[i + 1]` op `i`'s output
-    /// (what int8 calibration measures).
+    /// The fp32 activations of one batch: `[0]` is the input, `[i + 1]` op `i`'s output,
+    /// each `[batch, out_lens[i]]` NHWC (what int8 calibration measures). `x` is
+    /// `[batch, h, w, c]` preprocessed, `params` as in [`Executor::train_step`].
     pub fn activations(&mut self, params: &[Vec<f32>], x: &[f32], batch: usize) -> Vec<Vec<f32>> {
         let plan = &self.plan;
         let ws = &mut self.shards[0].ws;

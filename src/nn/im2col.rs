@@ -21,10 +21,17 @@ fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
     }
 }
 
-/// Unfolds `x` (`[batch, h, w, c]`) into `out` (`[batch * oh * ow, row_stride]`).
+/// Unfolds `x` (`[batch, h, w, c]` NHWC, `op.input`) into `out` (`[batch * oh * ow,
+/// row_stride]`, each row in `(ky, kx, c)` order, the order of a conv weight's
+/// `[out, kh, kw, in]` rows).
 ///
 /// Elements past `k * k * c` in each row are left as they were (callers either use no
 /// stride padding or multiply it by zero weights).
+///
+/// # Panics
+/// If `x.len() < batch * h * w * c` or `row_stride < k * k * c`, or `op` is not a
+/// geometry [`crate::nn::Plan::compile`] makes (its output larger than its padded input
+/// allows).
 pub fn im2col<T: Copy + Default>(
     op: &ConvOp,
     x: &[T],

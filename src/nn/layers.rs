@@ -192,9 +192,17 @@ pub fn conv_forward(
     }
 }
 
-/// Convolution backward. `grad` is d(loss)/d(output), already masked by the ReLU.
+/// Convolution backward. `grad` is d(loss)/d(output), `[batch * oh * ow, filters]`,
+/// already masked by the ReLU; `patches` are [`conv_forward`]'s for the same batch;
+/// `weight` is `[filters, kh, kw, in]`.
 ///
-/// Writes the weight and bias gradients, and `dx` unless it is `None` (first layer).
+/// Writes the weight (`[filters, kh, kw, in]`) and bias (`[filters]`) gradients, and `dx`
+/// (`[batch, h, w, in]`) unless it is `None` (first layer).
+///
+/// # Panics
+/// If `dx` is `Some` for a tap-major conv ([`ConvOp::is_tap_major`]: the first layer,
+/// whose patches are not laid out for an input gradient), or a slice is shorter than its
+/// shape above.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_backward(
     op: &ConvOp,

@@ -104,6 +104,10 @@ pub struct Plan {
 
 impl Plan {
     /// Compiles a spec (validating it first).
+    ///
+    /// # Errors
+    /// [`crate::Error::Spec`] / [`crate::Error::SpecLayer`] when the spec is invalid
+    /// ([`ModelSpec::params`]).
     pub fn compile(spec: &ModelSpec) -> Result<Self> {
         let shapes = spec.shapes()?;
         let params = spec.params()?;

@@ -191,7 +191,10 @@ pub struct Masks {
 }
 
 /// The prunable layers by default: every conv/dense weight but the first conv and the
-/// last layer, which TF-MOT users keep dense for accuracy.
+/// last layer, which TF-MOT users keep dense for accuracy. Names are `layers.N`.
+///
+/// # Errors
+/// [`crate::Error::Spec`] / [`crate::Error::SpecLayer`] when `spec` is invalid.
 pub fn default_layers(spec: &ModelSpec) -> Result<Vec<String>> {
     let weights: Vec<String> = spec
         .params()?
@@ -270,6 +273,10 @@ pub struct LayerSparsity {
 }
 
 /// Zeros per weight tensor and over all pruned weights (what `mlops.sparsity` records).
+/// `params` are `spec`'s tensors in spec order; `pruned` holds indices into them.
+///
+/// # Errors
+/// [`crate::Error::Spec`] / [`crate::Error::SpecLayer`] when `spec` is invalid.
 pub fn sparsity_of(
     spec: &ModelSpec,
     params: &[Vec<f32>],

@@ -23,8 +23,15 @@ pub struct LayerPlan {
 
 /// Output channels each layer keeps, chosen by L1 norm.
 ///
-/// `weights` are parameter indices (spec order) of the layers to shrink; `global` ranks all
-/// their filters together by mean |w| instead of keeping `keep` of each layer.
+/// `params` are `spec`'s tensors in spec order (conv `[out, kh, kw, in]`, dense
+/// `[out, in]`); `weights` are parameter indices (spec order) of the layers to shrink;
+/// `global` ranks all their filters together by mean |w| instead of keeping `keep` of
+/// each layer. Every layer keeps at least one output.
+///
+/// # Errors
+/// - [`Error::Config`] when `keep` is outside `(0, 1]`, or a weight in `weights` is the
+///   last layer's (it produces the class scores).
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
 pub fn plan(
     spec: &ModelSpec,
     params: &[Vec<f32>],
@@ -60,7 +67,7 @@ pub fn plan(
             .collect();
         scored.push((layer, out, norms));
     }
-    let threshold = if global {
+    let threshold = if global && !scored.is_empty() {
         let mut all: Vec<f64> = scored
             .iter()
             .flat_map(|(_, _, n)| n.iter().copied())
@@ -92,7 +99,14 @@ pub fn plan(
         .collect())
 }
 
-/// Applies a plan: the smaller spec and its parameters.
+/// Applies a plan: the smaller spec and its parameters (spec order, same layouts as
+/// `params`). Each pruned layer loses its removed output rows and bias entries, and the
+/// next conv/dense layer the matching input channels (every position's, after a flatten).
+///
+/// # Errors
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+/// - [`Error::Config`] when a plan names a layer without weights or with no conv/dense
+///   layer after it, or the pruned spec is invalid.
 pub fn apply(
     spec: &ModelSpec,
     params: &[Vec<f32>],

@@ -118,7 +118,12 @@ pub fn calibration_warnings(
 }
 
 /// Runs `config.samples` calibration images through the fp32 model; one range per
-/// conv/dense layer, in op order.
+/// conv/dense layer, in op order, of that layer's input activations (f32, after
+/// `preprocess` for the first layer). `params` are `plan`'s tensors in spec order;
+/// `calib`'s images must have the plan's input shape ([`Split::check_shape`]).
+///
+/// # Errors
+/// None today: it always returns `Ok` (the `Result` leaves room for checks of the data).
 pub fn collect_ranges(
     plan: &Plan,
     params: &[Vec<f32>],

@@ -477,7 +477,13 @@ fn quantize_weights(values: &[f32], out: usize, per_tensor: bool) -> (Vec<i8>, V
 }
 
 /// Fills each layer's `output_snr_db` and `output_cosine`: the quantized model's
-/// conv/dense outputs (as it runs, dequantized) against the fp32 model's on images `x`.
+/// conv/dense outputs (as it runs, dequantized) against the fp32 model's on images `x`
+/// (`[batch, h, w, c]` NHWC f32, preprocessed as `mlops.input` says).
+///
+/// # Errors
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when either artifact's spec is invalid.
+/// - [`Error::Config`] when `quantized` is not an int8 artifact the int8 runtime
+///   can build ([`Int8Model::new`](crate::runtime::int8::Int8Model::new)).
 pub fn layer_output_errors(
     fp32: &Artifact,
     quantized: &Artifact,
@@ -537,7 +543,11 @@ pub fn compare_logits(a: &[f32], b: &[f32], classes: usize) -> (f64, f64) {
     )
 }
 
-/// fp32 logits of `x` (for comparisons).
+/// fp32 logits `[batch, classes]` of `x` (`[batch, h, w, c]` NHWC f32, preprocessed), for
+/// comparisons; int8 artifacts run dequantized ([`Artifact::params_f32`]).
+///
+/// # Errors
+/// [`Error::Spec`] / [`Error::SpecLayer`] when the artifact's spec is invalid.
 pub fn fp32_logits(artifact: &Artifact, x: &[f32], batch: usize) -> Result<Vec<f32>> {
     let plan = Plan::compile(&artifact.spec)?;
     let mut logits = Vec::new();

@@ -120,6 +120,12 @@ impl ReportFile {
     }
 
     /// Appends `step` to the report at `path` (creating it), rewriting it atomically.
+    ///
+    /// # Errors
+    /// - [`Error::Io`] when an existing file cannot be read, or the report cannot be
+    ///   written ([`ReportFile::save`]).
+    /// - [`Error::Data`] naming `path` when an existing file is not an mlops report (it is
+    ///   left untouched).
     pub fn append(path: &Path, step: &StepReport) -> Result<()> {
         let mut report = if path.exists() {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
@@ -137,7 +143,15 @@ impl ReportFile {
         report.save(path)
     }
 
-    /// Writes the report as pretty JSON, atomically.
+    /// Writes the report as pretty JSON (and a final newline), atomically.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be written or its folder does not exist
+    /// ([`crate::io::write_atomically`]).
+    ///
+    /// # Panics
+    /// Never in practice: a report is strings, numbers, booleans and JSON values with
+    /// string keys, which serde_json always serializes (non-finite numbers as `null`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut text = serde_json::to_string_pretty(self).expect("reports serialize");
         text.push('\n');

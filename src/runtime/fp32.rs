@@ -124,8 +124,14 @@ impl FloatModel {
         Kernel::detect().is_some()
     }
 
-    /// Compiles `plan` with its parameters (spec order) for `kernel`; `threads` shards
-    /// the batch. Panics unless `kernel` is in [`Kernel::available`].
+    /// Compiles `plan` with its parameters for `kernel`; `threads` shards the batch.
+    /// `params` are the plan's tensors in spec order: conv weights `[out, kh, kw, in]`,
+    /// dense weights `[out, in]`, biases `[out]`.
+    ///
+    /// # Panics
+    /// Unless `kernel` is in [`Kernel::available`], or if `params` holds fewer tensors
+    /// than `plan.params` or a weight shorter than its shape
+    /// ([`CpuEngine::from_params`](super::CpuEngine::from_params) checks both).
     pub fn new(plan: &Plan, params: &[Vec<f32>], threads: usize, kernel: Kernel) -> Self {
         assert!(
             Kernel::available().contains(&kernel),

@@ -9,7 +9,17 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::{Activation, LayerSpec, ModelSpec, Padding, Shape};
 use crate::{Error, Result};
 
-/// Logits `[batch, classes]` for NHWC input `x`, computed by candle on `device`.
+/// Logits `[batch, classes]` (flat) for input `x` (`[batch, h, w, c]` NHWC f32,
+/// preprocessed), computed by candle on `device`; `params` as [`Weights::upload`] takes.
+///
+/// # Errors
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+/// - [`Error::Config`] for a `same`-padded conv with an even kernel or a stride above 1.
+/// - [`Error::Candle`] when `x` does not hold `batch * h * w * c` values, a parameter does
+///   not fill its shape, or the device fails.
+///
+/// # Panics
+/// If `params` holds fewer tensors than the spec has parameters.
 pub fn forward(
     spec: &ModelSpec,
     params: &[Vec<f32>],
@@ -32,7 +42,16 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Uploads `params` (spec order, our layouts) to `device`.
+    /// Uploads `params` to `device`: spec order, our layouts (conv weights
+    /// `[out, kh, kw, in]`, permuted here to candle's `[out, in, kh, kw]`; dense weights
+    /// `[out, in]`, stored transposed; biases `[out]`).
+    ///
+    /// # Errors
+    /// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+    /// - [`Error::Candle`] when a parameter does not fill its shape, or the device fails.
+    ///
+    /// # Panics
+    /// If `params` holds fewer tensors than the spec has parameters.
     pub fn upload(spec: &ModelSpec, params: &[Vec<f32>], device: &Device) -> Result<Self> {
         let shapes = spec.shapes()?;
         let mut layers = Vec::new();
@@ -74,7 +93,14 @@ impl Weights {
         })
     }
 
-    /// Logits `[batch, classes]` of an NHWC input tensor on the weights' device.
+    /// Logits `[batch, classes]` (F32) of an NHWC input tensor (`[batch, h, w, c]`) on the
+    /// weights' device.
+    ///
+    /// # Errors
+    /// - [`Error::Config`] for a `same`-padded conv with an even kernel or a stride above 1
+    ///   (candle pads symmetrically).
+    /// - [`Error::Candle`] when `x` is not `[batch, h, w, c]` of the spec's input, or on a
+    ///   device error.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Candle convolves NCHW tensors.
         let mut xs = x.permute((0, 3, 1, 2))?;
@@ -96,7 +122,9 @@ impl Weights {
                                 .into(),
                         )),
                     };
-                    let (weight, bias) = next.next().expect("one per conv/dense");
+                    let Some((weight, bias)) = next.next() else {
+                        unreachable!("`upload` made one weight pair per conv/dense layer")
+                    };
                     let ys = xs.conv2d(weight, pad, *stride, 1, 1)?.broadcast_add(bias)?;
                     activate(ys, *activation)?
                 }
@@ -111,7 +139,9 @@ impl Weights {
                     xs.permute((0, 2, 3, 1))?.contiguous()?.flatten_from(1)?
                 }
                 LayerSpec::Dense { activation, .. } => {
-                    let (weight, bias) = next.next().expect("one per conv/dense");
+                    let Some((weight, bias)) = next.next() else {
+                        unreachable!("`upload` made one weight pair per conv/dense layer")
+                    };
                     let ys = xs.matmul(weight)?.broadcast_add(bias)?;
                     activate(ys, *activation)?
                 }

@@ -73,6 +73,9 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the worker thread; `on_batch(images)` is called after every forward pass
     /// (metrics). The worker ends when the `Batcher` is dropped.
+    ///
+    /// # Errors
+    /// The operating system's error when the thread cannot be created.
     pub fn spawn(
         mut engine: Box<dyn Engine>,
         config: BatchConfig,
@@ -91,6 +94,12 @@ impl Batcher {
 
     /// Queues `count` images (`[count, h, w, c]`, preprocessed) and returns where their
     /// logits (`[count, classes]`) will arrive; refused at once when the queue is full.
+    ///
+    /// # Errors
+    /// - [`BatchError::Shape`] when `count` is 0 or `images` does not hold `count` images
+    ///   of the model's input length.
+    /// - [`BatchError::Overloaded`] when [`QUEUE_JOBS`] requests are already waiting.
+    /// - [`BatchError::Stopped`] when the worker thread has ended.
     pub fn submit(&self, images: Vec<f32>, count: usize) -> Result<Answer, BatchError> {
         if count == 0 || images.len() != count * self.input_len {
             return Err(BatchError::Shape {

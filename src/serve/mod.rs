@@ -101,6 +101,14 @@ pub struct ServeSummary {
 
 /// Serves `models` until Ctrl-C or SIGTERM; `on_ready(address)` is called once the
 /// socket is bound (the CLI prints it: with port 0 that is how clients learn the port).
+///
+/// # Errors
+/// - As [`Runtime::load`] (with `config.runtime`) or
+///   [`CpuEngine::new`] when a model cannot be loaded: [`crate::Error::Config`] for an
+///   int8 artifact that cannot run there, [`crate::Error::Candle`] for a device error.
+/// - [`crate::Error::Io`] naming the artifact when its batching thread cannot start.
+/// - [`crate::Error::Network`] when the async runtime or the signal handlers cannot
+///   start, or `config.addr` cannot be bound (in use, not allowed, not local).
 pub fn serve(
     models: Vec<ServedArtifact>,
     config: ServeConfig,

@@ -18,7 +18,7 @@
 //! pass ([`INPUT_RANGE_SLACK`]), and logits that are not finite are never answered
 //! ([`check_finite`]).
 //!
-//! The numbers are flattened into one `Vec<f32>` while parsing ([`FlattenInto`]): going
+//! The numbers are flattened into one `Vec<f32>` while parsing (`FlattenInto`): going
 //! through a `serde_json::Value` per number cost ~20% of the server's CPU time (perf).
 
 use std::fmt;
@@ -459,7 +459,15 @@ fn check_image(
     )))
 }
 
-/// Parses a TF Serving predict body.
+/// Parses a TF Serving predict body into `[count, h, w, c]` input values.
+///
+/// # Errors
+/// [`BadRequest`] (400) naming the field when the body is not JSON or not of the API's
+/// form, `signature_name` is not [`SIGNATURE_NAME`], there is neither `instances` nor
+/// `inputs` (or both), the list is empty or holds more than [`MAX_IMAGES_PER_REQUEST`]
+/// images, an image is not numbers, is ragged or not of the model's shape (flat
+/// `h * w * c`, or nested exactly `[h, w, c]`), or a value lies more than
+/// [`INPUT_RANGE_SLACK`] range widths outside the model's input range.
 pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequest, BadRequest> {
     let TfRequest { found, signature } = serde_json::from_slice(body).map_err(unreadable)?;
     if let Some(name) = signature {
@@ -512,7 +520,12 @@ pub enum Unanswerable {
 
 /// Checks that every image's logits are finite. `images` are the inputs the logits came
 /// from (`[count, h, w, c]`), `name(i)` names image `i` in the request
-/// (`` `instances[3]` ``).
+/// (`` `instances[3]` ``). `logits` are `[count, classes]`.
+///
+/// # Errors
+/// For the first image with a non-finite logit: [`Unanswerable::OutOfRange`] when its
+/// values lie outside the model's input range (the client's to fix), else
+/// [`Unanswerable::BrokenModel`].
 pub fn check_finite(
     logits: &[f32],
     images: &[f32],
@@ -648,7 +661,17 @@ fn parameter_set(parameters: Option<&Value>, key: &str) -> bool {
         .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
 }
 
-/// Parses a KServe v2 infer body.
+/// Parses a KServe v2 infer body into `[count, h, w, c]` input values (UINT8 pixels
+/// preprocessed as `mlops.input` says).
+///
+/// # Errors
+/// [`BadRequest`] (400) naming the field when the body is not JSON or not of the API's
+/// form, asks for the binary tensor extension ([`binary_extension_refused`]), has other
+/// than one input, a `shape` that is not `[N, ...]` with `h * w * c` values per image
+/// (or more than [`MAX_IMAGES_PER_REQUEST`] images), `data` missing, of the wrong length,
+/// ragged or nested unlike `shape`, a `datatype` other than FP32 or UINT8, UINT8 data
+/// that are not integers in `0..=255`, FP32 values more than [`INPUT_RANGE_SLACK`] range
+/// widths outside the input range, or an unknown output name.
 pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest> {
     let body: V2Body = serde_json::from_slice(body).map_err(unreadable)?;
     if parameter_set(body.parameters.as_ref(), "binary_data_output") {

@@ -74,6 +74,14 @@ impl Signer {
 
     /// Checks the two headers' values against the request at server time `now` (unix
     /// seconds).
+    ///
+    /// # Errors
+    /// - [`SignatureError::Missing`] when a header is absent.
+    /// - [`SignatureError::Malformed`] when the timestamp is not unix seconds or the
+    ///   signature not `sha256=<hex>`.
+    /// - [`SignatureError::Stale`] when the timestamp is more than [`MAX_SKEW_SECS`] from
+    ///   `now`.
+    /// - [`SignatureError::Mismatch`] when the MAC does not match.
     pub fn verify(
         &self,
         timestamp: Option<&str>,

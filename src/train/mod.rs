@@ -178,6 +178,10 @@ impl std::fmt::Display for TrainReport {
 }
 
 /// Settings a resumed run must share with its checkpoint, as recorded in it.
+///
+/// # Panics
+/// Never in practice: `config.schedule` is a unit enum, which serde_json always
+/// serializes (to `"constant"` or `"cosine"`).
 pub fn resume_settings(
     config: &TrainConfig,
     data: &Dataset,
@@ -308,6 +312,22 @@ pub enum Start {
 pub type AfterUpdate<'a> = &'a mut dyn FnMut(u64, &mut [Vec<f32>]);
 
 /// Trains `spec` on `data`, calling `on_epoch` with a checkpoint after every epoch.
+/// Returns the final parameters (spec order, our layouts: conv `[out, kh, kw, in]`, dense
+/// `[out, in]`) and the report. `data`'s images must fit `spec`
+/// ([`crate::data::Split::check_fits`]), and `Start::From` weights match its tensors.
+///
+/// # Errors
+/// - [`Error::Config`] when `epochs` or `batch_size` is 0, the batch does not fit the
+///   activation limit ([`ModelSpec::check_batch`]), a resumed checkpoint was made for
+///   another spec or other settings or has already trained `epochs`, or the model gives
+///   non-finite outputs on the test split (training diverged).
+/// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+/// - Whatever `on_epoch` returns (saving the checkpoint or artifact).
+///
+/// # Panics
+/// If `data.train`'s images have fewer values than `spec.input` or a label is `classes`
+/// or more, or `Start::From` holds fewer or shorter tensors than the spec (the executor
+/// indexes by the spec's shapes).
 pub fn fit(
     spec: &ModelSpec,
     data: &Dataset,

@@ -96,7 +96,11 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs row-major `[n, k]` weights.
+    /// Packs row-major `[n, k]` weights (`n` output channels; `k` the reduction: a conv's
+    /// `kh * kw * in`, a dense layer's inputs).
+    ///
+    /// # Panics
+    /// If `weights.len() != n * k`.
     pub fn new(weights: &[i8], n: usize, k: usize) -> Self {
         assert_eq!(weights.len(), n * k, "weights must be n x k");
         let k_padded = k.div_ceil(4) * 4;
@@ -273,6 +277,15 @@ pub enum Sink<'a> {
 }
 
 /// `c[m][n] = sum_k a[m][k] * w[n][k]` for the `m` rows of `source`, written to `sink`.
+///
+/// # Panics
+/// When a buffer is too small or the shapes disagree (the unsafe kernels rely on these
+/// checks): [`Source::Rows`] with `stride < w.k` or fewer than
+/// `(m - 1) * stride + w.k_padded` bytes; [`Source::Conv`] whose `kh * kw * c != w.k`,
+/// whose `kw * c` is not a multiple of 4, or whose input is shorter than the windows of
+/// `m` rows reach; a sink shorter than `m * w.n`; a [`Requant`] without `w.n` offsets and
+/// multipliers; or a `kernel` this CPU cannot run (use [`Kernel::detect`] or
+/// [`Kernel::available`]).
 pub fn gemm(kernel: Kernel, source: Source<'_>, m: usize, w: &PackedWeights, mut sink: Sink<'_>) {
     source.check(m, w);
     match &mut sink {
@@ -306,7 +319,7 @@ pub fn gemm(kernel: Kernel, source: Source<'_>, m: usize, w: &PackedWeights, mut
     }
 }
 
-/// [`gemm`] over plain rows into int32 (benchmarks and tests).
+/// [`gemm()`] over plain rows into int32 (benchmarks and tests).
 pub fn gemm_u8i8(kernel: Kernel, a: &[u8], m: usize, w: &PackedWeights, c: &mut [i32]) {
     let source = Source::Rows {
         a,

@@ -1,7 +1,7 @@
 //! The int8 runtime: conv and dense layers computed in integer arithmetic.
 //!
 //! uint8 activations (per-tensor scale and zero point) times int8 weights (per output
-//! channel, symmetric) accumulate exactly in int32 (see [`gemm`]); the bias is added in
+//! channel, symmetric) accumulate exactly in int32 (see [`gemm`](mod@gemm)); the bias is added in
 //! int32, the result is requantized to the next layer's uint8 scale with the ReLU fused
 //! into the clamp, max-pooling works on the integers, and only the logits are turned
 //! back into floats.
@@ -210,13 +210,26 @@ fn layer_shape(op: &Op) -> Option<(usize, usize, usize, bool)> {
 
 impl Int8Model {
     /// Compiles an int8 artifact; `threads` shards the batch; `kernel` picks the GEMM.
+    ///
+    /// # Errors
+    /// - [`Error::Config`] when the artifact is not int8, a layer's tensors are missing or
+    ///   malformed (I8 weight, F32 `weight_scale` and bias, a static layer's
+    ///   `input_scale` / `input_zero_point`), or it has no conv or dense layer.
+    /// - [`Error::Spec`] / [`Error::SpecLayer`] when its spec is invalid.
     pub fn new(artifact: &Artifact, threads: usize, kernel: Kernel) -> Result<Self> {
         Self::compile(artifact, threads, kernel, true)
     }
 
     /// Every conv/dense layer's output (dequantized to floats, before any pooling) for
-    /// images `x`, as the model computes them: what per-layer error reports compare
-    /// against fp32.
+    /// images `x` (`[batch, h, w, c]` NHWC f32, preprocessed), as the model computes them:
+    /// one `[batch, oh, ow, filters]` or `[batch, units]` vector per layer in op order,
+    /// what per-layer error reports compare against fp32.
+    ///
+    /// # Errors
+    /// As [`Int8Model::new`].
+    ///
+    /// # Panics
+    /// If `x.len() < batch * h * w * c` (the plan's `input_len`).
     pub fn layer_outputs(artifact: &Artifact, x: &[f32], batch: usize) -> Result<Vec<Vec<f32>>> {
         let mut model = Self::compile(artifact, 1, Kernel::detect(), false)?;
         let scratch = model.scratch.first();
@@ -421,7 +434,12 @@ impl Int8Model {
         &self.plan
     }
 
-    /// Logits `[batch, classes]` for float input `x` (`[batch, h, w, c]`, scaled).
+    /// Logits `[batch, classes]` for float input `x` (`[batch, h, w, c]` NHWC f32,
+    /// preprocessed as `mlops.input` says).
+    ///
+    /// # Panics
+    /// If `x.len() < batch * h * w * c` (the plan's `input_len`); the
+    /// [`Engine`](crate::runtime::Engine) path checks this and returns an error instead.
     pub fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) {
         let (steps, plan, kernel) = (&self.steps, &self.plan, self.kernel);
         let pass = |scratch: &mut Scratch, images: &[f32], count: usize, out: &mut Vec<f32>| {
