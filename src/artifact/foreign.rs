@@ -25,7 +25,7 @@ pub(crate) fn recognise(path: &Path, bytes: &[u8]) -> Option<String> {
     if bytes.starts_with(b"PK\x03\x04") {
         return Some(
             if has(b"config.json") || has(b"metadata.json") || extension == "keras" {
-                format!("is a Keras 3 `.keras` archive (zip), not an mlops artifact; {not_ours}: importing Keras models is not built yet")
+                format!("is a Keras 3 `.keras` archive (zip), not an mlops artifact; {not_ours}: convert it first with `mlops convert {}`", path.display())
             } else if has(b"data.pkl") || matches!(extension.as_str(), "pt" | "pth") {
                 format!(
                     "is a PyTorch checkpoint (zip of pickles), not an mlops artifact; {not_ours}"
@@ -37,7 +37,8 @@ pub(crate) fn recognise(path: &Path, bytes: &[u8]) -> Option<String> {
     }
     if bytes.starts_with(b"\x89HDF\r\n\x1a\n") {
         return Some(format!(
-            "is an HDF5 file (a legacy Keras `.h5` model?), not an mlops artifact; {not_ours}: importing Keras models is not built yet"
+            "is an HDF5 file (a legacy Keras `.h5` model?), not an mlops artifact; {not_ours}: convert it first with `mlops convert {}`",
+            path.display()
         ));
     }
     if bytes.len() >= 8 && &bytes[4..8] == b"TFL3" {
@@ -77,18 +78,20 @@ pub(crate) fn recognise(path: &Path, bytes: &[u8]) -> Option<String> {
         && (extension == "onnx" || onnx_producer.iter().any(|p| has(p)))
     {
         return Some(format!(
-            "is an ONNX model (protobuf), not an mlops artifact; {not_ours}: importing ONNX is not built yet"
+            "is an ONNX model (protobuf), not an mlops artifact; {not_ours}: convert it first with `mlops convert {}`",
+            path.display()
         ));
     }
     None
 }
 
-/// An 8-byte little-endian header length that fits the file, then a JSON object.
-fn looks_like_safetensors(bytes: &[u8]) -> bool {
-    let Some(len) = bytes.get(..8) else {
+/// Whether `bytes` start like a safetensors file: an 8-byte little-endian header length
+/// that fits the file, then a JSON object.
+pub fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    let Some(&[a, b, c, d, e, f, g, h]) = bytes.get(..8) else {
         return false;
     };
-    let len = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes([a, b, c, d, e, f, g, h]);
     len >= 2 && len <= bytes.len() as u64 - 8 && bytes.get(8) == Some(&b'{')
 }
 

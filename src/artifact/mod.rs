@@ -8,6 +8,7 @@
 pub mod checkpoint;
 mod describe;
 mod foreign;
+pub use foreign::looks_like_safetensors;
 pub mod safetensors;
 
 use std::collections::BTreeMap;

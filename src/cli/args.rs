@@ -66,15 +66,31 @@ pub(crate) fn output_beside(
     out: Option<&PathBuf>,
     suffix: &str,
 ) -> anyhow::Result<PathBuf> {
+    output_file(input, out, Some(suffix), "safetensors")
+}
+
+/// `--out`, else `NAME[.SUFFIX].EXT` beside `input`; refuses an `--out` whose extension
+/// is not `ext`, so a file is never written under a name that claims another format.
+pub(crate) fn output_file(
+    input: &std::path::Path,
+    out: Option<&PathBuf>,
+    suffix: Option<&str>,
+    ext: &str,
+) -> anyhow::Result<PathBuf> {
     if let Some(out) = out {
-        if let Some(ext) = out.extension() {
-            if !ext.eq_ignore_ascii_case("safetensors") {
+        if let Some(found) = out.extension() {
+            if !found.eq_ignore_ascii_case(ext) {
+                let what = if ext == "onnx" {
+                    "an ONNX model"
+                } else {
+                    "a safetensors artifact"
+                };
                 anyhow::bail!(
-                    "`--out {}`: this command writes a safetensors artifact, not `.{}`; name the file `*.safetensors`{}",
+                    "`--out {}`: this command writes {what}, not `.{}`; name the file `*.{ext}`{}",
                     out.display(),
-                    ext.to_string_lossy(),
-                    if ext.eq_ignore_ascii_case("onnx") {
-                        " (ONNX export is not built yet)"
+                    found.to_string_lossy(),
+                    if found.eq_ignore_ascii_case("onnx") {
+                        " (ONNX: `mlops export ARTIFACT --format onnx`)"
                     } else {
                         ""
                     }
@@ -86,7 +102,10 @@ pub(crate) fn output_beside(
         let stem = input
             .file_stem()
             .map_or("model".into(), |s| s.to_string_lossy().to_string());
-        input.with_file_name(format!("{stem}.{suffix}.safetensors"))
+        match suffix {
+            Some(suffix) => input.with_file_name(format!("{stem}.{suffix}.{ext}")),
+            None => input.with_file_name(format!("{stem}.{ext}")),
+        }
     }))
 }
 

@@ -5,15 +5,17 @@
 
 mod args;
 mod bench;
+mod convert;
 mod eval;
 mod export;
 mod inspect;
 mod parse;
 mod pipeline;
+mod predict;
 pub(crate) mod printer;
 
 pub(crate) use args::{
-    output_beside, DeviceArgs, EngineArg, HintExt, Hinted, ReportArgs, IDX_FOLDER_HINT,
+    output_beside, output_file, DeviceArgs, EngineArg, HintExt, Hinted, ReportArgs, IDX_FOLDER_HINT,
 };
 mod prune;
 mod quantize;
@@ -52,7 +54,9 @@ pub(crate) enum Command {
     Train(train::TrainArgs),
     /// Measure an artifact's accuracy, loss, per-class accuracy and confusion matrix
     Eval(eval::EvalArgs),
-    /// Write a copy of an artifact at another precision (fp16, bf16)
+    /// Convert a Keras (.keras, .h5) or ONNX model into an mlops artifact
+    Convert(convert::ConvertArgs),
+    /// Write a copy of an artifact at another precision (fp16, bf16), or as ONNX
     Export(export::ExportArgs),
     /// Prune the smallest weights on a schedule while fine-tuning (unstructured)
     Prune(prune::PruneArgs),
@@ -60,6 +64,8 @@ pub(crate) enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Measure latency percentiles and throughput of artifacts side by side
     Bench(bench::BenchArgs),
+    /// Class, label and probabilities per image (files or a data folder)
+    Predict(predict::PredictArgs),
     /// Show an artifact's metadata, lineage, layers and tensors
     Inspect(inspect::InspectArgs),
     /// Serve artifacts over HTTP (TF Serving and KServe v2 APIs, metrics, batching, cache)
@@ -107,7 +113,9 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let report = match &cli.command {
         Command::Train(args) => train::run(args, &context)?,
         Command::Eval(args) => eval::run(args, &context)?,
+        Command::Convert(args) => convert::run(args, &context)?,
         Command::Export(args) => export::run(args, &context)?,
+        Command::Predict(args) => predict::run(args, &context)?,
         Command::Inspect(args) => inspect::run(args, &context)?,
         Command::Bench(args) => bench::run(args, &context)?,
         Command::Quantize(args) => quantize::run(args, &context)?,

@@ -118,6 +118,16 @@ pub(crate) fn percentile(text: &str) -> Result<f32, String> {
     Ok(float_in(text, 50.0, 100.0, true)? as f32)
 }
 
+/// An input-mapping scale or mean: finite, magnitude at most 10^6.
+pub(crate) fn finite(text: &str) -> Result<f32, String> {
+    Ok(float_in(text, -1e6, 1e6, false)? as f32)
+}
+
+/// An input-mapping std: finite, in `(0, 10^6]`.
+pub(crate) fn positive(text: &str) -> Result<f32, String> {
+    positive_up_to(text, 1e6)
+}
+
 /// A duration in seconds that may be 0 (warm-up), finite, at most [`MAX_SECONDS`].
 pub(crate) fn seconds_or_zero(text: &str) -> Result<f64, String> {
     float_in(text, 0.0, MAX_SECONDS, false)

@@ -79,6 +79,20 @@ fn step_argv(
         };
         argv.extend(list.iter().map(|a| in_out(a)));
     }
+    if name == "convert" {
+        // The source model is the user's file (relative to where the pipeline runs); the
+        // artifact lands in the pipeline's folder as `model.safetensors` unless `out` says.
+        let model = step.get("model").and_then(scalar).with_context(|| {
+            format!(
+                "pipeline step {} (convert): missing `model: PATH` (a .keras, .h5 or .onnx file)",
+                index + 1
+            )
+        })?;
+        argv.push(model);
+        if !step.contains_key("out") {
+            argv.extend(["--out".into(), in_out("model.safetensors")]);
+        }
+    }
     if takes_artifact {
         let artifact = step
             .get("artifact")
@@ -90,6 +104,7 @@ fn step_argv(
         if key == "run"
             || (takes_artifact && key == "artifact")
             || (name == "bench" && key == "artifacts")
+            || (name == "convert" && key == "model")
         {
             continue;
         }
@@ -191,6 +206,8 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             Command::Train(a) => super::train::run(a, ctx)?,
             Command::Eval(a) => super::eval::run(a, ctx)?,
             Command::Export(a) => super::export::run(a, ctx)?,
+            Command::Convert(a) => super::convert::run(a, ctx)?,
+            Command::Predict(a) => super::predict::run(a, ctx)?,
             Command::Inspect(a) => super::inspect::run(a, ctx)?,
             Command::Bench(a) => super::bench::run(a, ctx)?,
             Command::Quantize(a) => super::quantize::run(a, ctx)?,

@@ -97,11 +97,13 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
     if args.fp16 || args.bf16 {
         let export = super::export::ExportArgs {
             artifact: args.artifact.clone(),
-            precision: if args.fp16 {
+            precision: Some(if args.fp16 {
                 super::export::PrecisionArg::Fp16
             } else {
                 super::export::PrecisionArg::Bf16
-            },
+            }),
+            format: super::export::FormatArg::Safetensors,
+            opset: mlops::onnx::DEFAULT_OPSET,
             out: args.out.clone(),
             output: args.output.clone(),
         };

@@ -65,7 +65,7 @@ pub fn looks_like_image_folder(dir: &Path) -> bool {
 ///   image cannot be decoded (naming it).
 /// - [`Error::Io`] when `dir`, a class folder or an image cannot be read.
 pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
-    let [h, w, c] = shape;
+    let c = shape[2];
     if c != 1 && c != 3 {
         return Err(Error::data(
             dir,
@@ -79,11 +79,46 @@ pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
             "no PNG or JPEG images found (flat, or in one sub-folder per class)",
         ));
     }
+    let mut split = decode_images(&files, shape)?;
+    split.files[0].path = dir.display().to_string();
+    Ok(split)
+}
+
+/// Loads image files (PNG/JPEG, in the given order) converted to `shape` as
+/// [`load_image_folder`] does; labels are 0.
+///
+/// # Errors
+/// - [`Error::Data`] when `c` is not 1 or 3, there are no files, or an image cannot be
+///   decoded (naming it).
+/// - [`Error::Io`] when a file cannot be read.
+pub fn load_image_files(paths: &[PathBuf], shape: [usize; 3]) -> Result<Split> {
+    let c = shape[2];
+    if c != 1 && c != 3 {
+        return Err(Error::data(
+            paths.first().map_or(Path::new("."), PathBuf::as_path),
+            format!("images can feed models with 1 or 3 input channels, this one has {c}"),
+        ));
+    }
+    if paths.is_empty() {
+        return Err(Error::Config("no image files given".into()));
+    }
+    let files: Vec<(PathBuf, u8)> = paths.iter().map(|p| (p.clone(), 0)).collect();
+    let mut split = decode_images(&files, shape)?;
+    split.files = paths
+        .iter()
+        .map(|p| crate::io::FileRecord::of(p))
+        .collect::<Result<_>>()?;
+    Ok(split)
+}
+
+/// Decodes `files` (path, label) into a split of `shape`; one record for all of them.
+fn decode_images(files: &[(PathBuf, u8)], shape: [usize; 3]) -> Result<Split> {
+    let [h, w, c] = shape;
     let mut images = Vec::with_capacity(files.len() * h * w * c);
     let mut labels = Vec::with_capacity(files.len());
     let mut hasher = Sha256::new();
     let mut total_bytes = 0u64;
-    for (path, label) in &files {
+    for (path, label) in files {
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         hasher.update(&bytes);
         total_bytes += bytes.len() as u64;
@@ -101,7 +136,7 @@ pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
         }
         labels.push(*label);
     }
-    // One record for the folder: total size and the sha256 of all images in order.
+    // One record for all of them: total size and the sha256 of all images in order.
     let digest = hasher.finalize();
     Ok(Split {
         images,
@@ -109,7 +144,7 @@ pub fn load_image_folder(dir: &Path, shape: [usize; 3]) -> Result<Split> {
         count: files.len(),
         shape,
         files: vec![FileRecord {
-            path: dir.display().to_string(),
+            path: String::new(),
             bytes: total_bytes,
             sha256: crate::io::hex(&digest),
         }],

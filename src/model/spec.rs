@@ -48,6 +48,24 @@ pub enum Padding {
     Same,
 }
 
+impl Padding {
+    /// Zeros added `(before, after)` along one axis of `input` values for a `kernel`
+    /// window moved by `stride`: none for `Valid`; for `Same` the TensorFlow rule (the
+    /// output is `ceil(input / stride)`, the total padding
+    /// `max((output - 1) * stride + kernel - input, 0)`, the odd one after), which is
+    /// also ONNX's `SAME_UPPER`.
+    pub fn amounts(self, input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+        match self {
+            Padding::Valid => (0, 0),
+            Padding::Same => {
+                let output = input.div_ceil(stride.max(1));
+                let total = ((output.max(1) - 1) * stride + kernel).saturating_sub(input);
+                (total / 2, total - total / 2)
+            }
+        }
+    }
+}
+
 fn one() -> usize {
     1
 }

@@ -3,7 +3,7 @@
 //! `flatten` disappears here (NHWC is already flat in `(h, w, c)` order) and a layer's
 //! ReLU is fused into its conv or dense op, so the executor never looks at the spec.
 
-use crate::model::{Activation, LayerSpec, ModelSpec, Padding, ParamInfo, Shape};
+use crate::model::{Activation, LayerSpec, ModelSpec, ParamInfo, Shape};
 use crate::Result;
 
 /// A conv layer with its geometry resolved.
@@ -129,15 +129,10 @@ impl Plan {
                     ..
                 } => {
                     let (i, o) = (spatial(input), spatial(output));
-                    let pad = match padding {
-                        Padding::Valid => (0, 0),
-                        Padding::Same => {
-                            let total = |out: usize, inp: usize| {
-                                ((out - 1) * stride + kernel).saturating_sub(inp)
-                            };
-                            (total(o[0], i[0]) / 2, total(o[1], i[1]) / 2)
-                        }
-                    };
+                    let pad = (
+                        padding.amounts(i[0], *kernel, *stride).0,
+                        padding.amounts(i[1], *kernel, *stride).0,
+                    );
                     let op = Op::Conv(ConvOp {
                         input: i,
                         output: o,

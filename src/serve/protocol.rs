@@ -563,12 +563,7 @@ pub fn check_finite(
     )))
 }
 
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let exp: Vec<f32> = logits.iter().map(|&v| (v - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.into_iter().map(|v| v / sum).collect()
-}
+use crate::predict::softmax;
 
 /// The TF Serving answer for `logits` (`[count, classes]`): row form, or columnar for
 /// requests that came as `inputs`.

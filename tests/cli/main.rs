@@ -1,6 +1,7 @@
 //! Integration tests: the real `mlops` binary on the committed fixtures.
 
 mod bench;
+mod convert;
 mod errors;
 mod eval;
 mod export;

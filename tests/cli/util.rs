@@ -98,3 +98,8 @@ pub fn dir_with_model() -> tempfile::TempDir {
     std::fs::copy(trained_model(), dir.path().join("model.safetensors")).expect("copy model");
     dir
 }
+
+/// The sha256 (hex) of a file.
+pub fn sha256_of(path: &Path) -> String {
+    mlops::io::sha256_hex(&std::fs::read(path).unwrap())
+}
