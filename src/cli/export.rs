@@ -38,6 +38,15 @@ pub(crate) enum FormatArg {
     Onnx,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub(crate) enum LayoutArg {
+    /// `[batch, h, w, c]`, as mlops and TF Serving take images (a Transpose at the front)
+    #[default]
+    Nhwc,
+    /// `[batch, c, h, w]`, as PyTorch models take images
+    Nchw,
+}
+
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ExportArgs {
     /// The artifact (.safetensors) to export
@@ -51,6 +60,9 @@ pub(crate) struct ExportArgs {
     /// ONNX opset of the default domain (13 to 21)
     #[arg(long, default_value_t = mlops::onnx::DEFAULT_OPSET, value_name = "N")]
     pub opset: i64,
+    /// Memory order of the ONNX graph's `input`
+    #[arg(long, value_enum, default_value_t = LayoutArg::Nhwc)]
+    pub input_layout: LayoutArg,
     /// Output file; defaults to NAME.PRECISION.safetensors (NAME.onnx) beside the input
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -106,7 +118,11 @@ fn onnx(
         }
     }
     let out = super::output_file(&args.artifact, args.out.as_ref(), None, "onnx")?;
-    let (bytes, report) = mlops::onnx::to_onnx(&artifact, &record, args.opset)?;
+    let layout = match args.input_layout {
+        LayoutArg::Nhwc => mlops::onnx::InputLayout::Nhwc,
+        LayoutArg::Nchw => mlops::onnx::InputLayout::Nchw,
+    };
+    let (bytes, report) = mlops::onnx::to_onnx(&artifact, &record, args.opset, layout)?;
     mlops::io::write_atomically(&out, &bytes)?;
     let written = FileRecord::of_bytes(&out, &bytes);
     step.metrics = serde_json::to_value(&report)?;
@@ -114,12 +130,14 @@ fn onnx(
     step.outputs.push(written);
     step.finish(started);
     let human = format!(
-        "exported `{}` ({}) -> `{}` (ONNX opset {}, {} graph, {} nodes: {}): {} -> {} bytes\n",
+        "exported `{}` ({}) -> `{}` (ONNX opset {}, {} graph, input {:?} {}, {} nodes: {}): {} -> {} bytes\n",
         args.artifact.display(),
         artifact.precision,
         out.display(),
         report.opset,
         report.graph,
+        report.input.1,
+        format!("{:?}", report.input_layout).to_uppercase(),
         report.nodes,
         report.op_types.join(", "),
         report.bytes_before,

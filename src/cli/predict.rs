@@ -47,7 +47,8 @@ pub(crate) struct PredictArgs {
     pub output: ReportArgs,
 }
 
-/// `--json`: the predictions in input order.
+/// What `predict` found: the `--json` document on stdout (the predictions in input
+/// order), and the step report's `metrics`.
 #[derive(Serialize)]
 struct PredictReport<'a> {
     /// Image files or `DIR (split)`.
@@ -137,6 +138,21 @@ pub(crate) fn run(args: &PredictArgs, ctx: &Context) -> anyhow::Result<StepRepor
             predictions.len()
         ));
     }
-    ctx.printer.report(&step, &human, &args.output)?;
+    if args.output.json && !ctx.in_pipeline {
+        // `--json` prints the predictions themselves (`{"predictions": [...]}`), what a
+        // script wants; `--report FILE` keeps the whole step report.
+        let text = serde_json::to_string_pretty(&report)?;
+        std::io::Write::write_all(
+            &mut std::io::stdout().lock(),
+            format!("{text}\n").as_bytes(),
+        )?;
+        let output = ReportArgs {
+            report: args.output.report.clone(),
+            json: false,
+        };
+        ctx.printer.report(&step, "", &output)?;
+    } else {
+        ctx.printer.report(&step, &human, &args.output)?;
+    }
     Ok(step)
 }

@@ -104,6 +104,7 @@ pub(crate) fn run(args: &QuantizeArgs, ctx: &Context) -> anyhow::Result<StepRepo
             }),
             format: super::export::FormatArg::Safetensors,
             opset: mlops::onnx::DEFAULT_OPSET,
+            input_layout: super::export::LayoutArg::Nhwc,
             out: args.out.clone(),
             output: args.output.clone(),
         };

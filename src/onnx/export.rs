@@ -3,9 +3,10 @@
 //! QLinearConv / QGemm; see "Quantize ONNX models", onnxruntime.ai/docs/performance/
 //! model-optimizations/quantization.html, and the QuantizeLinear operator spec).
 //!
-//! The graph takes the same tensor our engines take: `input`, `[batch, h, w, c]` f32,
-//! preprocessed as `mlops.input` says (recorded in the file's `metadata_props`). A leading
-//! `Transpose` makes it NCHW, the layout ONNX's Conv and pooling operators define;
+//! By default the graph takes the same tensor our engines take: `input`, `[batch, h, w,
+//! c]` f32, preprocessed as `mlops.input` says (recorded in the file's `metadata_props`),
+//! and a leading `Transpose` makes it NCHW, the layout ONNX's Conv and pooling operators
+//! define; [`InputLayout::Nchw`] declares `[batch, c, h, w]` instead (PyTorch's order).
 //! conv weights become OIHW and the first dense layer after a flatten gets its columns
 //! reordered from our `h, w, c` flatten order to ONNX's `c, h, w`.
 
@@ -32,6 +33,18 @@ pub const OPSETS: std::ops::RangeInclusive<i64> = 13..=21;
 /// runs fully).
 pub const DEFAULT_OPSET: i64 = 17;
 
+/// The memory order of the exported graph's `input`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InputLayout {
+    /// `[batch, h, w, c]`, as our artifacts and TF Serving take images; a `Transpose` at
+    /// the front of the graph makes it NCHW for ONNX's Conv.
+    #[default]
+    Nhwc,
+    /// `[batch, c, h, w]`, as PyTorch exports take images; no transpose.
+    Nchw,
+}
+
 /// What an ONNX export wrote (the `metrics` of `mlops export --format onnx --json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct OnnxExportReport {
@@ -47,8 +60,10 @@ pub struct OnnxExportReport {
     pub op_types: Vec<String>,
     /// Nodes in the graph.
     pub nodes: usize,
-    /// Input name and shape (`-1`: any batch).
+    /// Input name and shape (`-1`: any batch), in `input_layout` order.
     pub input: (String, [i64; 4]),
+    /// `nhwc` or `nchw`.
+    pub input_layout: InputLayout,
     /// Output name (`logits`, or `probabilities` when the model ends in softmax).
     pub output: String,
     /// Bytes of the input file.
@@ -258,6 +273,7 @@ pub fn to_onnx(
     artifact: &Artifact,
     record: &FileRecord,
     opset: i64,
+    layout: InputLayout,
 ) -> Result<(Vec<u8>, OnnxExportReport)> {
     if !OPSETS.contains(&opset) {
         return Err(Error::Config(format!(
@@ -366,12 +382,20 @@ pub fn to_onnx(
         next: 0,
     };
     let [h, w, c] = spec.input;
-    let mut cur = b.node(
-        "Transpose",
-        "input_nchw",
-        vec!["input".into()],
-        vec![ints("perm", &[0, 3, 1, 2])],
-    );
+    let (h, w, c) = (h as i64, w as i64, c as i64);
+    let input_dims = match layout {
+        InputLayout::Nhwc => [-1, h, w, c],
+        InputLayout::Nchw => [-1, c, h, w],
+    };
+    let mut cur = match layout {
+        InputLayout::Nhwc => b.node(
+            "Transpose",
+            "input_nchw",
+            vec!["input".into()],
+            vec![ints("perm", &[0, 3, 1, 2])],
+        ),
+        InputLayout::Nchw => "input".to_string(),
+    };
     // The parameters `cur` was last quantized with (no second identical Q/DQ pair).
     let mut quantized: Option<QParams> = None;
     if let Some(q) = q_at[0] {
@@ -503,10 +527,15 @@ pub fn to_onnx(
         producer_name: "mlops".into(),
         producer_version: MLOPS_VERSION.into(),
         doc_string: format!(
-            "{} exported by mlops {MLOPS_VERSION} from {} ({} artifact); input: [batch, {h}, {w}, {c}] NHWC f32, value = (pixel * {} - {}) / {}",
+            "{} exported by mlops {MLOPS_VERSION} from {} ({} artifact); input: {} {:?} f32 (-1: any batch), value = (pixel * {} - {}) / {}",
             if spec.name.is_empty() { "model" } else { &spec.name },
             record.path,
             artifact.precision,
+            match layout {
+                InputLayout::Nhwc => "NHWC",
+                InputLayout::Nchw => "NCHW",
+            },
+            input_dims,
             artifact.input.scale,
             artifact.input.mean,
             artifact.input.std
@@ -521,7 +550,12 @@ pub fn to_onnx(
             initializer: b.initializers,
             input: vec![value_info(
                 "input",
-                &[None, Some(h as i64), Some(w as i64), Some(c as i64)],
+                &[
+                    None,
+                    Some(input_dims[1]),
+                    Some(input_dims[2]),
+                    Some(input_dims[3]),
+                ],
             )],
             output: vec![value_info(&output_name, &[None, Some(spec.classes as i64)])],
             ..Default::default()
@@ -537,7 +571,8 @@ pub fn to_onnx(
         from_precision: artifact.precision,
         op_types,
         nodes,
-        input: ("input".into(), [-1, h as i64, w as i64, c as i64]),
+        input: ("input".into(), input_dims),
+        input_layout: layout,
         output: output_name,
         bytes_before: record.bytes,
         bytes_after: bytes.len() as u64,

@@ -6,7 +6,7 @@ mod export;
 mod import;
 pub mod proto;
 
-pub use export::{to_onnx, OnnxExportReport, DEFAULT_OPSET, OPSETS};
+pub use export::{to_onnx, InputLayout, OnnxExportReport, DEFAULT_OPSET, OPSETS};
 pub use import::{from_onnx, Imported, SUPPORTED_OPS};
 
 #[cfg(test)]
@@ -42,22 +42,24 @@ mod tests {
             .collect();
         let artifact = Artifact::from_params(&spec, &params).unwrap();
         let record = FileRecord::of_bytes(Path::new("m.safetensors"), b"x");
-        let (bytes, report) = to_onnx(&artifact, &record, DEFAULT_OPSET).unwrap();
-        assert_eq!(report.graph, "fp32");
-        let imported = from_onnx(Path::new("m.onnx"), &bytes).unwrap();
-        assert!(!imported.nchw_input);
-        let back = Artifact::from_params(&imported.spec, &imported.params).unwrap();
-        let batch = 3;
-        let x: Vec<f32> = (0..batch * 12 * 12 * 3)
-            .map(|_| rng.random_range(0.0..1.0))
-            .collect();
-        let (a, b) = (logits(&artifact, &x, batch), logits(&back, &x, batch));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0, f32::max);
-        assert!(diff < 1e-5, "max |a - b| = {diff}");
+        for layout in [InputLayout::Nhwc, InputLayout::Nchw] {
+            let (bytes, report) = to_onnx(&artifact, &record, DEFAULT_OPSET, layout).unwrap();
+            assert_eq!(report.graph, "fp32");
+            let imported = from_onnx(Path::new("m.onnx"), &bytes).unwrap();
+            assert_eq!(imported.nchw_input, layout == InputLayout::Nchw);
+            let back = Artifact::from_params(&imported.spec, &imported.params).unwrap();
+            let batch = 3;
+            let x: Vec<f32> = (0..batch * 12 * 12 * 3)
+                .map(|_| rng.random_range(0.0..1.0))
+                .collect();
+            let (a, b) = (logits(&artifact, &x, batch), logits(&back, &x, batch));
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-5, "{layout:?}: max |a - b| = {diff}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ fn predictions(dir: &Path, artifact: &str, limit: usize) -> Vec<Vec<f64>> {
         .output()
         .unwrap();
     assert_success(&output);
-    json_of(&output)["metrics"]["predictions"]
+    json_of(&output)["predictions"]
         .as_array()
         .unwrap()
         .iter()
@@ -173,6 +173,23 @@ fn onnx_runtime_runs_our_fp32_and_int8_exports() {
     let (theirs, _) = run_ort(&python, &dir.path().join("model.onnx"));
     let diff = max_abs_diff(&ours, &theirs);
     assert!(diff < 1e-4, "fp32: max |ours - ort| = {diff}");
+    // The same model with a PyTorch-style NCHW input.
+    let export = mlops(dir.path())
+        .args([
+            "export",
+            "model.safetensors",
+            "--format",
+            "onnx",
+            "--input-layout",
+            "nchw",
+        ])
+        .args(["--out", "nchw.onnx"])
+        .output()
+        .unwrap();
+    assert_success(&export);
+    let (theirs, _) = run_ort(&python, &dir.path().join("nchw.onnx"));
+    let diff = max_abs_diff(&ours, &theirs);
+    assert!(diff < 1e-4, "fp32 NCHW: max |ours - ort| = {diff}");
 
     let ours = predictions(dir.path(), "model.int8.safetensors", 100);
     let (theirs, ops) = run_ort(&python, &dir.path().join("model.int8.onnx"));
@@ -290,11 +307,13 @@ fn predict_answers_per_image_file_in_order() {
         .arg("predict")
         .arg(fixture("golden/model.safetensors"))
         .args(["dark.png", "bright.png", "--top", "2", "--json"])
+        .args(["--report", "r.json"])
         .output()
         .unwrap();
     assert_success(&output);
-    let report = json_of(&output);
-    let predictions = report["metrics"]["predictions"].as_array().unwrap();
+    // `--json` is the predictions document itself.
+    let doc = json_of(&output);
+    let predictions = doc["predictions"].as_array().unwrap();
     assert_eq!(predictions.len(), 2);
     for p in predictions {
         let probs: Vec<f64> = serde_json::from_value(p["probabilities"].clone()).unwrap();
@@ -303,8 +322,12 @@ fn predict_answers_per_image_file_in_order() {
         assert_eq!(p["top"].as_array().unwrap().len(), 2);
         assert_eq!(p["class"], p["top"][0][0]);
     }
-    let inputs = report["inputs"].as_array().unwrap();
+    // `--report` holds the step: the artifact, then each image file in order.
+    let text = std::fs::read_to_string(dir.path().join("r.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let inputs = report["steps"][0]["inputs"].as_array().unwrap();
     assert!(inputs[1]["path"].as_str().unwrap().ends_with("dark.png"));
+    assert!(inputs[2]["path"].as_str().unwrap().ends_with("bright.png"));
 }
 
 /// A pipeline can start from a converted model and end with an ONNX export.
@@ -395,5 +418,41 @@ fn unsupported_keras_models_are_named() {
             .unwrap();
         assert_user_error(&output, needle);
         assert!(!dir.path().join("x.safetensors").exists(), "{file}");
+    }
+}
+
+/// `predict` runs on every engine: candle's answers equal our kernels' (fp32), and an fp16
+/// copy answers the same classes.
+#[test]
+fn predict_agrees_across_engines_and_precisions() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("golden/model.safetensors"),
+        dir.path().join("m.safetensors"),
+    )
+    .unwrap();
+    let native = predictions(dir.path(), "m.safetensors", 20);
+    let output = mlops(dir.path())
+        .args(["predict", "m.safetensors", "--engine", "candle", "--data"])
+        .arg(fixture("mnist"))
+        .args(["--limit", "20", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let candle: Vec<Vec<f64>> = json_of(&output)["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| serde_json::from_value(p["probabilities"].clone()).unwrap())
+        .collect();
+    assert!(max_abs_diff(&native, &candle) < 1e-4);
+    let export = mlops(dir.path())
+        .args(["export", "m.safetensors", "--precision", "fp16"])
+        .output()
+        .unwrap();
+    assert_success(&export);
+    let half = predictions(dir.path(), "m.fp16.safetensors", 20);
+    for (a, b) in native.iter().zip(&half) {
+        assert_eq!(argmax(a), argmax(b));
     }
 }
