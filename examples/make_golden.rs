@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads: 1,
         stop_after: None,
         preprocess: Preprocess::UNIT,
+        engine: mlops::train::TrainEngine::Native,
     };
     let (params, _) = fit(
         &spec,
@@ -43,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &config,
         Start::Fresh,
         &NoProgress,
-        &mut |_, _| {},
+        None,
         |_, _| Ok(()),
     )?;
     let fp32 = Artifact::from_params(&spec, &params)?;

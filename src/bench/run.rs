@@ -155,7 +155,7 @@ pub fn run(
                 let adam = Adam::new(&params);
                 let mut trainer = Trainer::new(&model, params, adam, plan.threads);
                 measure(&plan.config, || {
-                    trainer.step(&x, &labels, 0, BENCH_LEARNING_RATE);
+                    trainer.step(&x, &labels, 0, BENCH_LEARNING_RATE)?;
                     Ok(())
                 })?
             } else {

@@ -19,6 +19,9 @@ pub(crate) struct ReportArgs {
     /// Print the step's report as JSON on stdout (and nothing else on stdout)
     #[arg(long)]
     pub json: bool,
+    /// Also draw this step's report as a self-contained HTML page (charts, no scripts)
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
 }
 
 /// Where a command runs its models: `--device` and `--engine`, shared by every command that
@@ -42,6 +45,18 @@ pub(crate) enum EngineArg {
 }
 
 impl DeviceArgs {
+    /// What computes training updates for these flags.
+    pub(crate) fn train_engine(&self) -> anyhow::Result<mlops::train::TrainEngine> {
+        let engine = match self.engine {
+            EngineArg::Native => EngineKind::Native,
+            EngineArg::Candle => EngineKind::Candle,
+        };
+        Ok(mlops::train::TrainEngine::select(
+            Device::parse(&self.device)?,
+            engine,
+        )?)
+    }
+
     /// The checked runtime these flags ask for.
     pub(crate) fn runtime(&self, ctx: &Context) -> anyhow::Result<Box<dyn Runtime>> {
         let engine = match self.engine {

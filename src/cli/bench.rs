@@ -66,6 +66,9 @@ pub(crate) struct BenchArgs {
     /// Append this step's report to FILE
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Also draw this step's report as a self-contained HTML page (charts, no scripts)
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
 }
 
 pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport> {
@@ -147,6 +150,7 @@ pub(crate) fn run(args: &BenchArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let output = super::ReportArgs {
         report: args.report.clone(),
         json: false,
+        html: args.html.clone(),
     };
     ctx.printer.report(&step, "", &output)?;
     Ok(step)

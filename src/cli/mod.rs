@@ -19,6 +19,7 @@ pub(crate) use args::{
 };
 mod prune;
 mod quantize;
+mod report;
 mod serve;
 mod train;
 
@@ -72,6 +73,8 @@ pub(crate) enum Command {
     Serve(serve::ServeArgs),
     /// Run the steps of a pipeline config (default: train, export fp16/bf16, eval each)
     Pipeline(pipeline::PipelineArgs),
+    /// Draw a report file as one self-contained HTML page (charts), or Markdown tables
+    Report(report::ReportCmdArgs),
 }
 
 /// How a command ended when it did not fail.
@@ -122,6 +125,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Prune(args) => prune::run(args, &context)?,
         Command::Serve(args) => serve::run(args, &context)?,
         Command::Pipeline(args) => return pipeline::run(args, &context),
+        Command::Report(args) => return report::run(args, &context),
     };
     Ok(Outcome::of(&report))
 }

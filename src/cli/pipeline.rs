@@ -144,6 +144,14 @@ fn step_argv(
     Ok(argv)
 }
 
+/// `report.html` beside the pipeline's `report.json`, drawn from it.
+fn write_html(report_path: &Path, ctx: &Context) -> anyhow::Result<()> {
+    let report = ReportFile::load(report_path, "the pipeline's own report")?;
+    let html = report_path.with_extension("html");
+    let source = report_path.display().to_string();
+    super::report::write_html(&report, &source, &html, &ctx.printer)
+}
+
 pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome> {
     let (text, source) = match &args.config {
         Some(path) => (
@@ -185,6 +193,10 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
                 "pipeline step {}: `serve` runs until stopped; start it on its own after the pipeline",
                 index + 1
             ),
+            Command::Report(_) => bail!(
+                "pipeline step {}: the pipeline writes report.html itself at the end",
+                index + 1
+            ),
             _ => {}
         }
         commands.push((argv, cli.command));
@@ -212,7 +224,7 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
             Command::Bench(a) => super::bench::run(a, ctx)?,
             Command::Quantize(a) => super::quantize::run(a, ctx)?,
             Command::Prune(a) => super::prune::run(a, ctx)?,
-            Command::Pipeline(_) | Command::Serve(_) => {
+            Command::Pipeline(_) | Command::Serve(_) | Command::Report(_) => {
                 unreachable!("refused when the steps were parsed")
             }
         };
@@ -223,12 +235,14 @@ pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome>
                 "pipeline stopped: a gate failed in step {}",
                 index + 1
             ));
+            write_html(&report_path, ctx)?;
             return Ok(Outcome::GateFailed);
         }
     }
     ctx.printer.note(&mlops::pipeline::summary(&reports)?);
     ctx.printer
         .note(&format!("report: `{}`", report_path.display()));
+    write_html(&report_path, ctx)?;
     if args.json {
         let text = std::fs::read_to_string(&report_path)?;
         std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;

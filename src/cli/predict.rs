@@ -149,6 +149,7 @@ pub(crate) fn run(args: &PredictArgs, ctx: &Context) -> anyhow::Result<StepRepor
         let output = ReportArgs {
             report: args.output.report.clone(),
             json: false,
+            html: args.output.html.clone(),
         };
         ctx.printer.report(&step, "", &output)?;
     } else {

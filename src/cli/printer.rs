@@ -80,6 +80,9 @@ impl Printer {
         if let Some(path) = report_file {
             ReportFile::append(path, step)?;
         }
+        if let Some(path) = &output.html {
+            super::report::step_html(step, path, self)?;
+        }
         if json {
             let mut out = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut out, step)?;

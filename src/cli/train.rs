@@ -105,13 +105,8 @@ pub(crate) fn load_data(
 }
 
 pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
+    let engine = args.device.train_engine()?;
     let runtime = args.device.runtime(ctx)?;
-    if runtime.name() != "cpu" {
-        anyhow::bail!(
-            "training on `{}` is not built yet: `mlops train` runs our CPU trainer (`--device cpu --engine native`); the CUDA issue adds candle training",
-            runtime.name()
-        );
-    }
     let (mut step, started) = StepReport::start("train", &runtime.name());
     let spec = match &args.model {
         Some(path) => ModelSpec::from_file(path)?,
@@ -156,6 +151,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         threads: ctx.threads,
         stop_after: args.stop_after,
         preprocess: mlops::data::Preprocess::UNIT,
+        engine,
     };
     ctx.printer.note(&format!(
         "training {} ({} parameters) on {} images from `{}`, testing on {}, batch {}, {} thread(s)",
@@ -180,7 +176,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         &config,
         start,
         &progress,
-        &mut |_, _| {},
+        None,
         |ck, epoch| {
             ck.save(&checkpoint_path)?;
             let artifact = epoch_artifact(&spec, &config, &data, &data_name, ck, epoch)?;

@@ -346,6 +346,7 @@ impl PruneConfig {
             threads: f.threads,
             stop_after: None,
             preprocess: artifact.input.preprocess(),
+            engine: crate::train::TrainEngine::Native,
         }
     }
 
@@ -550,7 +551,7 @@ fn magnitude(
         &train,
         Start::From(params),
         progress,
-        &mut hook,
+        Some(&mut hook),
         |_, _| Ok(()),
     )?;
     let (layers, total) = sparsity_of(spec, &params, pruned)?;
@@ -646,7 +647,7 @@ fn structured_prune(
             &train,
             Start::From(tuned),
             progress,
-            &mut |_, _| {},
+            None,
             |_, _| Ok(()),
         )?
         .0;

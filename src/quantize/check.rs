@@ -3,7 +3,7 @@
 //! evaluation split ([`compare_accuracy`]). Everything runs through engines, the same
 //! ones `eval` uses.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{compare_logits, fp32_logits, layer_output_errors, QuantizeReport};
 use crate::artifact::Artifact;
@@ -12,7 +12,7 @@ use crate::runtime::{argmax, evaluate, Engine};
 use crate::Result;
 
 /// fp32 vs int8 at the logits on the first images of a split (`comparison` in reports).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     /// Images compared (0: no data to compare on).
     pub images: usize,
@@ -74,7 +74,7 @@ pub fn compare(
 }
 
 /// The class whose accuracy fell most.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct WorstClass {
     /// Class index.
     pub class: usize,
@@ -83,7 +83,7 @@ pub struct WorstClass {
 }
 
 /// fp32 and int8 on the same evaluation images (`eval` in reports).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccuracyComparison {
     /// The evaluation folder as given.
     pub data: String,

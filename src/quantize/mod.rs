@@ -7,7 +7,7 @@
 
 pub mod calibrate;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
@@ -32,7 +32,7 @@ pub use step::{run, MethodName, QuantizeConfig, QuantizeInputs, COMPARED_IMAGES}
 
 /// Everything `mlops quantize` reports (its `metrics`): the quantization, what runs it,
 /// how it compares with fp32, and the sizes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuantizeSummary {
     /// Per layer and in total.
     #[serde(flatten)]
@@ -173,7 +173,7 @@ pub struct QuantConfig {
 }
 
 /// One conv/dense layer in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerReport {
     /// Weight tensor name.
     pub name: String,
@@ -204,7 +204,7 @@ pub struct LayerReport {
 }
 
 /// What quantization did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuantizeReport {
     /// `minmax`, `percentile`, `mse`, `entropy`; `none` for dynamic quantization.
     pub method: String,

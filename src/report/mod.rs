@@ -2,8 +2,14 @@
 //!
 //! Commands build a [`StepReport`]; the CLI prints it as a table for people (stderr),
 //! as JSON on stdout with `--json`, and appends it to a [`ReportFile`] with `--report`.
+//! `mlops report` draws a report file as an HTML page ([`html`]) or Markdown tables
+//! ([`markdown`]).
 
+pub mod html;
+pub mod markdown;
+pub mod svg;
 pub mod table;
+pub mod view;
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -128,19 +134,24 @@ impl ReportFile {
     ///   left untouched).
     pub fn append(path: &Path, step: &StepReport) -> Result<()> {
         let mut report = if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-            serde_json::from_str::<ReportFile>(&text).map_err(|e| {
-                Error::data(
-                    path,
-                    format!("not an mlops report ({e}); choose another `--report` file"),
-                )
-            })?
+            Self::load(path, "choose another `--report` file")?
         } else {
             ReportFile::new()
         };
         report.mlops_version = MLOPS_VERSION.into();
         report.steps.push(step.clone());
         report.save(path)
+    }
+
+    /// Reads the report file at `path`; `advice` ends the error of a file that is not one.
+    ///
+    /// # Errors
+    /// - [`Error::Io`] when the file cannot be read.
+    /// - [`Error::Data`] naming `path` when it is not an mlops report file.
+    pub fn load(path: &Path, advice: &str) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        serde_json::from_str::<ReportFile>(&text)
+            .map_err(|e| Error::data(path, format!("not an mlops report ({e}); {advice}")))
     }
 
     /// Writes the report as pretty JSON (and a final newline), atomically.

@@ -30,6 +30,11 @@ pub struct CandleRuntime {
 }
 
 impl CandleRuntime {
+    /// The candle device models run on (what candle training uses too).
+    pub fn candle_device(&self) -> &candle_core::Device {
+        &self.candle
+    }
+
     /// Candle on the CPU (available in every build).
     pub fn cpu() -> Self {
         CandleRuntime {

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::{Activation, LayerSpec, ModelSpec, Padding, Shape};
+use crate::model::{Activation, LayerSpec, ModelSpec, Padding};
 use crate::{Error, Result};
 
 /// Logits `[batch, classes]` (flat) for input `x` (`[batch, h, w, c]` NHWC f32,
@@ -17,9 +17,7 @@ use crate::{Error, Result};
 /// - [`Error::Config`] for a `same`-padded conv with an even kernel or a stride above 1.
 /// - [`Error::Candle`] when `x` does not hold `batch * h * w * c` values, a parameter does
 ///   not fill its shape, or the device fails.
-///
-/// # Panics
-/// If `params` holds fewer tensors than the spec has parameters.
+/// - [`Error::Config`] when `params` holds fewer tensors than the spec has parameters.
 pub fn forward(
     spec: &ModelSpec,
     params: &[Vec<f32>],
@@ -49,40 +47,51 @@ impl Weights {
     /// # Errors
     /// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
     /// - [`Error::Candle`] when a parameter does not fill its shape, or the device fails.
-    ///
-    /// # Panics
-    /// If `params` holds fewer tensors than the spec has parameters.
+    /// - [`Error::Config`] when `params` holds fewer tensors than the spec has parameters.
     pub fn upload(spec: &ModelSpec, params: &[Vec<f32>], device: &Device) -> Result<Self> {
+        let infos = spec.params()?;
+        let tensors = infos
+            .iter()
+            .zip(params)
+            .map(|(info, values)| Tensor::from_slice(values, info.shape.as_slice(), device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Self::from_tensors(spec, &tensors)
+    }
+
+    /// The same from tensors already on a device, in our layouts and spec order (conv
+    /// weights `[out, kh, kw, in]`, dense `[out, in]`, biases `[out]`). The layout changes
+    /// are tensor ops, so gradients flow back to the tensors (candle training keeps its
+    /// parameters as [`candle_core::Var`]s and calls this every step).
+    ///
+    /// # Errors
+    /// - [`Error::Spec`] / [`Error::SpecLayer`] when `spec` is invalid.
+    /// - [`Error::Config`] when `params` has fewer tensors than the spec has parameters.
+    /// - [`Error::Candle`] when a tensor has another shape, or the device fails.
+    pub fn from_tensors(spec: &ModelSpec, params: &[Tensor]) -> Result<Self> {
         let shapes = spec.shapes()?;
         let mut layers = Vec::new();
-        let mut next = 0;
+        let mut next = params.iter();
+        let mut pair = || -> Result<(&Tensor, &Tensor)> {
+            match (next.next(), next.next()) {
+                (Some(w), Some(b)) => Ok((w, b)),
+                _ => Err(Error::Config(
+                    "fewer parameter tensors than the spec has conv/dense layers".into(),
+                )),
+            }
+        };
         for (index, layer) in spec.layers.iter().enumerate() {
             match layer {
-                LayerSpec::Conv2d {
-                    filters, kernel, ..
-                } => {
-                    let Shape::Spatial([_, _, in_c]) = shapes[index] else {
-                        unreachable!("validated spec")
-                    };
-                    let weight = Tensor::from_slice(
-                        &params[next],
-                        (*filters, *kernel, *kernel, in_c),
-                        device,
-                    )?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?;
-                    let bias = Tensor::from_slice(&params[next + 1], (1, *filters, 1, 1), device)?;
+                LayerSpec::Conv2d { filters, .. } => {
+                    let (weight, bias) = pair()?;
+                    let weight = weight.permute((0, 3, 1, 2))?.contiguous()?;
+                    let bias = bias.reshape((1, *filters, 1, 1))?;
                     layers.push((weight, bias));
-                    next += 2;
                 }
                 LayerSpec::Dense { units, .. } => {
+                    let (weight, bias) = pair()?;
                     let inputs = shapes[index].len();
-                    let weight = Tensor::from_slice(&params[next], (*units, inputs), device)?
-                        .t()?
-                        .contiguous()?;
-                    let bias = Tensor::from_slice(&params[next + 1], *units, device)?;
-                    layers.push((weight, bias));
-                    next += 2;
+                    let weight = weight.reshape((*units, inputs))?.t()?.contiguous()?;
+                    layers.push((weight, bias.reshape(*units)?));
                 }
                 _ => {}
             }
@@ -102,6 +111,25 @@ impl Weights {
     /// - [`Error::Candle`] when `x` is not `[batch, h, w, c]` of the spec's input, or on a
     ///   device error.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// [`Weights::forward`] for training: the same numbers, with pooling written as
+    /// crop + reshape + max/mean so that candle's autograd differentiates it correctly.
+    /// candle 0.11.1's own `max_pool2d` backward multiplies the gradient by the share of
+    /// maxima in the window instead of dividing by their count (a unique maximum gets 1/4
+    /// of its gradient in a 2x2 window), and its pooling backwards upsample to the full
+    /// input when the window does not tile it (`backprop.rs`, `Op::MaxPool2D` /
+    /// `Op::AvgPool2D`); a test against our CPU trainer caught it.
+    ///
+    /// # Errors
+    /// As [`Weights::forward`], and [`Error::Config`] for a pooling window whose stride is
+    /// not its size (candle's autograd does not differentiate those).
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         // Candle convolves NCHW tensors.
         let mut xs = x.permute((0, 3, 1, 2))?;
         let mut next = self.layers.iter();
@@ -128,6 +156,12 @@ impl Weights {
                     let ys = xs.conv2d(weight, pad, *stride, 1, 1)?.broadcast_add(bias)?;
                     activate(ys, *activation)?
                 }
+                LayerSpec::MaxPool2d { size, stride } if training => {
+                    pool_by_reshape(&xs, *size, stride.unwrap_or(*size), true)?
+                }
+                LayerSpec::AvgPool2d { size, stride } if training => {
+                    pool_by_reshape(&xs, *size, stride.unwrap_or(*size), false)?
+                }
                 LayerSpec::MaxPool2d { size, stride } => {
                     xs.max_pool2d_with_stride(*size, stride.unwrap_or(*size))?
                 }
@@ -151,6 +185,29 @@ impl Weights {
         }
         Ok(xs.to_dtype(DType::F32)?)
     }
+}
+
+/// Max or mean pooling of NCHW `xs` over `size` x `size` windows moved by `stride` ==
+/// `size`, as differentiable tensor ops: the input is cropped to whole windows (as
+/// pooling without padding floors), reshaped to `[n, c, oh, size, ow, size]`, reduced.
+fn pool_by_reshape(xs: &Tensor, size: usize, stride: usize, max: bool) -> Result<Tensor> {
+    if stride != size {
+        return Err(Error::Config(format!(
+            "training on candle supports pooling windows with stride = size; this one is {size}x{size} with stride {stride}: use `--engine native`"
+        )));
+    }
+    let (n, c, h, w) = xs.dims4()?;
+    let (oh, ow) = (h / size, w / size);
+    let windows = xs
+        .narrow(2, 0, oh * size)?
+        .narrow(3, 0, ow * size)?
+        .contiguous()?
+        .reshape((n, c, oh, size, ow, size))?;
+    Ok(if max {
+        windows.max(5)?.max(3)?
+    } else {
+        windows.mean(5)?.mean(3)?
+    })
 }
 
 fn activate(xs: Tensor, activation: Activation) -> Result<Tensor> {

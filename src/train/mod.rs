@@ -12,8 +12,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+mod candle;
+
 pub use crate::artifact::checkpoint::{Checkpoint, CheckpointState};
 pub use crate::nn::adam::Adam;
+pub use candle::CandleTrainer;
 
 use crate::data::{Dataset, Preprocess};
 use crate::io::combined_sha256;
@@ -52,6 +55,51 @@ pub enum LrSchedule {
     Cosine,
 }
 
+/// What computes the training updates.
+#[derive(Debug, Clone, Default)]
+pub enum TrainEngine {
+    /// Our CPU kernels ([`Executor`]): the default, bit-reproducible run to run.
+    #[default]
+    Native,
+    /// candle's autograd on a candle device: `--engine candle` on the CPU (what CI runs),
+    /// a CUDA device for `--device cuda[:N]` ([`CandleTrainer`]).
+    Candle(candle_core::Device),
+}
+
+impl TrainEngine {
+    /// The engine `--device` and `--engine` ask for: our kernels for `cpu` + `native`,
+    /// candle on the CPU for `cpu` + `candle`, candle on the GPU for `cuda[:N]`.
+    ///
+    /// # Errors
+    /// `cuda` in a build without the `cuda` feature, or no such GPU
+    /// ([`crate::runtime::candle::CandleRuntime::cuda`]).
+    pub fn select(
+        device: crate::device::Device,
+        engine: crate::runtime::EngineKind,
+    ) -> Result<Self> {
+        use crate::device::Device;
+        use crate::runtime::EngineKind;
+        Ok(match (device, engine) {
+            (Device::Cpu, EngineKind::Native) => TrainEngine::Native,
+            (Device::Cpu, EngineKind::Candle) => TrainEngine::Candle(candle_core::Device::Cpu),
+            (Device::Cuda(n), _) => TrainEngine::Candle(
+                crate::runtime::candle::CandleRuntime::cuda(n)?
+                    .candle_device()
+                    .clone(),
+            ),
+        })
+    }
+
+    /// `native`, `candle` (CPU) or `candle-cuda` (for reports and lineage).
+    pub fn name(&self) -> &'static str {
+        match self {
+            TrainEngine::Native => "native",
+            TrainEngine::Candle(d) if d.is_cpu() => "candle",
+            TrainEngine::Candle(_) => "candle-cuda",
+        }
+    }
+}
+
 /// Settings of a training run.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -72,6 +120,8 @@ pub struct TrainConfig {
     /// How pixel bytes become inputs: [`Preprocess::UNIT`] for a new model (what its
     /// artifact records), the artifact's own `mlops.input` when fine-tuning one.
     pub preprocess: Preprocess,
+    /// What computes the updates.
+    pub engine: TrainEngine,
 }
 
 impl TrainConfig {
@@ -109,6 +159,28 @@ pub struct EpochReport {
     pub images_per_s: f64,
 }
 
+/// Most points of [`TrainReport::history`] a run records (a point every
+/// `ceil(total updates / HISTORY_POINTS)` updates, plus one at each epoch's end), so the
+/// report stays small however long the run.
+pub const HISTORY_POINTS: u64 = 200;
+
+/// Training figures over a window of updates (what the report's curves draw).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// Updates done so far in the whole run (1-based: the window's last update).
+    pub step: u64,
+    /// Epochs done so far, fractional (`1.5`: halfway through the second epoch).
+    pub epoch: f64,
+    /// Learning rate of the window's last update.
+    pub learning_rate: f32,
+    /// Mean training loss over the window's images.
+    pub train_loss: f64,
+    /// Training accuracy over the window's images.
+    pub train_accuracy: f64,
+    /// Training images per second over the window.
+    pub images_per_s: f64,
+}
+
 /// What a training run did and measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
@@ -130,6 +202,10 @@ pub struct TrainReport {
     pub resumed_from_epoch: Option<usize>,
     /// The epochs run by this invocation.
     pub epoch_reports: Vec<EpochReport>,
+    /// Finer than `epoch_reports`: at most about [`HISTORY_POINTS`] windows of updates
+    /// (empty in reports of older mlops versions).
+    #[serde(default)]
+    pub history: Vec<HistoryPoint>,
     /// Median of the epochs' training images/s.
     pub images_per_s: f64,
     /// Test accuracy after the last epoch.
@@ -231,6 +307,8 @@ pub fn epoch_artifact(
     args.insert("model".into(), spec.name.clone().into());
     args.insert("epochs".into(), epoch.epoch.into());
     args.insert("planned_epochs".into(), config.epochs.into());
+    // What computed the updates (not a resume setting: a checkpoint resumes on any engine).
+    args.insert("engine".into(), config.engine.name().into());
     artifact
         .lineage
         .push(LineageEntry::new("train", None, args));
@@ -258,13 +336,16 @@ fn median(sorted: &[f64]) -> f64 {
 }
 
 /// One optimizer update as [`fit`] runs it: forward and backward on the CPU executor,
-/// then Adam. Shared by `fit`, pruning's fine-tuning and `mlops bench --train`, so what
-/// bench times is what training does.
+/// then Adam (or the same on a candle device, [`CandleTrainer`]). Shared by `fit`,
+/// pruning's fine-tuning and `mlops bench --train`, so what bench times is what training
+/// does.
 pub struct Trainer {
     executor: Executor,
-    /// Parameters, spec order (updated in place).
+    candle: Option<CandleTrainer>,
+    /// Parameters, spec order. Updated in place on the native engine; on candle, a host
+    /// copy made by [`Trainer::sync`].
     pub params: Vec<Vec<f32>>,
-    /// Optimizer state.
+    /// Optimizer state (on candle: `step` always current, moments as of the last sync).
     pub adam: Adam,
 }
 
@@ -273,26 +354,82 @@ impl Trainer {
     pub fn new(plan: &Plan, params: Vec<Vec<f32>>, adam: Adam, threads: usize) -> Self {
         Trainer {
             executor: Executor::new(plan, threads),
+            candle: None,
             params,
             adam,
         }
     }
 
+    /// A trainer on `engine`: [`Trainer::new`] for the native one, the parameters and
+    /// moments uploaded to the device for candle.
+    ///
+    /// # Errors
+    /// As [`CandleTrainer::new`].
+    pub fn on(
+        engine: &TrainEngine,
+        plan: &Plan,
+        params: Vec<Vec<f32>>,
+        adam: Adam,
+        threads: usize,
+    ) -> Result<Self> {
+        let candle = match engine {
+            TrainEngine::Native => None,
+            TrainEngine::Candle(device) => {
+                Some(CandleTrainer::new(&plan.spec, &params, &adam, device)?)
+            }
+        };
+        Ok(Trainer {
+            executor: Executor::new(plan, if candle.is_some() { 1 } else { threads }),
+            candle,
+            params,
+            adam,
+        })
+    }
+
     /// One update on batch `x` (`[batch, h, w, c]`, preprocessed) with `labels`; the
     /// dropout masks derive from `seed` and the Adam step.
+    ///
+    /// # Errors
+    /// Only on candle: a device error or a batch that does not fit (see
+    /// [`CandleTrainer::step`]).
     pub fn step(
         &mut self,
         x: &[f32],
         labels: &[u8],
         seed: u64,
         learning_rate: f32,
-    ) -> crate::nn::BatchStats {
+    ) -> Result<crate::nn::BatchStats> {
+        if let Some(candle) = &mut self.candle {
+            return candle.step(x, labels, &mut self.adam, learning_rate);
+        }
         let stats = self
             .executor
             .train_step(&self.params, x, labels, seed ^ self.adam.step);
         self.adam
             .update(&mut self.params, &self.executor.grads, learning_rate);
-        stats
+        Ok(stats)
+    }
+
+    /// Makes `params` and `adam` current (copies them from the device on candle).
+    ///
+    /// # Errors
+    /// A device error.
+    pub fn sync(&mut self) -> Result<()> {
+        if let Some(candle) = &self.candle {
+            candle.download(&mut self.params, &mut self.adam)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `params`, changed on the host, back to the device (no-op on native).
+    ///
+    /// # Errors
+    /// A device error.
+    pub fn push(&mut self) -> Result<()> {
+        if let Some(candle) = &mut self.candle {
+            candle.upload(&self.params)?;
+        }
+        Ok(())
     }
 }
 
@@ -334,7 +471,7 @@ pub fn fit(
     config: &TrainConfig,
     start: Start,
     progress: &dyn Progress,
-    after_update: AfterUpdate<'_>,
+    mut after_update: Option<AfterUpdate<'_>>,
     mut on_epoch: impl FnMut(&Checkpoint, &EpochReport) -> Result<()>,
 ) -> Result<(Vec<Vec<f32>>, TrainReport)> {
     if config.batch_size == 0 || config.epochs == 0 {
@@ -382,9 +519,11 @@ pub fn fit(
     let train = &data.train;
     let batches_per_epoch = train.count.div_ceil(config.batch_size) as u64;
     let total_steps = batches_per_epoch * config.epochs as u64;
-    let mut trainer = Trainer::new(&plan, params, adam, config.threads);
+    let mut trainer = Trainer::on(&config.engine, &plan, params, adam, config.threads)?;
     let (mut x, mut labels) = (Vec::new(), Vec::new());
     let mut epoch_reports = Vec::new();
+    let mut history = Vec::new();
+    let history_every = total_steps.div_ceil(HISTORY_POINTS).max(1);
     let mut last_eval = None;
     let end_epoch = match config.stop_after {
         Some(n) => (start_epoch + n).min(config.epochs),
@@ -402,15 +541,40 @@ pub fn fit(
         );
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        // The history window: figures since its last point (recording only, no math).
+        let (mut w_loss, mut w_correct, mut w_seen, mut w_started) =
+            (0.0, 0usize, 0usize, Instant::now());
         let mut learning_rate = config.learning_rate;
         for (b, chunk) in order.chunks(config.batch_size).enumerate() {
             train.gather(chunk, &config.preprocess, &mut x, &mut labels);
             learning_rate = config.learning_rate_at(trainer.adam.step, total_steps);
-            let stats = trainer.step(&x, &labels, config.seed, learning_rate);
-            after_update(trainer.adam.step - 1, &mut trainer.params);
+            let stats = trainer.step(&x, &labels, config.seed, learning_rate)?;
+            if let Some(hook) = after_update.as_mut() {
+                // On candle the hook sees (and may change) the device's weights.
+                trainer.sync()?;
+                hook(trainer.adam.step - 1, &mut trainer.params);
+                trainer.push()?;
+            }
             loss_sum += stats.loss_sum;
             correct += stats.correct;
             seen += chunk.len();
+            (w_loss, w_correct, w_seen) = (
+                w_loss + stats.loss_sum,
+                w_correct + stats.correct,
+                w_seen + chunk.len(),
+            );
+            let step = trainer.adam.step;
+            if step % history_every == 0 || b as u64 + 1 == batches_per_epoch {
+                history.push(HistoryPoint {
+                    step,
+                    epoch: epoch as f64 + (b as f64 + 1.0) / batches_per_epoch as f64,
+                    learning_rate,
+                    train_loss: w_loss / w_seen.max(1) as f64,
+                    train_accuracy: w_correct as f64 / w_seen.max(1) as f64,
+                    images_per_s: w_seen as f64 / w_started.elapsed().as_secs_f64(),
+                });
+                (w_loss, w_correct, w_seen, w_started) = (0.0, 0, 0, Instant::now());
+            }
             if b % 8 == 7 || b as u64 + 1 == batches_per_epoch {
                 let rate = seen as f64 / started.elapsed().as_secs_f64();
                 progress.update(
@@ -424,6 +588,7 @@ pub fn fit(
                 );
             }
         }
+        trainer.sync()?;
         let train_seconds = started.elapsed().as_secs_f64();
         progress.finish();
         let mut engine = CpuRuntime::new(config.threads).load_params(
@@ -494,6 +659,7 @@ pub fn fit(
         test_accuracy: last.map_or(0.0, |e| e.test_accuracy),
         test_loss: last.map_or(0.0, |e| e.test_loss),
         epoch_reports,
+        history,
         last_eval,
     };
     Ok((trainer.params, report))
@@ -514,6 +680,7 @@ mod tests {
             threads: 1,
             stop_after: None,
             preprocess: Preprocess::UNIT,
+            engine: TrainEngine::Native,
         };
         assert_eq!(config.learning_rate_at(0, 100), 0.01);
         assert!((config.learning_rate_at(50, 100) - 0.005).abs() < 1e-7);

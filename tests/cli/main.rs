@@ -11,6 +11,7 @@ mod inspect;
 mod pipeline;
 mod prune;
 mod quantize;
+mod report;
 mod serve;
 mod serve_fuzz;
 mod snapshots;

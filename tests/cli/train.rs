@@ -199,3 +199,50 @@ fn train_quiet_json_prints_only_json() {
     );
     let _ = fixture("mnist-tiny");
 }
+
+/// `train --engine candle` runs candle's autograd on the CPU (the code a GPU runs): the
+/// same initialization, data order, loss and Adam as our trainer, so the same accuracy up
+/// to float summation order, and the lineage says which engine computed the updates.
+#[test]
+fn candle_engine_trains_like_the_native_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut accuracies = Vec::new();
+    for engine in ["native", "candle"] {
+        let output = mlops(dir.path())
+            .args([
+                "train",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--lr",
+                "0.003",
+            ])
+            .args(["--engine", engine, "--out", engine, "--json", "--data"])
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert_success(&output);
+        accuracies.push(
+            json_of(&output)["metrics"]["test_accuracy"]
+                .as_f64()
+                .unwrap(),
+        );
+        let inspect = mlops(dir.path())
+            .args(["inspect", &format!("{engine}/model.safetensors"), "--json"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&inspect.stdout).to_string();
+        assert!(
+            text.contains(&format!("\"engine\":\"{engine}\""))
+                || text.contains(&format!("\"engine\": \"{engine}\"")),
+            "{text}"
+        );
+    }
+    let (native, candle) = (accuracies[0], accuracies[1]);
+    assert!(native > 0.6, "native reached only {native}");
+    assert!(
+        (native - candle).abs() < 0.03,
+        "native {native} vs candle {candle}"
+    );
+}
