@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stop_after: None,
         preprocess: Preprocess::UNIT,
         engine: mlops::train::TrainEngine::Native,
+        precision: mlops::train::Precision::Fp32,
     };
     let (params, _) = fit(
         &spec,

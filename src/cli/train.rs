@@ -55,6 +55,11 @@ pub(crate) struct TrainArgs {
     /// Seed of initialization, shuffling and dropout
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// What the forward and backward passes compute in: `fp32`, or mixed precision
+    /// (`bf16`, `fp16` with dynamic loss scaling; f32 master weights) on candle
+    /// (`--engine candle` or `--device cuda`)
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    pub precision: PrecisionArg,
     /// Use only the first N training images
     #[arg(long, value_name = "N", value_parser = super::parse::at_least_one)]
     pub limit: Option<usize>,
@@ -102,6 +107,14 @@ pub(crate) fn load_data(
         || format!("cannot load the data set `{}`", dir.display()),
         &format!("`--data` {}", super::IDX_FOLDER_HINT),
     )
+}
+
+/// `--precision` as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum PrecisionArg {
+    Fp32,
+    Bf16,
+    Fp16,
 }
 
 pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
@@ -152,6 +165,11 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         stop_after: args.stop_after,
         preprocess: mlops::data::Preprocess::UNIT,
         engine,
+        precision: match args.precision {
+            PrecisionArg::Fp32 => mlops::train::Precision::Fp32,
+            PrecisionArg::Bf16 => mlops::train::Precision::Bf16,
+            PrecisionArg::Fp16 => mlops::train::Precision::Fp16,
+        },
     };
     ctx.printer.note(&format!(
         "training {} ({} parameters) on {} images from `{}`, testing on {}, batch {}, {} thread(s)",

@@ -347,6 +347,7 @@ impl PruneConfig {
             stop_after: None,
             preprocess: artifact.input.preprocess(),
             engine: crate::train::TrainEngine::Native,
+            precision: crate::train::Precision::Fp32,
         }
     }
 

@@ -25,6 +25,88 @@ pub struct CandleTrainer {
     vars: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    precision: Precision,
+    scaler: Option<LossScaler>,
+    skipped: u64,
+}
+
+/// What the forward and backward passes compute in; parameters, optimizer state and the
+/// loss stay f32 in every case (mixed precision as Keras' `mixed_float16` /
+/// `mixed_bfloat16` policies and `torch.amp` do it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything f32.
+    #[default]
+    Fp32,
+    /// Forward/backward in bfloat16 (f32's exponent range: no loss scaling needed).
+    Bf16,
+    /// Forward/backward in IEEE half, with dynamic loss scaling ([`LossScaler`]).
+    Fp16,
+}
+
+impl Precision {
+    /// `fp32`, `bf16`, `fp16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Fp16 => DType::F16,
+        }
+    }
+}
+
+/// Dynamic loss scaling for fp16 training, as Keras' `LossScaleOptimizer` and
+/// `torch.amp.GradScaler` do it: the loss is multiplied by `scale` before the backward
+/// pass so small gradients survive half precision, and the gradients divided by it
+/// before the update; a step whose gradients overflowed (inf/NaN) is skipped and the
+/// scale halved; after `growth_interval` clean steps in a row the scale doubles.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LossScaler {
+    /// The current scale (starts at 2^16).
+    pub scale: f64,
+    /// Clean steps since the last change.
+    pub clean_steps: u64,
+    /// Clean steps before the scale doubles (2000).
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            clean_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaler {
+    /// Records a step: `finite` gradients count towards growth, others halve the scale.
+    /// Returns whether the step's update is to be applied.
+    pub fn record(&mut self, finite: bool) -> bool {
+        if finite {
+            self.clean_steps += 1;
+            if self.clean_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        } else {
+            // Never below 1: a scale that keeps overflowing at 1 means the model diverged,
+            // which the test-set check after the epoch reports.
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.clean_steps = 0;
+        }
+        finite
+    }
 }
 
 impl CandleTrainer {
@@ -41,6 +123,21 @@ impl CandleTrainer {
         params: &[Vec<f32>],
         adam: &Adam,
         device: &Device,
+    ) -> Result<Self> {
+        Self::with_precision(spec, params, adam, device, Precision::Fp32)
+    }
+
+    /// [`CandleTrainer::new`] computing the forward and backward passes in `precision`.
+    ///
+    /// # Errors
+    /// As [`CandleTrainer::new`], and [`Error::Config`] when the device has no kernels
+    /// for `precision` (candle's CPU backend has no bf16 convolution).
+    pub fn with_precision(
+        spec: &ModelSpec,
+        params: &[Vec<f32>],
+        adam: &Adam,
+        device: &Device,
+        precision: Precision,
     ) -> Result<Self> {
         if let Some(index) = spec
             .layers
@@ -75,13 +172,64 @@ impl CandleTrainer {
             vars,
             m,
             v,
+            precision,
+            scaler: (precision == Precision::Fp16).then(LossScaler::default),
+            skipped: 0,
         };
         // Fail now, not in the first step, on what the candle forward pass cannot run.
-        let tensors: Vec<Tensor> = trainer.vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let weights = Weights::from_tensors(spec, &tensors)?;
         let [h, w, c] = spec.input;
-        weights.forward_train(&Tensor::zeros((1, h, w, c), DType::F32, device)?)?;
+        let x = Tensor::zeros((1, h, w, c), DType::F32, device)?;
+        trainer.forward(&x).map_err(|e| match (precision, e) {
+            (Precision::Fp32, e) => e,
+            (p, e) => Error::Config(format!(
+                "{} training does not run on this device ({e}); use `--precision fp32`{}",
+                p.as_str(),
+                if device.is_cpu() && p == Precision::Bf16 {
+                    " (candle's CPU backend has no bf16 convolution; fp16 runs on the CPU)"
+                } else {
+                    ""
+                }
+            )),
+        })?;
         Ok(trainer)
+    }
+
+    /// Logits `[batch, classes]` in f32 for `x` (f32), computed in the trainer's precision
+    /// from the f32 master weights (the casts are tensor ops: gradients flow back to the
+    /// f32 [`Var`]s).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = self.precision.dtype();
+        let tensors = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let logits =
+            Weights::from_tensors(&self.spec, &tensors)?.forward_train(&x.to_dtype(dtype)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// The loss scaler of an fp16 run (its scale and clean steps).
+    pub fn loss_scaler(&self) -> Option<LossScaler> {
+        self.scaler
+    }
+
+    /// Replaces the fp16 loss scaler (tests force an overflow with a huge scale; a run
+    /// could start from another scale). No effect in fp32/bf16, which do not scale.
+    pub fn set_loss_scaler(&mut self, scaler: LossScaler) {
+        if self.scaler.is_some() {
+            self.scaler = Some(scaler);
+        }
+    }
+
+    /// Updates skipped because their gradients overflowed (fp16).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The precision of the forward and backward passes.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// One update on batch `x` (`[batch, h, w, c]` NHWC f32, preprocessed) with `labels`:
@@ -109,10 +257,47 @@ impl CandleTrainer {
         }
         let xs = Tensor::from_slice(x, (batch, h, w, c), &self.device)?;
         let ys = Tensor::from_iter(labels.iter().map(|&l| u32::from(l)), &self.device)?;
-        let tensors: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let logits = Weights::from_tensors(&self.spec, &tensors)?.forward_train(&xs)?;
+        let logits = self.forward(&xs)?;
+        // The loss in f32; with fp16, scaled before the backward pass.
         let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
-        let grads = loss.backward()?;
+        let scale = self.scaler.map_or(1.0, |s| s.scale);
+        let grads = if scale == 1.0 {
+            loss.backward()?
+        } else {
+            (&loss * scale)?.backward()?
+        };
+        let loss_sum = loss.to_scalar::<f32>()? as f64 * batch as f64;
+        let correct = logits
+            .argmax(1)?
+            .eq(&ys)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+        let mut gradients = Vec::with_capacity(self.vars.len());
+        for var in &self.vars {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F32)?,
+                None => var.as_tensor().zeros_like()?,
+            };
+            gradients.push(if scale == 1.0 { g } else { (g / scale)? });
+        }
+        if let Some(scaler) = &mut self.scaler {
+            // One host read per step: is every unscaled gradient finite?
+            let mut finite = true;
+            for g in &gradients {
+                let total = g
+                    .abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?;
+                finite &= total.is_finite();
+            }
+            if !scaler.record(finite) {
+                // Skipped: no update, no optimizer step (as Keras' LossScaleOptimizer).
+                self.skipped += 1;
+                return Ok(BatchStats { loss_sum, correct });
+            }
+        }
 
         // Adam as `nn::Adam::update` computes it (Keras): bias correction folded into the
         // step size, epsilon added outside the square root.
@@ -120,11 +305,7 @@ impl CandleTrainer {
         let t = adam.step as f64;
         let (b1, b2) = (adam.beta1 as f64, adam.beta2 as f64);
         let alpha = learning_rate as f64 * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t));
-        for (i, var) in self.vars.iter().enumerate() {
-            let g = match grads.get(var.as_tensor()) {
-                Some(g) => g.clone(),
-                None => var.as_tensor().zeros_like()?,
-            };
+        for (i, (var, g)) in self.vars.iter().zip(gradients).enumerate() {
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&m / (v.sqrt()? + adam.epsilon as f64)?)? * alpha)?;
@@ -132,14 +313,6 @@ impl CandleTrainer {
             self.m[i] = m;
             self.v[i] = v;
         }
-
-        let loss_sum = loss.to_scalar::<f32>()? as f64 * batch as f64;
-        let predicted = logits.argmax(1)?;
-        let correct = predicted
-            .eq(&ys)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
         Ok(BatchStats { loss_sum, correct })
     }
 
@@ -248,6 +421,68 @@ mod tests {
             }
             assert!(diff < 1e-4, "parameter {i}: max |native - candle| = {diff}");
         }
+    }
+
+    #[test]
+    fn loss_scaler_halves_on_overflow_and_grows_after_clean_steps() {
+        let mut s = LossScaler {
+            growth_interval: 3,
+            ..LossScaler::default()
+        };
+        assert!(!s.record(false));
+        assert_eq!(s.scale, 32768.0);
+        assert!(s.record(true) && s.record(true));
+        assert_eq!(s.scale, 32768.0);
+        assert!(s.record(true));
+        assert_eq!((s.scale, s.clean_steps), (65536.0, 0));
+    }
+
+    /// fp16 on candle's CPU device: a scale so large that the half-precision gradients
+    /// overflow makes the step a no-op (weights, moments and the optimizer step unchanged),
+    /// counts it as skipped and halves the scale; at a sane scale the next step updates,
+    /// and its loss is close to the fp32 one.
+    #[test]
+    fn fp16_overflow_skips_the_step_and_halves_the_scale() {
+        let spec = small_spec();
+        let plan = Plan::compile(&spec).unwrap();
+        let params = plan.init_params(3);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let batch = 8;
+        let x: Vec<f32> = (0..batch * 200)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let labels: Vec<u8> = (0..batch).map(|i| (i % 4) as u8).collect();
+        let mut adam = Adam::new(&params);
+        let mut half =
+            CandleTrainer::with_precision(&spec, &params, &adam, &Device::Cpu, Precision::Fp16)
+                .unwrap();
+        half.set_loss_scaler(LossScaler {
+            scale: 2f64.powi(40),
+            ..LossScaler::default()
+        });
+        half.step(&x, &labels, &mut adam, 0.01).unwrap();
+        assert_eq!(half.skipped_steps(), 1);
+        assert_eq!(half.loss_scaler().unwrap().scale, 2f64.powi(39));
+        assert_eq!(adam.step, 0, "a skipped step is not an optimizer step");
+        let mut host = Vec::new();
+        half.download(&mut host, &mut adam).unwrap();
+        assert_eq!(host, params, "a skipped step changed the weights");
+
+        half.set_loss_scaler(LossScaler::default());
+        let stats = half.step(&x, &labels, &mut adam, 0.01).unwrap();
+        assert_eq!((half.skipped_steps(), adam.step), (1, 1));
+        half.download(&mut host, &mut adam).unwrap();
+        assert_ne!(host, params);
+        let mut adam32 = Adam::new(&params);
+        let mut full = CandleTrainer::new(&spec, &params, &adam32, &Device::Cpu).unwrap();
+        let stats32 = full.step(&x, &labels, &mut adam32, 0.01).unwrap();
+        let rel = (stats.loss_sum - stats32.loss_sum).abs() / stats32.loss_sum;
+        assert!(
+            rel < 1e-2,
+            "fp16 loss {} vs fp32 {}",
+            stats.loss_sum,
+            stats32.loss_sum
+        );
     }
 
     #[test]

@@ -13,10 +13,11 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 mod candle;
+pub mod parallel;
 
 pub use crate::artifact::checkpoint::{Checkpoint, CheckpointState};
 pub use crate::nn::adam::Adam;
-pub use candle::CandleTrainer;
+pub use candle::{CandleTrainer, LossScaler, Precision};
 
 use crate::data::{Dataset, Preprocess};
 use crate::io::combined_sha256;
@@ -122,6 +123,8 @@ pub struct TrainConfig {
     pub preprocess: Preprocess,
     /// What computes the updates.
     pub engine: TrainEngine,
+    /// What the forward and backward passes compute in (not fp32: candle only).
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -212,6 +215,18 @@ pub struct TrainReport {
     pub test_accuracy: f64,
     /// Test loss after the last epoch.
     pub test_loss: f64,
+    /// What computed the updates: `native`, `candle`, `candle-cuda`.
+    #[serde(default)]
+    pub engine: String,
+    /// What the forward and backward passes computed in.
+    #[serde(default)]
+    pub precision: Precision,
+    /// fp16: the loss scale at the end of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// fp16: updates skipped because their gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: u64,
     /// The last test evaluation in full.
     #[serde(skip)]
     pub last_eval: Option<EvalReport>,
@@ -309,6 +324,7 @@ pub fn epoch_artifact(
     args.insert("planned_epochs".into(), config.epochs.into());
     // What computed the updates (not a resume setting: a checkpoint resumes on any engine).
     args.insert("engine".into(), config.engine.name().into());
+    args.insert("precision".into(), config.precision.as_str().into());
     artifact
         .lineage
         .push(LineageEntry::new("train", None, args));
@@ -360,23 +376,30 @@ impl Trainer {
         }
     }
 
-    /// A trainer on `engine`: [`Trainer::new`] for the native one, the parameters and
-    /// moments uploaded to the device for candle.
+    /// A trainer on `engine` computing in `precision`: [`Trainer::new`] for the native
+    /// one, the parameters and moments uploaded to the device for candle.
     ///
     /// # Errors
-    /// As [`CandleTrainer::new`].
+    /// [`Error::Config`] for a precision other than fp32 on the native engine; as
+    /// [`CandleTrainer::with_precision`].
     pub fn on(
-        engine: &TrainEngine,
+        (engine, precision): (&TrainEngine, Precision),
         plan: &Plan,
         params: Vec<Vec<f32>>,
         adam: Adam,
         threads: usize,
     ) -> Result<Self> {
         let candle = match engine {
-            TrainEngine::Native => None,
-            TrainEngine::Candle(device) => {
-                Some(CandleTrainer::new(&plan.spec, &params, &adam, device)?)
+            TrainEngine::Native if precision != Precision::Fp32 => {
+                return Err(Error::Config(format!(
+                    "{} mixed precision runs on candle: add `--engine candle` (CPU) or `--device cuda`",
+                    precision.as_str()
+                )))
             }
+            TrainEngine::Native => None,
+            TrainEngine::Candle(device) => Some(CandleTrainer::with_precision(
+                &plan.spec, &params, &adam, device, precision,
+            )?),
         };
         Ok(Trainer {
             executor: Executor::new(plan, if candle.is_some() { 1 } else { threads }),
@@ -419,6 +442,12 @@ impl Trainer {
             candle.download(&mut self.params, &mut self.adam)?;
         }
         Ok(())
+    }
+
+    /// The candle trainer, when updates run on candle (its precision, loss scaler and
+    /// skipped steps).
+    pub fn candle(&self) -> Option<&CandleTrainer> {
+        self.candle.as_ref()
     }
 
     /// Sends `params`, changed on the host, back to the device (no-op on native).
@@ -519,7 +548,13 @@ pub fn fit(
     let train = &data.train;
     let batches_per_epoch = train.count.div_ceil(config.batch_size) as u64;
     let total_steps = batches_per_epoch * config.epochs as u64;
-    let mut trainer = Trainer::on(&config.engine, &plan, params, adam, config.threads)?;
+    let mut trainer = Trainer::on(
+        (&config.engine, config.precision),
+        &plan,
+        params,
+        adam,
+        config.threads,
+    )?;
     let (mut x, mut labels) = (Vec::new(), Vec::new());
     let mut epoch_reports = Vec::new();
     let mut history = Vec::new();
@@ -658,6 +693,13 @@ pub fn fit(
         images_per_s: median(&rates),
         test_accuracy: last.map_or(0.0, |e| e.test_accuracy),
         test_loss: last.map_or(0.0, |e| e.test_loss),
+        engine: config.engine.name().into(),
+        precision: config.precision,
+        loss_scale: trainer
+            .candle()
+            .and_then(CandleTrainer::loss_scaler)
+            .map(|s| s.scale),
+        skipped_steps: trainer.candle().map_or(0, CandleTrainer::skipped_steps),
         epoch_reports,
         history,
         last_eval,
@@ -681,6 +723,7 @@ mod tests {
             stop_after: None,
             preprocess: Preprocess::UNIT,
             engine: TrainEngine::Native,
+            precision: Precision::Fp32,
         };
         assert_eq!(config.learning_rate_at(0, 100), 0.01);
         assert!((config.learning_rate_at(50, 100) - 0.005).abs() < 1e-7);

@@ -246,3 +246,57 @@ fn candle_engine_trains_like_the_native_one() {
         "native {native} vs candle {candle}"
     );
 }
+
+/// `--precision fp16` on candle's CPU device: mixed precision with dynamic loss scaling
+/// converges like fp32 and reports its scale; on the native engine it is refused saying
+/// what to do.
+#[test]
+fn fp16_mixed_precision_trains_on_candle_and_is_refused_on_native() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .args([
+            "train",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.003",
+        ])
+        .args([
+            "--engine",
+            "candle",
+            "--precision",
+            "fp16",
+            "--out",
+            "half",
+            "--json",
+        ])
+        .arg("--data")
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let m = &json_of(&output)["metrics"];
+    assert_eq!(m["precision"], "fp16");
+    assert_eq!(m["engine"], "candle");
+    assert!(m["loss_scale"].as_f64().unwrap() >= 1.0, "{m}");
+    let accuracy = m["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.6, "fp16 reached only {accuracy}");
+
+    let refused = mlops(dir.path())
+        .args([
+            "train",
+            "--epochs",
+            "1",
+            "--precision",
+            "bf16",
+            "--out",
+            "x",
+            "--data",
+        ])
+        .arg(tiny_data())
+        .output()
+        .unwrap();
+    assert_user_error(&refused, "--engine candle");
+}
