@@ -15,6 +15,7 @@
 //! - [`runtime`]: loading artifacts into sessions; evaluation.
 //! - [`device`]: `cpu` / `cuda[:N]` selection.
 //! - [`bench`](mod@bench): latency percentiles and throughput of loaded models.
+//! - [`render`]: report files as HTML pages with charts, or Markdown tables.
 //! - [`report`]: per-step reports (JSON for CI, tables for people).
 //! - [`predict`]: class, label and probabilities per image.
 //! - [`pipeline`]: the summary of a pipeline run, from the steps' typed reports.
@@ -37,6 +38,7 @@ pub mod predict;
 pub mod progress;
 pub mod prune;
 pub mod quantize;
+pub mod render;
 pub mod report;
 pub mod runtime;
 pub mod serve;

@@ -1,6 +1,6 @@
 //! `mlops report`: draw a report file as one self-contained HTML page, or its key tables as
-//! Markdown for a CI job summary. The rendering is the library's (`mlops::report::html`,
-//! `mlops::report::markdown`); this only reads, calls and writes.
+//! Markdown for a CI job summary. The rendering is the library's (`mlops::render::html`,
+//! `mlops::render::markdown`); this only reads, calls and writes.
 
 use std::path::{Path, PathBuf};
 
@@ -46,7 +46,7 @@ pub(crate) fn run(args: &ReportCmdArgs, ctx: &Context) -> anyhow::Result<Outcome
             write_html(&report, &source, &out, &ctx.printer)?;
         }
         Format::Md => {
-            let text = mlops::report::markdown::render(&report, &source);
+            let text = mlops::render::markdown::render(&report, &source);
             match &args.out {
                 Some(out) => {
                     mlops::io::write_atomically(out, text.as_bytes())?;
@@ -66,10 +66,10 @@ pub(crate) fn write_html(
     out: &Path,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    let page = mlops::report::html::render(report, source);
+    let page = mlops::render::html::render(report, source);
     mlops::io::write_atomically(out, page.as_bytes())?;
     for (i, step) in report.steps.iter().enumerate() {
-        if let mlops::report::view::StepView::Unreadable(e) = mlops::report::view::view(step) {
+        if let mlops::render::view::StepView::Unreadable(e) = mlops::render::view::view(step) {
             printer.note(&format!(
                 "warning: step {} ({}) not drawn, its figures are unreadable: {e}",
                 i + 1,

@@ -2,14 +2,11 @@
 //!
 //! Commands build a [`StepReport`]; the CLI prints it as a table for people (stderr),
 //! as JSON on stdout with `--json`, and appends it to a [`ReportFile`] with `--report`.
-//! `mlops report` draws a report file as an HTML page ([`html`]) or Markdown tables
-//! ([`markdown`]).
+//! `mlops report` draws a report file as an HTML page or Markdown tables
+//! ([`crate::render`], which reads the stages' typed reports; this module stays below
+//! the stages, which use its tables and gates).
 
-pub mod html;
-pub mod markdown;
-pub mod svg;
 pub mod table;
-pub mod view;
 
 use std::path::Path;
 use std::time::SystemTime;

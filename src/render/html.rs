@@ -15,9 +15,9 @@ use std::fmt::Write as _;
 
 use super::svg::{self, escape, Axes, Bubble, Marker, Series};
 use super::view::{self, file_name, ArtifactRow, PruneView, StepView};
-use super::{ReportFile, StepReport};
 use crate::bench::{BenchDoc, BenchRow};
 use crate::quantize::QuantizeSummary;
+use crate::report::{ReportFile, StepReport};
 use crate::runtime::EvalSummary;
 use crate::train::TrainReport;
 

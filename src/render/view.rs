@@ -13,7 +13,7 @@ use crate::quantize::QuantizeSummary;
 use crate::runtime::EvalSummary;
 use crate::train::TrainReport;
 
-use super::StepReport;
+use crate::report::StepReport;
 
 /// A step's figures, typed by its kind.
 #[derive(Debug, Clone)]

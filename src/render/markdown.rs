@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::html::{pct, subject};
 use super::view::{self, file_name, PruneView, StepView};
-use super::ReportFile;
+use crate::report::ReportFile;
 
 fn cell(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
