@@ -68,9 +68,8 @@ pub(crate) fn run(args: &ConvertArgs, ctx: &Context) -> anyhow::Result<StepRepor
         }),
         labels,
     };
-    let (artifact, report) = mlops::convert::convert(&args.model, &config)
+    let (artifact, report, source) = mlops::convert::convert(&args.model, &config)
         .with_context(|| format!("cannot convert `{}`", args.model.display()))?;
-    let source = mlops::report::FileRecord::of(&args.model)?;
     let written = artifact.save(&out)?;
     step.inputs.push(source);
     step.outputs.push(written.clone());

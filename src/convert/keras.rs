@@ -1563,7 +1563,7 @@ mod tests {
             ("cnn.keras", SourceFormat::Keras),
             ("cnn.h5", SourceFormat::KerasH5),
         ] {
-            let (artifact, report) =
+            let (artifact, report, _) =
                 super::super::convert(&fixture(name), &super::super::ConvertConfig::default())
                     .unwrap();
             assert_eq!(report.format, format);

@@ -164,13 +164,17 @@ pub fn read(path: &Path, bytes: &[u8]) -> Result<(SourceFormat, Read)> {
     Ok((format, read))
 }
 
-/// Converts the model file at `path` into an fp32 artifact.
+/// Converts the model file at `path` into an fp32 artifact; also returns the source
+/// file's record (read and hashed once, here).
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be read; [`Error::Data`] when it is larger than
 /// [`MAX_FILE_BYTES`] or as [`read`]; [`Error::Config`] for labels that do not match the
 /// classes or an input mapping that is not finite with a positive `std`.
-pub fn convert(path: &Path, config: &ConvertConfig) -> Result<(Artifact, ConvertReport)> {
+pub fn convert(
+    path: &Path,
+    config: &ConvertConfig,
+) -> Result<(Artifact, ConvertReport, FileRecord)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("read", path, e))?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(Error::data(
@@ -266,5 +270,5 @@ pub fn convert(path: &Path, config: &ConvertConfig) -> Result<(Artifact, Convert
         input_from: input_from.into(),
         classes: spec.classes,
     };
-    Ok((artifact, report))
+    Ok((artifact, report, record))
 }
