@@ -580,6 +580,27 @@ impl ModelSpec {
         Ok(self.params()?.iter().map(ParamInfo::len).sum())
     }
 
+    /// Trainable values per layer (weight plus bias; 0 for layers without weights), one
+    /// entry per layer in `layers` order.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::params`].
+    pub fn layer_params(&self) -> Result<Vec<usize>> {
+        let mut counts = vec![0usize; self.layers.len()];
+        for p in self.params()? {
+            // Names are `layers.{index}.weight|bias`, written by `params` above.
+            if let Some(index) = p
+                .name
+                .strip_prefix("layers.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+            {
+                counts[index] += p.len();
+            }
+        }
+        Ok(counts)
+    }
+
     /// Multiply-adds times two for one image's forward pass, per layer (0 for layers
     /// without weights).
     ///
@@ -635,6 +656,16 @@ mod tests {
     #[test]
     fn reference_cnn_has_93322_parameters() {
         assert_eq!(ModelSpec::reference_cnn().param_count().unwrap(), 93_322);
+    }
+
+    #[test]
+    fn layer_params_split_the_count_by_layer() {
+        // Conv(1->32, 3x3), pool, Conv(32->64), pool, Conv(64->64), flatten, Dense(576->64),
+        // Dense(64->10): weights + biases.
+        assert_eq!(
+            ModelSpec::reference_cnn().layer_params().unwrap(),
+            [320, 0, 18_496, 0, 36_928, 0, 36_928, 650]
+        );
     }
 
     #[test]

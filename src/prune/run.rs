@@ -186,6 +186,50 @@ pub struct LayerCut {
     pub kept_indices: Vec<usize>,
 }
 
+/// One weighted layer's cost before and after a structured cut. Cutting a layer's
+/// filters also shrinks the next weighted layer (fewer input channels), so every conv and
+/// dense layer is listed, pruned or not.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerCost {
+    /// Layer index.
+    pub layer: usize,
+    /// Its `type` (`conv2d`, `dense`).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Trainable values (weight + bias) before.
+    pub params_before: usize,
+    /// Trainable values after.
+    pub params_after: usize,
+    /// Multiply-adds x 2 for one image's forward pass, before.
+    pub flops_before: u64,
+    /// The same after.
+    pub flops_after: u64,
+}
+
+/// Per weighted layer of `before`, its params and FLOPs in `before` and `after` (the same
+/// layers with fewer filters / units).
+fn layer_costs(
+    before: &crate::model::ModelSpec,
+    after: &crate::model::ModelSpec,
+) -> Result<Vec<LayerCost>> {
+    let (pb, pa) = (before.layer_params()?, after.layer_params()?);
+    let (fb, fa) = (before.flops()?, after.flops()?);
+    Ok(before
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| pb[*i] > 0)
+        .map(|(i, layer)| LayerCost {
+            layer: i,
+            kind: layer.kind(),
+            params_before: pb[i],
+            params_after: pa.get(i).copied().unwrap_or(0),
+            flops_before: fb[i],
+            flops_after: fa.get(i).copied().unwrap_or(0),
+        })
+        .collect())
+}
+
 /// Structured pruning's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct StructuredReport {
@@ -201,6 +245,8 @@ pub struct StructuredReport {
     pub global: bool,
     /// Per layer.
     pub plan: Vec<LayerCut>,
+    /// Params and FLOPs per weighted layer, before and after.
+    pub layers: Vec<LayerCost>,
     /// Parameters before.
     pub params_before: usize,
     /// Parameters after.
@@ -248,6 +294,8 @@ pub enum PrunePlan {
         keep: f32,
         /// Per layer.
         plan: Vec<LayerCut>,
+        /// Params and FLOPs per weighted layer, before and after.
+        layers: Vec<LayerCost>,
         /// Parameters before.
         params_before: usize,
         /// Parameters after.
@@ -410,6 +458,7 @@ pub fn plan(artifact: &Artifact, config: &PruneConfig) -> Result<PrunePlan> {
                 structured: true,
                 keep,
                 plan: cut.rows(&artifact.spec),
+                layers: layer_costs(spec, &cut.spec)?,
                 params_before: spec.param_count()?,
                 params_after: cut.spec.param_count()?,
                 flops_before: spec.flops()?.iter().sum(),
@@ -670,6 +719,7 @@ fn structured_prune(
         keep,
         global,
         plan: cut.rows(&artifact.spec),
+        layers: layer_costs(spec, &cut.spec)?,
         params_before: spec.param_count()?,
         params_after: cut.spec.param_count()?,
         flops_before: spec.flops()?.iter().sum(),
@@ -732,16 +782,31 @@ fn gzip_size(bytes: &[u8]) -> Result<usize> {
         .map_err(|e| Error::Config(format!("gzip failed: {e}")))
 }
 
-fn cut_table(plan: &[LayerCut]) -> crate::report::table::Table {
-    let mut table =
-        crate::report::table::Table::new(["layer", "type", "outputs before", "kept", "removed"]);
-    for p in plan {
+/// One row per weighted layer: outputs kept (for the cut layers) and its params and
+/// FLOPs before and after (a layer after a cut one shrinks too: fewer inputs).
+fn cut_table(plan: &[LayerCut], layers: &[LayerCost]) -> crate::report::table::Table {
+    let mut table = crate::report::table::Table::new([
+        "layer",
+        "type",
+        "outputs kept",
+        "params before",
+        "params after",
+        "MFLOP before",
+        "MFLOP after",
+    ]);
+    for l in layers {
+        let kept = plan
+            .iter()
+            .find(|p| p.layer == l.layer)
+            .map_or("-".to_string(), |p| format!("{} of {}", p.kept, p.before));
         table.row([
-            format!("layers.{}", p.layer),
-            p.kind.to_string(),
-            p.before.to_string(),
-            p.kept.to_string(),
-            (p.before - p.kept).to_string(),
+            format!("layers.{}", l.layer),
+            l.kind.to_string(),
+            kept,
+            l.params_before.to_string(),
+            l.params_after.to_string(),
+            format!("{:.3}", l.flops_before as f64 / 1e6),
+            format!("{:.3}", l.flops_after as f64 / 1e6),
         ]);
     }
     table
@@ -792,7 +857,7 @@ impl std::fmt::Display for PruneReport {
                 )
             }
             PruneReport::Structured(r) => {
-                writeln!(f, "{}", cut_table(&r.plan))?;
+                writeln!(f, "{}", cut_table(&r.plan, &r.layers))?;
                 writeln!(
                     f,
                     "{}",
@@ -838,13 +903,14 @@ impl std::fmt::Display for PrunePlan {
             }
             PrunePlan::Structured {
                 plan,
+                layers,
                 params_before,
                 params_after,
                 flops_before,
                 flops_after,
                 ..
             } => {
-                writeln!(f, "{}", cut_table(plan))?;
+                writeln!(f, "{}", cut_table(plan, layers))?;
                 writeln!(
                     f,
                     "{}",

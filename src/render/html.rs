@@ -718,24 +718,87 @@ fn prune(p: &PruneView) -> String {
                 ],
                 &|v| format!("{v:.0}"),
             );
-            let mut kept_names = names.clone();
-            kept_names.extend(["params (model)".to_string(), "FLOPs/image (model)".into()]);
-            let share = |a: u64, b: u64| Some(100.0 * a as f64 / (b.max(1)) as f64);
-            let mut kept: Vec<Option<f64>> = s
-                .plan
+            // Per weighted layer (a layer after a cut one shrinks too), then the model.
+            let mut cost_names: Vec<String> = s
+                .layers
                 .iter()
-                .map(|c| share(c.kept as u64, c.before as u64))
+                .map(|l| format!("layer {} {}", l.layer, l.kind))
                 .collect();
-            kept.extend([
-                share(s.params_after, s.params_before),
-                share(s.flops_after, s.flops_before),
-            ]);
-            let kept_chart = svg::bar_chart(
-                &Axes::new("Share kept after the cut", "kept (% of before)", "what"),
-                &kept_names,
-                &[("kept".into(), kept)],
-                &|v| format!("{v:.1}%"),
+            cost_names.push("model".into());
+            let with_total = |per: Vec<u64>, total: u64| -> Vec<Option<f64>> {
+                per.into_iter()
+                    .chain([total])
+                    .map(|v| Some(v as f64))
+                    .collect()
+            };
+            let params_chart = svg::bar_chart(
+                &Axes::new("Parameters per layer", "parameters", "layer"),
+                &cost_names,
+                &[
+                    (
+                        "before".into(),
+                        with_total(
+                            s.layers.iter().map(|l| l.params_before).collect(),
+                            s.params_before,
+                        ),
+                    ),
+                    (
+                        "after".into(),
+                        with_total(
+                            s.layers.iter().map(|l| l.params_after).collect(),
+                            s.params_after,
+                        ),
+                    ),
+                ],
+                &|v| format!("{v:.0}"),
             );
+            let flops_chart = svg::bar_chart(
+                &Axes::new("FLOPs per image per layer", "MFLOP", "layer"),
+                &cost_names,
+                &[
+                    (
+                        "before".into(),
+                        with_total(
+                            s.layers.iter().map(|l| l.flops_before).collect(),
+                            s.flops_before,
+                        )
+                        .into_iter()
+                        .map(|v| v.map(|f| f / 1e6))
+                        .collect(),
+                    ),
+                    (
+                        "after".into(),
+                        with_total(
+                            s.layers.iter().map(|l| l.flops_after).collect(),
+                            s.flops_after,
+                        )
+                        .into_iter()
+                        .map(|v| v.map(|f| f / 1e6))
+                        .collect(),
+                    ),
+                ],
+                &|v| format!("{v:.3}"),
+            );
+            let layer_rows: Vec<Vec<String>> = s
+                .layers
+                .iter()
+                .map(|l| {
+                    let kept = s
+                        .plan
+                        .iter()
+                        .find(|c| c.layer == l.layer)
+                        .map_or("-".to_string(), |c| format!("{} of {}", c.kept, c.before));
+                    vec![
+                        format!("layers.{}", l.layer),
+                        l.kind.clone(),
+                        kept,
+                        l.params_before.to_string(),
+                        l.params_after.to_string(),
+                        l.flops_before.to_string(),
+                        l.flops_after.to_string(),
+                    ]
+                })
+                .collect();
             let acc = accuracy_bars(
                 &["before", "after cut", "after fine-tuning"],
                 &[
@@ -761,11 +824,16 @@ fn prune(p: &PruneView) -> String {
                 vec!["accuracy after".into(), pct(s.accuracy_after)],
             ];
             format!(
-                "<p class=\"meta\">structured pruning: whole filters / units removed (structured = {})</p>{}{}",
+                "<p class=\"meta\">structured pruning: whole filters / units removed (structured = {})</p>{}{}{}",
                 s.structured,
                 charts(vec![
                     figure(units, ""),
-                    figure(kept_chart, "Params and FLOPs are the whole model's (the report has no per-layer split)."),
+                    figure(params_chart, if s.layers.is_empty() {
+                        "This report has no per-layer split (written before mlops recorded one): the model's total only."
+                    } else {
+                        "A layer after a cut one shrinks too: it has fewer inputs."
+                    }),
+                    figure(flops_chart, ""),
                     figure(
                         acc,
                         if s.accuracy_after_pruning.is_none() {
@@ -775,7 +843,19 @@ fn prune(p: &PruneView) -> String {
                         }
                     )
                 ]),
-                table(&["figure", "value"], &rows)
+                table(&["figure", "value"], &rows),
+                table(
+                    &[
+                        "layer",
+                        "type",
+                        "outputs kept",
+                        "params before",
+                        "params after",
+                        "FLOPs before",
+                        "FLOPs after"
+                    ],
+                    &layer_rows
+                )
             )
         }
     }

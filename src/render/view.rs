@@ -87,6 +87,24 @@ pub struct LayerCutView {
     pub kept: usize,
 }
 
+/// `prune::LayerCost`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LayerCostView {
+    /// Layer index.
+    pub layer: usize,
+    /// `conv2d`, `dense`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Params before.
+    pub params_before: u64,
+    /// Params after.
+    pub params_after: u64,
+    /// FLOPs per image before.
+    pub flops_before: u64,
+    /// FLOPs per image after.
+    pub flops_after: u64,
+}
+
 /// `prune::StructuredReport`'s fields the report draws.
 #[derive(Debug, Clone, Deserialize)]
 pub struct StructuredView {
@@ -98,6 +116,9 @@ pub struct StructuredView {
     pub sparsity: f64,
     /// Per layer.
     pub plan: Vec<LayerCutView>,
+    /// Per weighted layer (empty in reports written before mlops had it).
+    #[serde(default)]
+    pub layers: Vec<LayerCostView>,
     /// Parameters before.
     pub params_before: u64,
     /// Parameters after.

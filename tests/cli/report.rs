@@ -109,7 +109,8 @@ fn pipeline_writes_report_html_with_a_chart_per_figure() {
             "prune",
             &[
                 "Filters / units per layer",
-                "Share kept after the cut",
+                "Parameters per layer",
+                "FLOPs per image per layer",
                 "Accuracy before and after",
             ],
         ),
@@ -140,7 +141,7 @@ fn pipeline_writes_report_html_with_a_chart_per_figure() {
         svg_titles(summary),
         ["Artifacts: size vs accuracy vs throughput"]
     );
-    assert_eq!(svg_titles(&page).len(), 1 + 4 + 4 + 2 + 3 + 2 + 2 + 3);
+    assert_eq!(svg_titles(&page).len(), 1 + 4 + 4 + 2 + 4 + 2 + 2 + 3);
     // The numbers in the tables are the report's.
     let pct = |v: &Value| format!("{:.2}%", 100.0 * v.as_f64().unwrap());
     let section = |i: usize| &sections[i].1;
@@ -151,6 +152,39 @@ fn pipeline_writes_report_html_with_a_chart_per_figure() {
     let q = &steps[2]["metrics"];
     assert!(section(2).contains(&format!(">{}<", q["bytes_after"])));
     assert!(section(2).contains(&pct(&q["comparison"]["top1_agreement"])));
+    // Structured pruning: params and FLOPs per weighted layer, before and after, adding
+    // up to the model's; the layer after a cut one shrinks too.
+    let s = &steps[4]["metrics"];
+    let layers = s["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 5, "every conv and dense layer: {layers:?}");
+    for (key, total) in [
+        ("params_before", "params_before"),
+        ("params_after", "params_after"),
+        ("flops_before", "flops_before"),
+        ("flops_after", "flops_after"),
+    ] {
+        let sum: u64 = layers.iter().map(|l| l[key].as_u64().unwrap()).sum();
+        assert_eq!(sum, s[total].as_u64().unwrap(), "{key}");
+    }
+    for l in layers {
+        for key in [
+            "params_before",
+            "params_after",
+            "flops_before",
+            "flops_after",
+        ] {
+            assert!(
+                section(4).contains(&format!(">{}<", l[key])),
+                "{key} of {l}"
+            );
+        }
+    }
+    let cut = s["plan"][0]["layer"].as_u64().unwrap();
+    let next = layers
+        .iter()
+        .find(|l| l["layer"].as_u64().unwrap() > cut)
+        .unwrap();
+    assert!(next["params_after"].as_u64() < next["params_before"].as_u64());
     for (i, step) in [(5, &steps[5]), (6, &steps[6])] {
         let m = &step["metrics"];
         assert!(section(i).contains(&format!("<b>{}</b>", pct(&m["accuracy"]))));
