@@ -12,15 +12,30 @@ use mlops::report::table::Table;
 use mlops::report::StepReport;
 use mlops::serve::batcher::BatchConfig;
 use mlops::serve::signing::Signer;
-use mlops::serve::{serve, ServeConfig, ServedArtifact};
+use mlops::serve::{serve, RepositoryConfig, ServeConfig, ServedArtifact};
 
 use super::{Context, ReportArgs};
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ServeArgs {
-    /// Artifacts to serve; each is named by its file name without `.safetensors`
-    #[arg(required = true, value_name = "ARTIFACT")]
+    /// Artifacts to serve; each is named by its file name without `.safetensors` and
+    /// served as version 1
+    #[arg(value_name = "ARTIFACT", required_unless_present = "model_repository")]
     pub artifacts: Vec<PathBuf>,
+    /// A model repository, `DIR/<name>/<version>/model.safetensors` (TF Serving's layout):
+    /// every model folder is served (or those in `--model-config`), new versions are loaded,
+    /// warmed up and swapped in while serving, removed ones unloaded
+    #[arg(long, value_name = "DIR")]
+    pub model_repository: Option<PathBuf>,
+    /// TF Serving's `model_config_list` as YAML or JSON: the models of the repository to
+    /// serve, each with a version policy (`latest: {num_versions: N}`, `all: {}`,
+    /// `specific: {versions: [..]}`) and version labels; re-read on every poll
+    #[arg(long, value_name = "FILE", requires = "model_repository")]
+    pub model_config: Option<PathBuf>,
+    /// Seconds between reads of the model repository, 0 to 86400 (0: only at start-up
+    /// and on SIGHUP)
+    #[arg(long, default_value_t = 5, value_name = "S", value_parser = poll_secs, requires = "model_repository")]
+    pub poll_secs: u64,
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -100,6 +115,11 @@ fn read_timeout_ms(text: &str) -> Result<u64, String> {
     integer_in(text, 10, 600_000)
 }
 
+/// `--poll-secs`: up to a day.
+fn poll_secs(text: &str) -> Result<u64, String> {
+    integer_in(text, 0, 86_400)
+}
+
 /// `--max-connections`: 1 to 65536 (each open connection holds a file descriptor).
 fn max_connections(text: &str) -> Result<usize, String> {
     Ok(integer_in(text, 1, 65_536)? as usize)
@@ -145,7 +165,12 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
     let (mut step, started) = StepReport::start("serve", &device);
     let mut names = BTreeSet::new();
     let mut models = Vec::new();
-    for path in super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "serve")? {
+    let artifacts = if args.artifacts.is_empty() {
+        Vec::new() // `--model-repository` only (clap requires one of the two)
+    } else {
+        super::eval::skip_checkpoints(&args.artifacts, ctx, &mut step, "serve")?
+    };
+    for path in artifacts {
         let (artifact, record) = super::eval::load_artifact(path)?;
         let name = model_name(path);
         if !names.insert(name.clone()) {
@@ -171,8 +196,16 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
         runtime,
         read_timeout: Duration::from_millis(args.read_timeout_ms),
         max_connections: args.max_connections,
+        repository: args.model_repository.as_ref().map(|root| RepositoryConfig {
+            root: root.clone(),
+            config_file: args.model_config.clone(),
+            poll: (args.poll_secs > 0).then(|| Duration::from_secs(args.poll_secs)),
+        }),
     };
-    let listed: Vec<String> = names.iter().cloned().collect();
+    let mut listed: Vec<String> = names.iter().cloned().collect();
+    if let Some(root) = &args.model_repository {
+        listed.push(format!("the model repository `{}`", root.display()));
+    }
     let signed = args.hmac_key_file.is_some();
     let summary = serve(models, config, |address| {
         // Always printed (also with --quiet): a client started with `--port 0` needs it.

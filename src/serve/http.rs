@@ -7,7 +7,6 @@
 //! and extractor rejections; a URI over [`MAX_URI_BYTES`] gets a 414. Request bodies are
 //! read under `--read-timeout-ms` and [`MAX_BODY_BYTES`] (also after gzip inflation).
 
-use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +25,7 @@ use super::batcher::{BatchError, Batcher};
 use super::cache::PredictionCache;
 use super::metrics::Metrics;
 use super::protocol::{self, Batch, ModelShape, Unanswerable};
+use super::registry::{self, Pick, Registry};
 use super::signing::{Signer, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
 /// Largest request body, before and after gzip inflation. One 28x28 image is ~5-10 KB of
@@ -48,9 +48,11 @@ pub(crate) const NO_MODEL: &str = "(none)";
 /// The `api` label of requests that are not inference requests.
 pub(crate) const API_HTTP: &str = "http";
 
-/// One served model.
+/// One served model version.
 pub(crate) struct Model {
     pub name: String,
+    /// Its version number (1 for an artifact given on the command line).
+    pub version: u64,
     pub shape: ModelShape,
     pub batcher: Batcher,
     pub cache: Option<PredictionCache>,
@@ -60,7 +62,8 @@ pub(crate) struct Model {
 
 /// Everything the handlers share.
 pub(crate) struct AppState {
-    pub models: BTreeMap<String, Model>,
+    /// What is served now (swapped by the repository poller).
+    pub registry: registry::Shared,
     pub signer: Option<Signer>,
     pub metrics: Arc<Metrics>,
     /// How long a request body may take to arrive (`--read-timeout-ms`).
@@ -131,6 +134,22 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
         .route("/v1/models/{target}", get(tf_status).post(tf_predict))
         .route("/v1/models/{name}/metadata", get(tf_metadata))
+        .route(
+            "/v1/models/{name}/versions/{target}",
+            get(tf_version_status).post(tf_version_predict),
+        )
+        .route(
+            "/v1/models/{name}/versions/{version}/metadata",
+            get(tf_version_metadata),
+        )
+        .route(
+            "/v1/models/{name}/labels/{target}",
+            get(tf_label_status).post(tf_label_predict),
+        )
+        .route(
+            "/v1/models/{name}/labels/{label}/metadata",
+            get(tf_label_metadata),
+        )
         .route("/v2", get(v2_server))
         .route(
             "/v2/health/live",
@@ -143,6 +162,18 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{name}", get(v2_model))
         .route("/v2/models/{name}/ready", get(v2_model_ready))
         .route("/v2/models/{name}/infer", post(v2_infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(v2_version_model),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(v2_version_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(v2_version_infer),
+        )
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .with_state(state.clone());
@@ -157,44 +188,64 @@ async fn unknown_route(uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no route `{}`: use POST /v1/models/NAME:predict, POST /v2/models/NAME/infer, \
-             GET /v1/models/NAME[/metadata], GET /v2/models/NAME[/ready], GET /v2/health/ready \
-             or GET /metrics",
+            "no route `{}`: use POST /v1/models/NAME:predict, POST /v2/models/NAME/infer \
+             (a version: /v1/models/NAME/versions/N:predict, /v1/models/NAME/labels/L:predict, \
+             /v2/models/NAME/versions/N/infer), GET /v1/models/NAME[/metadata], \
+             GET /v2/models/NAME[/ready], GET /v2/health/ready, POST /predict or GET /metrics",
             uri.path()
         ),
     )
 }
 
+/// The version a request was answered by, set on its response by the inference handlers
+/// (the `version` label of its metrics).
+#[derive(Debug, Clone, Copy)]
+struct AnsweredBy(u64);
+
 /// The `api` and `model` labels of a request, from its method and path alone (so that
 /// requests refused before routing are counted under the right API too). Names of
 /// models not served are counted under `(unknown)`: they would make unbounded labels.
-fn labels<'a>(state: &'a AppState, method: &Method, path: &str) -> (&'static str, &'a str) {
+fn labels(registry: &Registry, method: &Method, path: &str) -> (&'static str, String) {
     let model = |name: &str| {
-        state
+        registry
             .models
             .get_key_value(name)
-            .map_or("(unknown)", |(k, _)| k.as_str())
+            .map_or("(unknown)".to_string(), |(k, _)| k.clone())
     };
-    if let Some(target) = path.strip_prefix("/v1/models/") {
-        if *method == Method::POST && !target.contains('/') {
-            let name = target.rsplit_once(':').map_or(target, |(name, _)| name);
-            return ("tfserving", model(name));
+    if *method == Method::POST {
+        if let Some(target) = path.strip_prefix("/v1/models/") {
+            let name = target.split(['/', ':']).next().unwrap_or_default();
+            let rest = &target[name.len()..];
+            let versioned = rest
+                .strip_prefix("/versions/")
+                .or_else(|| rest.strip_prefix("/labels/"))
+                .is_some_and(|r| !r.contains('/'));
+            if rest.starts_with(':') || versioned {
+                return ("tfserving", model(name));
+            }
+        }
+        if let Some(rest) = path
+            .strip_prefix("/v2/models/")
+            .and_then(|rest| rest.strip_suffix("/infer"))
+        {
+            let name = rest.split('/').next().unwrap_or_default();
+            let tail = &rest[name.len()..];
+            if tail.is_empty()
+                || tail
+                    .strip_prefix("/versions/")
+                    .is_some_and(|v| !v.contains('/'))
+            {
+                return ("v2", model(name));
+            }
         }
     }
-    if let Some(name) = path
-        .strip_prefix("/v2/models/")
-        .and_then(|rest| rest.strip_suffix("/infer"))
-    {
-        if *method == Method::POST && !name.contains('/') {
-            return ("v2", model(name));
-        }
-    }
-    (API_HTTP, NO_MODEL)
+    (API_HTTP, NO_MODEL.to_string())
 }
 
 /// The middleware every request goes through: refuses an over-long URI, turns any error
 /// answer that is not JSON yet (axum's 405 and extractor rejections) into
-/// `{"error": ...}`, and counts the answer and its latency by model, API and status.
+/// `{"error": ...}`, and counts the answer and its latency by model, version, API and
+/// status.
 async fn contract(State(state): Shared, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
@@ -212,10 +263,15 @@ async fn contract(State(state): Shared, request: Request, next: Next) -> Respons
     } else {
         next.run(request).await
     };
+    let version = response
+        .extensions()
+        .get::<AnsweredBy>()
+        .map_or(String::new(), |v| v.0.to_string());
     let response = json_error(response, &method, &path).await;
-    let (api, model) = labels(&state, &method, &path);
+    let (api, model) = labels(&state.registry.snapshot(), &method, &path);
     state.metrics.record(
-        model,
+        &model,
+        &version,
         api,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
@@ -274,19 +330,30 @@ impl From<BatchError> for ApiError {
     }
 }
 
-fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a Model, ApiError> {
+/// The model `name`'s version per `pick`, or a 404 naming what is served.
+fn pick(state: &AppState, name: &str, pick: &Pick) -> Result<Arc<Model>, ApiError> {
     state
-        .models
-        .get(name)
-        .ok_or_else(|| unknown_model(state, name))
+        .registry
+        .snapshot()
+        .pick(name, pick)
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.message(name)))
 }
 
-fn unknown_model(state: &AppState, name: &str) -> ApiError {
-    let known: Vec<&str> = state.models.keys().map(String::as_str).collect();
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("no model `{name}`; this server has {known:?}"),
-    )
+/// A `/versions/{v}` path segment: a positive integer, else a 400 naming it.
+fn version_number(text: &str) -> Result<u64, ApiError> {
+    text.parse::<u64>().ok().filter(|&v| v > 0).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{text}` is not a model version: versions are whole numbers from 1"),
+        )
+    })
+}
+
+/// A JSON answer that records the version that gave it (for `/metrics`).
+fn answered(model: &Model, body: Value) -> Response {
+    let mut response = Json(body).into_response();
+    response.extensions_mut().insert(AnsweredBy(model.version));
+    response
 }
 
 fn check_signature(
@@ -427,7 +494,8 @@ async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f3
         }
     }
     let hits = batch.count - missing.len();
-    let label = [model.name.as_str()];
+    let version = model.version.to_string();
+    let label = [model.name.as_str(), version.as_str()];
     state
         .metrics
         .cache_hits
@@ -456,29 +524,68 @@ async fn run(model: &Model, images: Vec<f32>, count: usize) -> Result<Vec<f32>, 
     Ok(answer.await.map_err(|_| BatchError::Stopped)??)
 }
 
+/// `POST /v1/models/NAME:predict` (the latest version).
 async fn tf_predict(
     State(state): Shared,
     Path(target): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     // The last `:` splits, so a model file name may itself hold one.
     let (name, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
     let path = format!("/v1/models/{target}");
-    let body = read_body(&state, &headers, body).await?;
+    tf_predict_on(&state, &path, name, verb, Pick::Latest, &headers, body).await
+}
+
+/// `POST /v1/models/NAME/versions/N:predict`.
+async fn tf_version_predict(
+    State(state): Shared,
+    Path((name, target)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (version, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
+    let path = format!("/v1/models/{name}/versions/{target}");
+    let pick = Pick::Version(version_number(version)?);
+    tf_predict_on(&state, &path, &name, verb, pick, &headers, body).await
+}
+
+/// `POST /v1/models/NAME/labels/LABEL:predict`.
+async fn tf_label_predict(
+    State(state): Shared,
+    Path((name, target)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (label, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
+    let path = format!("/v1/models/{name}/labels/{target}");
+    let pick = Pick::Label(label.to_string());
+    tf_predict_on(&state, &path, &name, verb, pick, &headers, body).await
+}
+
+async fn tf_predict_on(
+    state: &AppState,
+    path: &str,
+    name: &str,
+    verb: &str,
+    which: Pick,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(state, headers, body).await?;
     // Signature first: an unsigned client learns nothing, not even model names. It
     // covers the body as sent (before any gzip inflation, which it so cannot trigger).
-    check_signature(&state, &headers, "POST", &path, &body)?;
+    check_signature(state, headers, "POST", path, &body)?;
     if verb != "predict" {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("`{target}`: this server answers `/v1/models/NAME:predict`"),
+            format!("`{path}`: this server answers `POST /v1/models/NAME[/versions/N]:predict`"),
         ));
     }
-    let model = model(&state, name)?;
-    let body = decode(&headers, body)?;
+    let model = pick(state, name, &which)?;
+    let body = decode(headers, body)?;
     let request = protocol::parse_tf_serving(&body, &model.shape)?;
-    let logits = logits(&state, model, &request.batch).await?;
+    let logits = logits(state, &model, &request.batch).await?;
     let field = if request.columnar {
         "inputs"
     } else {
@@ -487,42 +594,126 @@ async fn tf_predict(
     protocol::check_finite(&logits, &request.batch.images, &model.shape, |i| {
         format!("`{field}[{i}]`")
     })?;
-    Ok(Json(protocol::tf_serving_response(
-        &logits,
-        &model.shape,
-        request.columnar,
-    )))
+    Ok(answered(
+        &model,
+        protocol::tf_serving_response(&logits, &model.shape, request.columnar),
+    ))
 }
 
-/// `GET /v1/models/NAME`: the version status. `GET /v1/models/NAME:predict` (a verb of
-/// a served model) gets a 405 naming the method, not a 404 for a model `NAME:predict`.
+/// TF Serving's `model_version_status` entries of `versions` (all when `None`).
+fn version_status(registry: &Registry, name: &str, only: Option<u64>) -> Result<Value, ApiError> {
+    let served = registry.models.get(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            registry::PickError::NoModel {
+                known: registry.models.keys().cloned().collect(),
+            }
+            .message(name),
+        )
+    })?;
+    let entries: Vec<Value> = served
+        .states
+        .iter()
+        .rev()
+        .filter(|(v, _)| only.is_none_or(|o| o == **v))
+        .map(|(v, status)| {
+            json!({
+                "version": v.to_string(),
+                "state": status.state.as_str(),
+                "status": match &status.error {
+                    None => json!({"error_code": "OK", "error_message": ""}),
+                    Some(e) => json!({"error_code": "UNKNOWN", "error_message": e}),
+                },
+            })
+        })
+        .collect();
+    if let Some(v) = only.filter(|_| entries.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model `{name}` has no version {v}; versions: {:?}",
+                served.states.keys().collect::<Vec<_>>()
+            ),
+        ));
+    }
+    Ok(json!({ "model_version_status": entries }))
+}
+
+/// A 405 for `GET ...:predict`, or a 404 for another verb.
+fn wrong_verb(method: &Method, path: &str, verb: &str) -> ApiError {
+    if matches!(verb, "predict" | "classify" | "regress") {
+        let mut e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("`{method} {path}` is not allowed: `:{verb}` takes POST"),
+        );
+        e.allow = Some("POST");
+        return e;
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("`{path}`: this server answers `/v1/models/NAME[/versions/N]:predict`"),
+    )
+}
+
+/// `GET /v1/models/NAME`: every version's state. `GET /v1/models/NAME:predict` (a verb
+/// of a served model) gets a 405 naming the method, not a 404 for a model `NAME:predict`.
 async fn tf_status(
     State(state): Shared,
     method: Method,
     Path(target): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.models.contains_key(&target) {
-        let Some((name, verb)) = target.rsplit_once(':') else {
-            return Err(unknown_model(&state, &target));
-        };
-        model(&state, name)?;
-        if matches!(verb, "predict" | "classify" | "regress") {
-            let mut e = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("`{method} /v1/models/{target}` is not allowed: `:{verb}` takes POST"),
-            );
-            e.allow = Some("POST");
-            return Err(e);
+    let registry = state.registry.snapshot();
+    if !registry.models.contains_key(&target) {
+        if let Some((name, verb)) = target.rsplit_once(':') {
+            if registry.models.contains_key(name) {
+                return Err(wrong_verb(&method, &format!("/v1/models/{target}"), verb));
+            }
+            return Ok(Json(version_status(&registry, name, None)?));
         }
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("`{target}`: this server answers `/v1/models/NAME:predict`"),
+    }
+    Ok(Json(version_status(&registry, &target, None)?))
+}
+
+/// `GET /v1/models/NAME/versions/N`: that version's state.
+async fn tf_version_status(
+    State(state): Shared,
+    method: Method,
+    Path((name, target)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some((_, verb)) = target.rsplit_once(':') {
+        return Err(wrong_verb(
+            &method,
+            &format!("/v1/models/{name}/versions/{target}"),
+            verb,
         ));
     }
-    Ok(Json(json!({"model_version_status": [{
-        "version": "1", "state": "AVAILABLE",
-        "status": {"error_code": "OK", "error_message": ""},
-    }]})))
+    let version = version_number(&target)?;
+    Ok(Json(version_status(
+        &state.registry.snapshot(),
+        &name,
+        Some(version),
+    )?))
+}
+
+/// `GET /v1/models/NAME/labels/LABEL`: the labelled version's state.
+async fn tf_label_status(
+    State(state): Shared,
+    method: Method,
+    Path((name, target)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some((_, verb)) = target.rsplit_once(':') {
+        return Err(wrong_verb(
+            &method,
+            &format!("/v1/models/{name}/labels/{target}"),
+            verb,
+        ));
+    }
+    let model = pick(&state, &name, &Pick::Label(target))?;
+    Ok(Json(version_status(
+        &state.registry.snapshot(),
+        &name,
+        Some(model.version),
+    )?))
 }
 
 fn dims(shape: &ModelShape) -> Vec<i64> {
@@ -531,18 +722,15 @@ fn dims(shape: &ModelShape) -> Vec<i64> {
         .collect()
 }
 
-async fn tf_metadata(
-    State(state): Shared,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let model = model(&state, &name)?;
+/// TF Serving's `GET .../metadata` body for one version.
+fn tf_metadata_of(model: &Model) -> Value {
     let tensor = |dtype: &str, dims: Vec<i64>, name: &str| {
         json!({"dtype": dtype, "name": name,
                "tensor_shape": {"dim": dims.iter().map(|d| json!({"size": d.to_string()})).collect::<Vec<_>>()}})
     };
     let classes = model.shape.labels.len() as i64;
-    Ok(Json(json!({
-        "model_spec": {"name": name, "signature_name": "", "version": "1"},
+    json!({
+        "model_spec": {"name": model.name, "signature_name": "", "version": model.version.to_string()},
         "metadata": {"signature_def": {"signature_def": {"serving_default": {
             "inputs": {"input": tensor("DT_FLOAT", dims(&model.shape), "input")},
             "outputs": {
@@ -553,19 +741,51 @@ async fn tf_metadata(
             "method_name": "tensorflow/serving/predict",
         }}}},
         "mlops": model.info,
-    })))
+    })
+}
+
+async fn tf_metadata(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let model = pick(&state, &name, &Pick::Latest)?;
+    Ok(Json(tf_metadata_of(&model)))
+}
+
+async fn tf_version_metadata(
+    State(state): Shared,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let which = Pick::Version(version_number(&version)?);
+    let model = pick(&state, &name, &which)?;
+    Ok(Json(tf_metadata_of(&model)))
+}
+
+async fn tf_label_metadata(
+    State(state): Shared,
+    Path((name, label)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let model = pick(&state, &name, &Pick::Label(label))?;
+    Ok(Json(tf_metadata_of(&model)))
 }
 
 async fn v2_server() -> Json<Value> {
     Json(json!({"name": "mlops", "version": crate::report::MLOPS_VERSION, "extensions": []}))
 }
 
-async fn v2_model(State(state): Shared, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let model = model(&state, &name)?;
+/// KServe v2 model metadata of `model`, listing every loaded version of its name.
+fn v2_metadata_of(state: &AppState, model: &Model) -> Value {
     let classes = model.shape.labels.len() as i64;
-    Ok(Json(json!({
-        "name": name,
-        "versions": ["1"],
+    let versions: Vec<String> = state
+        .registry
+        .snapshot()
+        .models
+        .get(&model.name)
+        .map(|s| s.versions.keys().map(u64::to_string).collect())
+        .unwrap_or_default();
+    json!({
+        "name": model.name,
+        "versions": versions,
         "platform": "mlops",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": dims(&model.shape)}],
         "outputs": [
@@ -573,7 +793,20 @@ async fn v2_model(State(state): Shared, Path(name): Path<String>) -> Result<Json
             {"name": "class", "datatype": "INT64", "shape": [-1]},
         ],
         "parameters": scalar_parameters(&model.info),
-    })))
+    })
+}
+
+async fn v2_model(State(state): Shared, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let model = pick(&state, &name, &Pick::Latest)?;
+    Ok(Json(v2_metadata_of(&state, &model)))
+}
+
+async fn v2_version_model(
+    State(state): Shared,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let model = pick(&state, &name, &Pick::Version(version_number(&version)?))?;
+    Ok(Json(v2_metadata_of(&state, &model)))
 }
 
 /// v2 model parameters may only be strings, numbers or booleans: lists and objects are
@@ -596,7 +829,15 @@ async fn v2_model_ready(
     State(state): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    model(&state, &name)?;
+    pick(&state, &name, &Pick::Latest)?;
+    Ok(Json(json!({"name": name, "ready": true})))
+}
+
+async fn v2_version_ready(
+    State(state): Shared,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    pick(&state, &name, &Pick::Version(version_number(&version)?))?;
     Ok(Json(json!({"name": name, "ready": true})))
 }
 
@@ -605,30 +846,54 @@ async fn v2_infer(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let path = format!("/v2/models/{name}/infer");
-    let body = read_body(&state, &headers, body).await?;
-    check_signature(&state, &headers, "POST", &path, &body)?;
-    let model = model(&state, &name)?;
+    v2_infer_on(&state, &path, &name, Pick::Latest, &headers, body).await
+}
+
+async fn v2_version_infer(
+    State(state): Shared,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let path = format!("/v2/models/{name}/versions/{version}/infer");
+    let which = Pick::Version(version_number(&version)?);
+    v2_infer_on(&state, &path, &name, which, &headers, body).await
+}
+
+async fn v2_infer_on(
+    state: &AppState,
+    path: &str,
+    name: &str,
+    which: Pick,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(state, headers, body).await?;
+    check_signature(state, headers, "POST", path, &body)?;
+    let model = pick(state, name, &which)?;
     if headers.contains_key(protocol::BINARY_HEADER) {
         return Err(protocol::binary_extension_refused(
             "the `Inference-Header-Content-Length` header",
         )
         .into());
     }
-    let body = decode(&headers, body)?;
+    let body = decode(headers, body)?;
     let request = protocol::parse_v2(&body, &model.shape)?;
-    let logits = logits(&state, model, &request.batch).await?;
+    let logits = logits(state, &model, &request.batch).await?;
     protocol::check_finite(&logits, &request.batch.images, &model.shape, |i| {
         format!("image {i} of `inputs[0].data`")
     })?;
-    Ok(Json(protocol::v2_response(
-        &name,
+    let mut body = protocol::v2_response(
+        name,
         &request.outputs,
         request.id.as_ref(),
         &logits,
         model.shape.labels.len(),
-    )))
+    );
+    body["model_version"] = Value::String(model.version.to_string());
+    Ok(answered(&model, body))
 }
 
 async fn metrics(State(state): Shared) -> impl IntoResponse {
@@ -647,7 +912,7 @@ mod tests {
 
     fn state(read_timeout: Duration) -> AppState {
         AppState {
-            models: BTreeMap::new(),
+            registry: registry::Shared::new(Registry::default()),
             signer: None,
             metrics: Arc::new(Metrics::new()),
             read_timeout,
@@ -767,24 +1032,40 @@ mod tests {
     /// Requests are counted under their API even when refused before routing.
     #[test]
     fn labels_come_from_the_path() {
-        let state = state(Duration::from_secs(1));
+        let mut registry = Registry::default();
+        registry
+            .models
+            .insert("m".into(), registry::Served::default());
         let post = Method::POST;
+        let label = |method: &Method, path: &str| {
+            let (api, model) = labels(&registry, method, path);
+            (api, model)
+        };
+        for path in [
+            "/v1/models/m:predict",
+            "/v1/models/m/versions/2:predict",
+            "/v1/models/m/labels/stable:predict",
+        ] {
+            assert_eq!(label(&post, path), ("tfserving", "m".into()), "{path}");
+        }
         assert_eq!(
-            labels(&state, &post, "/v1/models/m:predict"),
-            ("tfserving", "(unknown)")
+            label(&post, "/v1/models/x:predict"),
+            ("tfserving", "(unknown)".into())
         );
-        assert_eq!(
-            labels(&state, &post, "/v2/models/m/infer"),
-            ("v2", "(unknown)")
-        );
-        assert_eq!(
-            labels(&state, &Method::GET, "/v1/models/m"),
-            (API_HTTP, NO_MODEL)
-        );
-        assert_eq!(labels(&state, &post, "/metrics"), (API_HTTP, NO_MODEL));
-        assert_eq!(
-            labels(&state, &Method::GET, "/v2/models/m/infer"),
-            (API_HTTP, NO_MODEL)
-        );
+        for path in ["/v2/models/m/infer", "/v2/models/m/versions/3/infer"] {
+            assert_eq!(label(&post, path), ("v2", "m".into()), "{path}");
+        }
+        for (method, path) in [
+            (&Method::GET, "/v1/models/m"),
+            (&post, "/metrics"),
+            (&Method::GET, "/v2/models/m/infer"),
+            (&post, "/v2/models/m/versions/3/ready/infer"),
+        ] {
+            assert_eq!(
+                label(method, path),
+                (API_HTTP, NO_MODEL.to_string()),
+                "{method} {path}"
+            );
+        }
     }
 }

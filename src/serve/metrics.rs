@@ -11,7 +11,7 @@ use prometheus::{
 /// The server's metrics; every handler records into it.
 pub struct Metrics {
     registry: Registry,
-    /// Answered requests by `model`, `api` (`tfserving`, `v2`; `http` for every other
+    /// Answered requests by `model`, `version`, `api` (`tfserving`, `v2`; `http` for every other
     /// route, unknown routes and HTTP the server could not parse) and HTTP `code`.
     pub requests: IntCounterVec,
     /// Request latency in seconds by `model` and `api`, parse to answer.
@@ -42,7 +42,7 @@ impl Metrics {
                 "mlops_requests_total",
                 "Requests answered, by model, API and status",
             ),
-            &["model", "api", "code"],
+            &["model", "version", "api", "code"],
         )
         .expect("valid metric");
         let latency = HistogramVec::new(
@@ -51,23 +51,23 @@ impl Metrics {
                 "Time from a request's head to its answer",
             )
             .buckets(exponential_buckets(25e-6, 2.0, 16).expect("valid buckets")),
-            &["model", "api"],
+            &["model", "version", "api"],
         )
         .expect("valid metric");
         let batch_images = HistogramVec::new(
             HistogramOpts::new("mlops_batch_images", "Images per forward pass")
                 .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
-            &["model"],
+            &["model", "version"],
         )
         .expect("valid metric");
         let cache_hits = IntCounterVec::new(
             Opts::new("mlops_cache_hits_total", "Images answered from the cache"),
-            &["model"],
+            &["model", "version"],
         )
         .expect("valid metric");
         let cache_misses = IntCounterVec::new(
             Opts::new("mlops_cache_misses_total", "Images not in the cache"),
-            &["model"],
+            &["model", "version"],
         )
         .expect("valid metric");
         let open_connections =
@@ -100,14 +100,15 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request and its latency.
-    pub fn record(&self, model: &str, api: &str, code: u16, seconds: f64) {
+    /// Counts one answered request and its latency (`version` empty when no version
+    /// answered it: refused before one was picked, or not an inference request).
+    pub fn record(&self, model: &str, version: &str, api: &str, code: u16, seconds: f64) {
         let code = code.to_string();
         self.requests
-            .with_label_values(&[model, api, code.as_str()])
+            .with_label_values(&[model, version, api, code.as_str()])
             .inc();
         self.latency
-            .with_label_values(&[model, api])
+            .with_label_values(&[model, version, api])
             .observe(seconds);
     }
 

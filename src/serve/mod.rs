@@ -18,9 +18,14 @@
 pub mod batcher;
 pub mod cache;
 mod http;
+mod loader;
 pub mod metrics;
 pub mod protocol;
+mod registry;
+pub mod repository;
 pub mod signing;
+
+pub use loader::RepositoryConfig;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,15 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::artifact::Artifact;
 use crate::report::FileRecord;
-use crate::runtime::{CpuEngine, Runtime};
-use batcher::{BatchConfig, Batcher};
-use cache::PredictionCache;
+use crate::runtime::Runtime;
+use batcher::BatchConfig;
 use metrics::Metrics;
-use protocol::ModelShape;
 use signing::Signer;
 
 /// How the server runs.
@@ -63,6 +65,8 @@ pub struct ServeConfig {
     pub read_timeout: Duration,
     /// Connections open at once at most; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// A model repository to serve (and poll) besides the artifacts given.
+    pub repository: Option<RepositoryConfig>,
 }
 
 /// One artifact to serve under `name`.
@@ -115,46 +119,55 @@ pub fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> crate::Result<ServeSummary> {
     let metrics = Arc::new(Metrics::new());
-    let mut served = BTreeMap::new();
+    let loader = loader::Loader {
+        runtime: config.runtime.map(Arc::from),
+        model_threads: config.model_threads,
+        batch: config.batch,
+        cache_images: config.cache_images,
+        metrics: metrics.clone(),
+    };
+    let mut fixed = registry::Registry::default();
     for ServedArtifact {
         name,
         artifact,
         record,
     } in models
     {
-        let engine = match &config.runtime {
-            Some(runtime) => runtime.load(&artifact)?,
-            None => Box::new(CpuEngine::new(&artifact, config.model_threads.max(1))?),
+        let model = loader.load(&name, 1, &artifact, &record)?;
+        let mut entry = registry::Served {
+            policy: "fixed (an artifact given on the command line)".into(),
+            ..registry::Served::default()
         };
-        let info = json!({
-            "file": record.path, "sha256": record.sha256, "bytes": record.bytes,
-            "precision": artifact.precision.as_str(), "compute": engine.compute(),
-            "labels": artifact.labels, "input": artifact.input,
-            "accuracy": artifact.metrics.as_ref().map(|m| m.accuracy),
-        });
-        let batch_images = metrics.batch_images.with_label_values(&[name.as_str()]);
-        let batcher = Batcher::spawn(engine, config.batch, move |images| {
-            batch_images.observe(images as f64)
-        })
-        .map_err(|e| crate::Error::io("start the batching thread for", &record.path, e))?;
-        let model = http::Model {
-            name: name.clone(),
-            shape: ModelShape {
-                input: artifact.input.clone(),
-                labels: artifact.labels.clone(),
+        entry.versions.insert(1, Arc::new(model));
+        entry.states.insert(
+            1,
+            registry::VersionStatus {
+                state: registry::VersionState::Available,
+                error: None,
             },
-            batcher,
-            cache: PredictionCache::new(config.cache_images),
-            info,
-        };
-        served.insert(name, model);
+        );
+        fixed.models.insert(name, entry);
     }
     let state = Arc::new(http::AppState {
-        models: served,
+        registry: registry::Shared::new(fixed),
         signer: config.signer,
         metrics: metrics.clone(),
         read_timeout: config.read_timeout,
     });
+    // The repository is read once before listening (its first versions are warm when
+    // the first request comes), then polled on its own thread.
+    let (wake, woken) = std::sync::mpsc::channel::<()>();
+    if let Some(repository) = config.repository {
+        let mut poller = loader::Poller::new(repository, loader);
+        poller.first(&state)?;
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("mlops-repository".into())
+            .spawn(move || poller.run(state, woken))
+            .map_err(|e| {
+                crate::Error::io("start the repository poller for", "the model repository", e)
+            })?;
+    }
     let limits = Limits {
         read_timeout: config.read_timeout,
         max_connections: config.max_connections.max(1),
@@ -179,6 +192,7 @@ pub fn serve(
             .await
             .map_err(network("listen on"))?;
         let address = listener.local_addr().map_err(network("listen on"))?;
+        reload_on_sighup(wake).map_err(network("install signal handlers for"))?;
         on_ready(address);
         accept_loop(listener, http::router(state), limits, &metrics, stop).await;
         Ok::<_, crate::Error>(address)
@@ -275,8 +289,26 @@ fn connection_error(metrics: &Metrics, e: &hyper::Error) {
         } else {
             431
         };
-        metrics.record(http::NO_MODEL, http::API_HTTP, code, 0.0);
+        metrics.record(http::NO_MODEL, "", http::API_HTTP, code, 0.0);
     }
+}
+
+/// Reads the model repository again on each SIGHUP (TF Serving and nginx reload on it),
+/// by waking the poller. Without a repository the poller is not running and the signal
+/// is ignored (SIGHUP's default action would end the server).
+fn reload_on_sighup(wake: std::sync::mpsc::Sender<()>) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let _ = wake.send(());
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(wake);
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called, not

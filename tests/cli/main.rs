@@ -14,6 +14,7 @@ mod quantize;
 mod report;
 mod serve;
 mod serve_fuzz;
+mod serve_repository;
 mod snapshots;
 mod train;
 mod util;

@@ -130,7 +130,7 @@ impl Server {
         self.send(method, path, body.map(str::as_bytes), headers)
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    pub(crate) fn json(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let text = body.map(|b| b.to_string());
         let (code, answer) = self.call(method, path, text.as_deref(), &[]);
         (
@@ -154,7 +154,7 @@ impl Server {
     }
 
     /// The value of one `/metrics` series (0 when absent).
-    fn metric(&self, series: &str) -> f64 {
+    pub(crate) fn metric(&self, series: &str) -> f64 {
         let (code, metrics) = self.call("GET", "/metrics", None, &[]);
         assert_eq!(code, 200);
         metrics
@@ -166,6 +166,13 @@ impl Server {
 }
 
 impl Server {
+    /// Sends `signal` to the server process.
+    #[cfg(unix)]
+    pub(crate) fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// Sends SIGTERM, asserts a clean exit and returns the step report it wrote to
     /// `report` (a path relative to `dir`).
     #[cfg(unix)]
@@ -194,7 +201,7 @@ impl Drop for Server {
 }
 
 /// Eight test images as pixels, and the model's own classes and logits for them.
-fn expected(model: &Path) -> (Vec<Vec<u8>>, Vec<usize>, Vec<f32>) {
+pub(crate) fn expected(model: &Path) -> (Vec<Vec<u8>>, Vec<usize>, Vec<f32>) {
     let split = mlops::data::load_split(&tiny_data(), mlops::data::SplitKind::Test).unwrap();
     let pixels: Vec<Vec<u8>> = split
         .images
@@ -221,7 +228,7 @@ fn expected(model: &Path) -> (Vec<Vec<u8>>, Vec<usize>, Vec<f32>) {
     (pixels, classes, logits)
 }
 
-fn tf_body(pixels: &[Vec<u8>]) -> Value {
+pub(crate) fn tf_body(pixels: &[Vec<u8>]) -> Value {
     let instances: Vec<Vec<f32>> = pixels
         .iter()
         .map(|p| {
@@ -233,7 +240,7 @@ fn tf_body(pixels: &[Vec<u8>]) -> Value {
     json!({ "instances": instances })
 }
 
-fn v2_body(pixels: &[Vec<u8>]) -> Value {
+pub(crate) fn v2_body(pixels: &[Vec<u8>]) -> Value {
     json!({"id": "42", "inputs": [{"name": "input", "shape": [pixels.len(), 28, 28, 1],
         "datatype": "UINT8", "data": pixels.concat()}]})
 }
@@ -324,11 +331,20 @@ fn serve_caches_repeats_and_exports_metrics() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value(r#"mlops_cache_hits_total{model="model"}"#), 8.0);
-    assert_eq!(value(r#"mlops_cache_misses_total{model="model"}"#), 8.0);
-    assert_eq!(value(r#"mlops_batch_images_sum{model="model"}"#), 8.0);
     assert_eq!(
-        value(r#"mlops_requests_total{api="tfserving",code="200",model="model"}"#),
+        value(r#"mlops_cache_hits_total{model="model",version="1"}"#),
+        8.0
+    );
+    assert_eq!(
+        value(r#"mlops_cache_misses_total{model="model",version="1"}"#),
+        8.0
+    );
+    assert_eq!(
+        value(r#"mlops_batch_images_sum{model="model",version="1"}"#),
+        8.0
+    );
+    assert_eq!(
+        value(r#"mlops_requests_total{api="tfserving",code="200",model="model",version="1"}"#),
         2.0
     );
 }
@@ -705,9 +721,10 @@ fn serve_answers_every_error_in_json_and_counts_it() {
     );
     assert_eq!(server.json("GET", "/v1/models/model", None).0, 200);
 
+    // Refused requests were answered by no version: `version=""`.
     let series = |api: &str, model: &str, code: u16| {
         server.metric(&format!(
-            r#"mlops_requests_total{{api="{api}",code="{code}",model="{model}"}}"#
+            r#"mlops_requests_total{{api="{api}",code="{code}",model="{model}",version=""}}"#
         ))
     };
     assert_eq!(series("tfserving", "model", 413), 1.0);

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# load.sh: load one HTTP endpoint with `hey` and measure what the server spent.
+#
+# Sends the same JSON body (one image) as POST requests to URL over keep-alive connections,
+# at each concurrency of $CONCURRENCY (default "1 16 64") for DURATION seconds, after
+# $WARMUP requests (default 50) that are not counted. For each run it prints one line:
+#   requests/s, p50 and p99 latency (ms; hey reports 0.1 ms steps), answers that were not
+#   200 (plus connection errors), the CPU time the server used (utime+stime from
+#   /proc/PID/stat of SERVER_PID and all its descendants, before/after), that time per
+#   request in core-milliseconds, and the CPU time hey itself used (same machine).
+# With JSON_OUT=FILE it also appends one JSON object per run to FILE.
+#
+#   examples/peers/load.sh URL BODY.json SERVER_PID [DURATION_S=10] [LABEL=URL]
+#   e.g. load.sh http://127.0.0.1:8501/v1/models/model:predict v1.json "$(pgrep -n mlops)" 2
+set -euo pipefail
+
+if [ $# -lt 3 ]; then
+  sed -n '2,16p' "$0"
+  exit 2
+fi
+url=$1 body=$2 pid=$3 duration=${4:-10} label=${5:-$1}
+command -v hey >/dev/null || { echo "load.sh: hey is not installed (apt-get install -y hey)" >&2; exit 1; }
+[ -d "/proc/$pid" ] || { echo "load.sh: no process $pid" >&2; exit 1; }
+tick=$(getconf CLK_TCK)
+
+# utime+stime (clock ticks) of process $1 and every descendant.
+tree_ticks() {
+  cat /proc/[0-9]*/stat 2>/dev/null | sed 's/^\([0-9]*\) (.*) /\1 /' | awk -v root="$1" '
+    { parent[$1] = $3; ticks[$1] = $13 + $14 }
+    END {
+      total = 0
+      for (p in ticks) {
+        q = p
+        while (q != "" && q != 0 && q != root) q = parent[q]
+        if (q == root) total += ticks[p]
+      }
+      print total
+    }'
+}
+
+hey_args=(-m POST -T application/json -D "$body")
+hey -n "${WARMUP:-50}" -c 1 "${hey_args[@]}" "$url" >/dev/null
+
+for c in ${CONCURRENCY:-1 16 64}; do
+  out=$(mktemp)
+  loadavg=$(cut -d' ' -f1 /proc/loadavg)  # 1-minute load before the run: other work on the machine
+  before=$(tree_ticks "$pid")
+  client_before=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)  # this shell's children, once waited
+  hey -z "${duration}s" -c "$c" "${hey_args[@]}" "$url" >"$out"
+  after=$(tree_ticks "$pid")
+  client_after=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)
+  result=$(awk -v label="$label" -v c="$c" -v d="$duration" -v tick="$tick" -v load="$loadavg" \
+    -v cpu="$((after - before))" -v ccpu="$((client_after - client_before))" '
+    /Requests\/sec:/ { rps = $2 }
+    /^ +50% in/ { p50 = sprintf("%.1f", $3 * 1000) }
+    /^ +99% in/ { p99 = sprintf("%.1f", $3 * 1000) }
+    /^Status code distribution:/ { section = "status"; next }
+    /^Error distribution:/ { section = "error"; next }
+    section == "status" && /^ +\[[0-9]+\]/ {
+      code = $1; gsub(/[\[\]]/, "", code); n += $2; if (code != 200) bad += $2
+    }
+    section == "error" && /^ +\[[0-9]+\]/ { e = $1; gsub(/[\[\]]/, "", e); bad += e; errors += e }
+    END {
+      cpu_s = cpu / tick; per = (n > 0) ? cpu_s * 1000 / n : 0
+      if (p50 == "") p50 = "null"  # hey leaves out a percentile it has too few answers for
+      if (p99 == "") p99 = "null"
+      printf "{\"label\":\"%s\",\"concurrency\":%d,\"duration_s\":%s,\"requests\":%d,", label, c, d, n
+      printf "\"requests_per_s\":%.1f,\"p50_ms\":%s,\"p99_ms\":%s,", rps, p50, p99
+      printf "\"non_200\":%d,\"connection_errors\":%d,\"server_cpu_s\":%.2f,", bad, errors, cpu_s
+      printf "\"server_cores\":%.2f,\"server_core_ms_per_request\":%.4f,\"client_cpu_s\":%.2f,\"loadavg_before\":%s}\n", \
+        cpu_s / d, per, ccpu / tick, load
+      printf "%-22s c=%-3d %9.1f req/s  p50 %6s ms  p99 %6s ms  non-200 %-4d ", label, c, rps, p50, p99, bad
+      printf "server %6.2f core-s = %.3f core-ms/req  (hey %.2f core-s)\n", cpu_s, per, ccpu / tick
+    }' "$out")
+  rm -f "$out"
+  [ -n "${JSON_OUT:-}" ] && head -n 1 <<<"$result" >>"$JSON_OUT"
+  tail -n 1 <<<"$result"
+done
