@@ -111,6 +111,45 @@ pub fn load_image_files(paths: &[PathBuf], shape: [usize; 3]) -> Result<Split> {
     Ok(split)
 }
 
+/// Largest image side decoded, in pixels, and most memory one decode may allocate: the
+/// image's header is checked against them before its pixels are allocated (a 1 KB PNG
+/// can claim 100,000 x 100,000 pixels).
+pub const MAX_IMAGE_SIDE: u32 = 8192;
+
+/// See [`MAX_IMAGE_SIDE`]: 256 MiB.
+pub const MAX_IMAGE_ALLOC: u64 = 256 << 20;
+
+/// One PNG/JPEG (any format the `image` crate reads with our features) as `shape`'s
+/// pixel bytes, HWC: grey (`c == 1`) or RGB (`c == 3`), resized with a triangle filter
+/// when its size differs. The same conversion for `--calib` folders, `predict` files and
+/// the server's `b64` instances.
+///
+/// # Errors
+/// The decoder's message when the bytes are not an image of a known format, or the
+/// image is larger than [`MAX_IMAGE_SIDE`] / [`MAX_IMAGE_ALLOC`].
+pub fn decode_image(bytes: &[u8], shape: [usize; 3]) -> std::result::Result<Vec<u8>, String> {
+    let [h, w, c] = shape;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| e.to_string())?;
+    let img = if img.width() as usize != w || img.height() as usize != h {
+        img.resize_exact(w as u32, h as u32, FilterType::Triangle)
+    } else {
+        img
+    };
+    Ok(if c == 1 {
+        img.to_luma8().into_raw()
+    } else {
+        img.to_rgb8().into_raw()
+    })
+}
+
 /// Decodes `files` (path, label) into a split of `shape`; one record for all of them.
 fn decode_images(files: &[(PathBuf, u8)], shape: [usize; 3]) -> Result<Split> {
     let [h, w, c] = shape;
@@ -122,18 +161,9 @@ fn decode_images(files: &[(PathBuf, u8)], shape: [usize; 3]) -> Result<Split> {
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         hasher.update(&bytes);
         total_bytes += bytes.len() as u64;
-        let img = image::load_from_memory(&bytes)
+        let pixels = decode_image(&bytes, shape)
             .map_err(|e| Error::data(path, format!("unreadable image: {e}")))?;
-        let img = if img.width() as usize != w || img.height() as usize != h {
-            img.resize_exact(w as u32, h as u32, FilterType::Triangle)
-        } else {
-            img
-        };
-        if c == 1 {
-            images.extend_from_slice(img.to_luma8().as_raw());
-        } else {
-            images.extend_from_slice(img.to_rgb8().as_raw());
-        }
+        images.extend_from_slice(&pixels);
         labels.push(*label);
     }
     // One record for all of them: total size and the sha256 of all images in order.

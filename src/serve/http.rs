@@ -7,6 +7,7 @@
 //! and extractor rejections; a URI over [`MAX_URI_BYTES`] gets a 414. Request bodies are
 //! read under `--read-timeout-ms` and [`MAX_BODY_BYTES`] (also after gzip inflation).
 
+use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -155,10 +156,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             "/v2/health/live",
             get(|| async { Json(json!({"live": true})) }),
         )
-        .route(
-            "/v2/health/ready",
-            get(|| async { Json(json!({"ready": true})) }),
-        )
+        .route("/v2/health/ready", get(v2_server_ready))
         .route("/v2/models/{name}", get(v2_model))
         .route("/v2/models/{name}/ready", get(v2_model_ready))
         .route("/v2/models/{name}/infer", post(v2_infer))
@@ -174,6 +172,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(v2_version_infer),
         )
+        .route("/predict", post(guide_predict))
+        .route("/model_info", get(guide_model_info))
+        .route("/health", get(guide_health))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .with_state(state.clone());
@@ -199,8 +200,8 @@ async fn unknown_route(uri: axum::http::Uri) -> ApiError {
 
 /// The version a request was answered by, set on its response by the inference handlers
 /// (the `version` label of its metrics).
-#[derive(Debug, Clone, Copy)]
-struct AnsweredBy(u64);
+#[derive(Debug, Clone)]
+struct AnsweredBy(String, u64);
 
 /// The `api` and `model` labels of a request, from its method and path alone (so that
 /// requests refused before routing are counted under the right API too). Names of
@@ -213,6 +214,10 @@ fn labels(registry: &Registry, method: &Method, path: &str) -> (&'static str, St
             .map_or("(unknown)".to_string(), |(k, _)| k.clone())
     };
     if *method == Method::POST {
+        if path == "/predict" {
+            // The model is the one the handler picked (`AnsweredBy`), when it got that far.
+            return ("guide", "(unknown)".to_string());
+        }
         if let Some(target) = path.strip_prefix("/v1/models/") {
             let name = target.split(['/', ':']).next().unwrap_or_default();
             let rest = &target[name.len()..];
@@ -263,12 +268,16 @@ async fn contract(State(state): Shared, request: Request, next: Next) -> Respons
     } else {
         next.run(request).await
     };
-    let version = response
-        .extensions()
-        .get::<AnsweredBy>()
-        .map_or(String::new(), |v| v.0.to_string());
+    let answered_by = response.extensions().get::<AnsweredBy>().cloned();
     let response = json_error(response, &method, &path).await;
-    let (api, model) = labels(&state.registry.snapshot(), &method, &path);
+    let (api, mut model) = labels(&state.registry.snapshot(), &method, &path);
+    let version = match answered_by {
+        Some(AnsweredBy(name, version)) => {
+            model = name;
+            version.to_string()
+        }
+        None => String::new(),
+    };
     state.metrics.record(
         &model,
         &version,
@@ -352,7 +361,9 @@ fn version_number(text: &str) -> Result<u64, ApiError> {
 /// A JSON answer that records the version that gave it (for `/metrics`).
 fn answered(model: &Model, body: Value) -> Response {
     let mut response = Json(body).into_response();
-    response.extensions_mut().insert(AnsweredBy(model.version));
+    response
+        .extensions_mut()
+        .insert(AnsweredBy(model.name.clone(), model.version));
     response
 }
 
@@ -894,6 +905,148 @@ async fn v2_infer_on(
     );
     body["model_version"] = Value::String(model.version.to_string());
     Ok(answered(&model, body))
+}
+
+/// `GET /v2/health/ready`: ready when at least one model version is loaded (a model
+/// repository may be empty at start-up, or hold only refused versions).
+async fn v2_server_ready(State(state): Shared) -> Response {
+    let loaded = state
+        .registry
+        .snapshot()
+        .models
+        .values()
+        .any(|m| !m.versions.is_empty());
+    let status = if loaded {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": loaded}))).into_response()
+}
+
+/// An error of the guide's endpoints: `{"error": ..., "status": "error"}`, as its
+/// Flask/FastAPI server answers.
+struct GuideError(ApiError);
+
+impl From<ApiError> for GuideError {
+    fn from(e: ApiError) -> Self {
+        GuideError(e)
+    }
+}
+
+impl IntoResponse for GuideError {
+    fn into_response(self) -> Response {
+        let ApiError {
+            status,
+            message,
+            close,
+            allow,
+        } = self.0;
+        let mut response =
+            (status, Json(json!({"error": message, "status": "error"}))).into_response();
+        if close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(allow) = allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+/// `?model=NAME` of the guide's endpoints.
+#[derive(Debug, serde::Deserialize)]
+struct GuideQuery {
+    model: Option<String>,
+}
+
+/// The model the guide's endpoints answer with: `?model=NAME`, or the only model served
+/// (the guide's server has one); with several and no `?model=`, a 400 listing them.
+fn guide_model(state: &AppState, query: &GuideQuery) -> Result<Arc<Model>, ApiError> {
+    if let Some(name) = &query.model {
+        return pick(state, name, &Pick::Latest);
+    }
+    let registry = state.registry.snapshot();
+    let names: Vec<&String> = registry.models.keys().collect();
+    match names.as_slice() {
+        [only] => pick(state, only, &Pick::Latest),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "this server has {} models {names:?}: name one with `?model=NAME`",
+                names.len()
+            ),
+        )),
+    }
+}
+
+/// The guide's `POST /predict`: `{"input": IMAGE | [IMAGE, ...]}` ->
+/// `{"predictions": [[p0..p9], ...], "classes", "labels", "status": "success"}`.
+async fn guide_predict(
+    State(state): Shared,
+    axum::extract::Query(query): axum::extract::Query<GuideQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GuideError> {
+    let body = read_body(&state, &headers, body).await?;
+    check_signature(&state, &headers, "POST", "/predict", &body)?;
+    let model = guide_model(&state, &query)?;
+    let body = decode(&headers, body)?;
+    let batch = protocol::parse_guide(&body, &model.shape).map_err(ApiError::from)?;
+    let logits = logits(&state, &model, &batch).await?;
+    protocol::check_finite(&logits, &batch.images, &model.shape, |i| {
+        format!("`input[{i}]`")
+    })
+    .map_err(ApiError::from)?;
+    let mut answer = protocol::guide_response(&logits, &model.shape);
+    answer["model"] = json!(model.name);
+    answer["version"] = json!(model.version);
+    Ok(answered(&model, answer))
+}
+
+/// The guide's `GET /model_info`: name, version, input and output shapes, parameters.
+async fn guide_model_info(
+    State(state): Shared,
+    axum::extract::Query(query): axum::extract::Query<GuideQuery>,
+) -> Result<Json<Value>, GuideError> {
+    let model = guide_model(&state, &query)?;
+    let [h, w, c] = model.shape.input.shape;
+    Ok(Json(json!({
+        "name": model.name,
+        "version": model.version,
+        "input_shape": [h, w, c],
+        "output_shape": [model.shape.labels.len()],
+        "parameters": model.info["parameters"],
+        "precision": model.info["precision"],
+        "labels": model.shape.labels,
+        "status": "success",
+    })))
+}
+
+/// The guide's `GET /health`: `{"status": "healthy", "model_loaded": true}`, or 503
+/// `unhealthy` while no model version is loaded.
+async fn guide_health(State(state): Shared) -> Response {
+    let registry = state.registry.snapshot();
+    let models: BTreeMap<&String, Vec<u64>> = registry
+        .models
+        .iter()
+        .map(|(name, m)| (name, m.versions.keys().copied().collect()))
+        .collect();
+    let loaded = models.values().any(|v| !v.is_empty());
+    let (status, word) = if loaded {
+        (StatusCode::OK, "healthy")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    };
+    (
+        status,
+        Json(json!({"status": word, "model_loaded": loaded, "models": models})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): Shared) -> impl IntoResponse {

@@ -78,6 +78,7 @@ impl Loader {
             "precision": artifact.precision.as_str(), "compute": engine.compute(),
             "labels": artifact.labels, "input": artifact.input,
             "accuracy": artifact.metrics.as_ref().map(|m| m.accuracy),
+            "parameters": artifact.spec.param_count()?,
         });
         let batch_images = self
             .metrics

@@ -217,10 +217,15 @@ impl Nesting {
 
 /// Appends every number of a nested list (or a lone number) to the buffer and records
 /// the nesting.
+///
+/// With `image` set (TF Serving bodies), an object in place of an image is TF Serving's
+/// named or binary form: `{"input": IMAGE}` (the model's one input by name) or
+/// `{"b64": "..."}` (PNG/JPEG bytes, decoded and preprocessed as `mlops.input` says).
 struct FlattenInto<'a> {
     values: &'a mut Vec<f32>,
     nesting: &'a mut Nesting,
     depth: usize,
+    image: Option<&'a InputSpec>,
 }
 
 impl<'a> FlattenInto<'a> {
@@ -229,8 +234,45 @@ impl<'a> FlattenInto<'a> {
             values,
             nesting,
             depth: 0,
+            image: None,
         }
     }
+
+    fn with_images(
+        values: &'a mut Vec<f32>,
+        nesting: &'a mut Nesting,
+        image: &'a InputSpec,
+    ) -> Self {
+        FlattenInto {
+            values,
+            nesting,
+            depth: 0,
+            image: Some(image),
+        }
+    }
+}
+
+/// The name of the model's one input in TF Serving's named forms (and in metadata).
+pub const INPUT_NAME: &str = "input";
+
+/// Decodes a `{"b64": ...}` image into `values` as the model's input (flat).
+fn push_b64_image(text: &str, input: &InputSpec, values: &mut Vec<f32>) -> Result<usize, String> {
+    use base64::Engine as _;
+    // Whitespace and line breaks are allowed in base64 bodies (MIME style); the standard
+    // alphabet with padding, as TF Serving and Python's base64.b64encode write it.
+    let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|e| format!("`b64` is not base64 ({e})"))?;
+    let pixels = crate::data::images::decode_image(&bytes, input.shape).map_err(|e| {
+        format!(
+            "`b64` holds {} bytes that are not a PNG/JPEG image ({e})",
+            bytes.len()
+        )
+    })?;
+    let preprocess = input.preprocess();
+    values.extend(pixels.iter().map(|&p| preprocess.apply(p as f32)));
+    Ok(pixels.len())
 }
 
 impl<'de> DeserializeSeed<'de> for FlattenInto<'_> {
@@ -277,12 +319,52 @@ impl<'de> Visitor<'de> for FlattenInto<'_> {
                 values: &mut *self.values,
                 nesting: &mut *self.nesting,
                 depth: self.depth + 1,
+                image: None,
             })?
             .is_some()
         {
             len += 1;
         }
         self.nesting.list(self.depth, len);
+        Ok(())
+    }
+
+    /// TF Serving's `{"input": IMAGE}` and `{"b64": "..."}` (only where an image starts).
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some(input) = self.image else {
+            return Err(de::Error::custom("an object where numbers were expected"));
+        };
+        let Some(key) = map.next_key::<String>()? else {
+            return Err(de::Error::custom(format!(
+                "an empty object; send the image as numbers, {{\"{INPUT_NAME}\": ...}} or {{\"b64\": \"...\"}}"
+            )));
+        };
+        match key.as_str() {
+            "b64" => {
+                let text: String = map.next_value()?;
+                let len = push_b64_image(&text, input, self.values).map_err(de::Error::custom)?;
+                // A flat image of `len` values.
+                self.nesting.list(self.depth, len);
+                self.nesting.number(self.depth + 1);
+            }
+            INPUT_NAME => map.next_value_seed(FlattenInto {
+                values: self.values,
+                nesting: self.nesting,
+                depth: self.depth,
+                // `{"input": {"b64": ...}}` is TF Serving's named binary form.
+                image: Some(input),
+            })?,
+            other => {
+                return Err(de::Error::custom(format!(
+                    "the object names `{other}`; this model has one input, `{INPUT_NAME}` (or send {{\"b64\": \"...\"}} image bytes)"
+                )))
+            }
+        }
+        if let Some(extra) = map.next_key::<String>()? {
+            return Err(de::Error::custom(format!(
+                "the object has `{key}` and `{extra}`; this model has one input, `{INPUT_NAME}`"
+            )));
+        }
         Ok(())
     }
 }
@@ -297,22 +379,43 @@ struct Instances {
     skipped: usize,
 }
 
-/// Parses `field`'s list of images (the name goes into error messages).
-struct InstancesSeed(&'static str);
+/// Parses `field`'s list of images (the name goes into error messages); images may be
+/// TF Serving objects (`{"input": ...}`, `{"b64": ...}`) read with the model's input.
+struct InstancesSeed<'a>(&'static str, &'a InputSpec);
 
-impl<'de> DeserializeSeed<'de> for InstancesSeed {
+impl<'de> DeserializeSeed<'de> for InstancesSeed<'_> {
     type Value = Instances;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Instances, D::Error> {
-        d.deserialize_seq(self)
+        d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for InstancesSeed {
+impl<'de> Visitor<'de> for InstancesSeed<'_> {
     type Value = Instances;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "`{}`: a list of images", self.0)
+    }
+
+    /// TF Serving's columnar form with named inputs: `{"inputs": {"input": [...]}}`.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Instances, A::Error> {
+        let key = map.next_key::<String>()?;
+        if key.as_deref() != Some(INPUT_NAME) {
+            return Err(de::Error::custom(format!(
+                "`{}` names {}; this model has one input, `{INPUT_NAME}`",
+                self.0,
+                key.map_or("no input".to_string(), |k| format!("`{k}`"))
+            )));
+        }
+        let instances = map.next_value_seed(InstancesSeed(self.0, self.1))?;
+        if let Some(extra) = map.next_key::<String>()? {
+            return Err(de::Error::custom(format!(
+                "`{}` names `{INPUT_NAME}` and `{extra}`; this model has one input",
+                self.0
+            )));
+        }
+        Ok(instances)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Instances, A::Error> {
@@ -330,7 +433,11 @@ impl<'de> Visitor<'de> for InstancesSeed {
             }
             let before = out.values.len();
             let mut nesting = Nesting::default();
-            let next = seq.next_element_seed(FlattenInto::new(&mut out.values, &mut nesting));
+            let next = seq.next_element_seed(FlattenInto::with_images(
+                &mut out.values,
+                &mut nesting,
+                self.1,
+            ));
             match next {
                 Ok(Some(())) => {
                     out.counts.push(out.values.len() - before);
@@ -340,7 +447,7 @@ impl<'de> Visitor<'de> for InstancesSeed {
                 Err(e) => {
                     let at = out.counts.len();
                     return Err(de::Error::custom(format!(
-                        "`{}[{at}]` is not a list of numbers ({e})",
+                        "`{}[{at}]` is not an image: {e}",
                         self.0
                     )));
                 }
@@ -359,10 +466,15 @@ struct TfRequest {
     signature: Option<String>,
 }
 
-impl<'de> Deserialize<'de> for TfRequest {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Fields;
-        impl<'de> Visitor<'de> for Fields {
+/// Reads a [`TfRequest`] with the model's input (for `b64` images).
+struct TfRequestSeed<'a>(&'a InputSpec);
+
+impl<'de> DeserializeSeed<'de> for TfRequestSeed<'_> {
+    type Value = TfRequest;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<TfRequest, D::Error> {
+        struct Fields<'a>(&'a InputSpec);
+        impl<'de> Visitor<'de> for Fields<'_> {
             type Value = TfRequest;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -390,13 +502,25 @@ impl<'de> Deserialize<'de> for TfRequest {
                     if request.found.is_some() {
                         return Err(de::Error::custom("give `instances` or `inputs`, not both"));
                     }
-                    request.found = Some((field, map.next_value_seed(InstancesSeed(field))?));
+                    request.found =
+                        Some((field, map.next_value_seed(InstancesSeed(field, self.0))?));
                 }
                 Ok(request)
             }
         }
-        d.deserialize_map(Fields)
+        d.deserialize_map(Fields(self.0))
     }
+}
+
+/// Parses `body` with `seed`, refusing trailing bytes as `serde_json::from_slice` does.
+fn from_slice_seed<'de, S: DeserializeSeed<'de>>(
+    body: &'de [u8],
+    seed: S,
+) -> Result<S::Value, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = seed.deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
 }
 
 /// A body serde could not read: not JSON at all, or JSON of the wrong form.
@@ -469,7 +593,8 @@ fn check_image(
 /// `h * w * c`, or nested exactly `[h, w, c]`), or a value lies more than
 /// [`INPUT_RANGE_SLACK`] range widths outside the model's input range.
 pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequest, BadRequest> {
-    let TfRequest { found, signature } = serde_json::from_slice(body).map_err(unreadable)?;
+    let TfRequest { found, signature } =
+        from_slice_seed(body, TfRequestSeed(&shape.input)).map_err(unreadable)?;
     if let Some(name) = signature {
         if !name.is_empty() && name != SIGNATURE_NAME {
             return Err(bad(format!(
@@ -588,6 +713,93 @@ pub fn tf_serving_response(logits: &[f32], shape: &ModelShape, columnar: bool) -
         })
         .collect();
     json!({ "predictions": predictions })
+}
+
+/// Parses the guide's `POST /predict` body, `{"input": X}` (other keys ignored), as its
+/// Flask/FastAPI server reads it (`np.array(input).reshape(-1, 28, 28, 1)`): `X` is one
+/// image (any nesting of exactly `h * w * c` numbers, or `{"b64": "..."}`) or a list of
+/// such images.
+///
+/// # Errors
+/// [`BadRequest`] naming what is wrong: not JSON, no `input`, an image of the wrong size
+/// (saying how many values it takes), more than [`MAX_IMAGES_PER_REQUEST`] images, values
+/// far outside the input range.
+pub fn parse_guide(body: &[u8], shape: &ModelShape) -> Result<Batch, BadRequest> {
+    let value: Value = serde_json::from_slice(body).map_err(unreadable)?;
+    let Some(input) = value.get(INPUT_NAME) else {
+        return Err(bad(format!(
+            "expected {{\"input\": IMAGE}} or {{\"input\": [IMAGE, ...]}} with each image {}",
+            shape.describe()
+        )));
+    };
+    let len = shape.input_len();
+    let flatten = |image: &Value, values: &mut Vec<f32>| -> Result<usize, BadRequest> {
+        let before = values.len();
+        let mut nesting = Nesting::default();
+        FlattenInto::with_images(values, &mut nesting, &shape.input)
+            .deserialize(image)
+            .map_err(|e| bad(format!("`input` is not an image: {e}")))?;
+        Ok(values.len() - before)
+    };
+    let mut values = Vec::new();
+    // One image when it has exactly one image's values (or is a `b64` object).
+    let count = flatten(input, &mut values)?;
+    let images = if count == len {
+        1
+    } else {
+        // A list of numbers, or something that is not a list, is one image of the
+        // wrong size; a list of lists or objects, several images.
+        let items = match input {
+            Value::Array(items) if !items.iter().any(Value::is_number) => items,
+            _ => {
+                return Err(bad(format!(
+                    "`input` has {count} values; the model takes {}",
+                    shape.describe()
+                )))
+            }
+        };
+        if items.len() > MAX_IMAGES_PER_REQUEST {
+            return Err(bad(format!(
+                "`input` has {} images; send at most {MAX_IMAGES_PER_REQUEST} per request",
+                items.len()
+            )));
+        }
+        values.clear();
+        for (i, item) in items.iter().enumerate() {
+            let n = flatten(item, &mut values)?;
+            if n != len {
+                return Err(bad(format!(
+                    "`input[{i}]` has {n} values; the model takes {} (or send one image as `input`)",
+                    shape.describe()
+                )));
+            }
+        }
+        items.len()
+    };
+    if images == 0 {
+        return Err(bad("`input` is empty"));
+    }
+    check_range(&values, shape, |i| format!("`input[{i}]`"))?;
+    Ok(Batch {
+        images: values,
+        count: images,
+    })
+}
+
+/// The guide's `/predict` answer: `predictions` as Keras' `model.predict(...).tolist()`
+/// (one probability list per image), with the classes and labels beside.
+pub fn guide_response(logits: &[f32], shape: &ModelShape) -> Value {
+    let classes = shape.labels.len();
+    let rows = logits.chunks_exact(classes);
+    let class: Vec<usize> = rows.clone().map(crate::runtime::argmax).collect();
+    let label: Vec<&str> = class.iter().map(|&c| shape.labels[c].as_str()).collect();
+    let probabilities: Vec<Vec<f32>> = rows.map(softmax).collect();
+    json!({
+        "predictions": probabilities,
+        "classes": class,
+        "labels": label,
+        "status": "success",
+    })
 }
 
 /// The outputs a v2 request may ask for.

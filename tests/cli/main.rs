@@ -13,6 +13,7 @@ mod prune;
 mod quantize;
 mod report;
 mod serve;
+mod serve_forms;
 mod serve_fuzz;
 mod serve_repository;
 mod snapshots;
