@@ -128,7 +128,8 @@ fn int8_gemm(c: &mut Criterion) {
 }
 
 /// `mlops serve`'s request parsing, the largest share of its CPU time after HTTP itself:
-/// one TF Serving and one KServe v2 body of 64 images (in bytes per second of JSON).
+/// one TF Serving and one KServe v2 body of 64 images (in bytes per second of body), and
+/// the v2 binary tensor extension's FP32 body of the same images (JSON header + raw bytes).
 fn serve_parse(c: &mut Criterion) {
     use mlops::serve::protocol::{parse_tf_serving, parse_v2, ModelShape};
     let spec = ModelSpec::reference_cnn();
@@ -151,7 +152,15 @@ fn serve_parse(c: &mut Criterion) {
     });
     group.throughput(Throughput::Bytes(v2.len() as u64));
     group.bench_function("v2_uint8", |b| {
-        b.iter(|| parse_v2(black_box(v2.as_bytes()), &shape).unwrap())
+        b.iter(|| parse_v2(black_box(v2.as_bytes()), &[], &shape).unwrap())
+    });
+    let raw: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let header = serde_json::json!({"inputs": [{"name": "input", "shape": [BATCH, 28, 28, 1],
+        "datatype": "FP32", "parameters": {"binary_data_size": raw.len()}}]})
+    .to_string();
+    group.throughput(Throughput::Bytes((header.len() + raw.len()) as u64));
+    group.bench_function("v2_binary_fp32", |b| {
+        b.iter(|| parse_v2(black_box(header.as_bytes()), black_box(&raw), &shape).unwrap())
     });
     group.finish();
 }

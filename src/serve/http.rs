@@ -781,7 +781,10 @@ async fn tf_label_metadata(
 }
 
 async fn v2_server() -> Json<Value> {
-    Json(json!({"name": "mlops", "version": crate::report::MLOPS_VERSION, "extensions": []}))
+    Json(
+        json!({"name": "mlops", "version": crate::report::MLOPS_VERSION,
+                "extensions": [protocol::BINARY_EXTENSION]}),
+    )
 }
 
 /// KServe v2 model metadata of `model`, listing every loaded version of its name.
@@ -884,31 +887,63 @@ async fn v2_infer_on(
     let body = read_body(state, headers, body).await?;
     check_signature(state, headers, "POST", path, &body)?;
     let model = pick(state, name, &which)?;
-    if headers.contains_key(protocol::BINARY_HEADER) {
-        return Err(protocol::binary_extension_refused(
-            "the `Inference-Header-Content-Length` header",
-        )
-        .into());
-    }
     let body = decode(headers, body)?;
-    let request = protocol::parse_v2(&body, &model.shape)?;
+    let header = match headers.get(protocol::BINARY_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "`Inference-Header-Content-Length` is not a byte count",
+            )
+        })?),
+    };
+    let (json_part, binary_part) = protocol::split_binary(&body, header)?;
+    let request = protocol::parse_v2(json_part, binary_part, &model.shape)?;
     let logits = logits(state, &model, &request.batch).await?;
     protocol::check_finite(&logits, &request.batch.images, &model.shape, |i| {
-        format!("image {i} of `inputs[0].data`")
+        format!("image {i} of `inputs[0]`")
     })?;
-    let mut body = protocol::v2_response(
+    let answer = protocol::v2_response(
         name,
+        model.version,
         &request.outputs,
         request.id.as_ref(),
         &logits,
         model.shape.labels.len(),
     );
-    body["model_version"] = Value::String(model.version.to_string());
-    Ok(answered(&model, body))
+    if answer.binary.is_empty() {
+        return Ok(answered(&model, answer.json));
+    }
+    // The binary tensor extension: JSON, then the tensors' bytes; the header gives where
+    // the JSON ends.
+    let mut bytes = serde_json::to_vec(&answer.json).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("answer not encoded: {e}"),
+        )
+    })?;
+    let json_len = bytes.len();
+    bytes.extend_from_slice(&answer.binary);
+    let mut response = (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(protocol::BINARY_HEADER),
+                HeaderValue::from(json_len),
+            ),
+        ],
+        bytes,
+    )
+        .into_response();
+    response
+        .extensions_mut()
+        .insert(AnsweredBy(model.name.clone(), model.version));
+    Ok(response)
 }
 
-/// `GET /v2/health/ready`: ready when at least one model version is loaded (a model
-/// repository may be empty at start-up, or hold only refused versions).
 async fn v2_server_ready(State(state): Shared) -> Response {
     let loaded = state
         .registry

@@ -1,7 +1,7 @@
 //! `mlops serve`: artifacts behind an HTTP inference server.
 //!
 //! Speaks the JSON forms of TF Serving's REST predict API and KServe's Open Inference
-//! Protocol v2 ([`protocol`]; unversioned routes, no v2 binary extension), so the clients
+//! Protocol v2 ([`protocol`]; versioned routes and the binary tensor extension), so the clients
 //! and health checks teams already have can talk to it. Requests
 //! from all connections are merged into batches ([`batcher`]), repeated images are
 //! answered from an LRU cache ([`cache`]), requests can be required to carry an

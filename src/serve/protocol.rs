@@ -10,7 +10,8 @@
 //!   `{"name", "shape": [N, H, W, C], "datatype": "FP32" | "UINT8", "data": [...]}`, data
 //!   flat or nested exactly as `shape`; the answer has the outputs `probabilities` (FP32
 //!   `[N, classes]`) and `class` (INT64 `[N]`), or the ones the request names in
-//!   `outputs`. The binary tensor extension is refused by name ([`binary_extension_refused`]).
+//!   `outputs`. The binary tensor extension is read and written both ways ([`split_binary`],
+//!   [`V2Answer`]).
 //!
 //! FP32 data is the model's input tensor (already preprocessed as `mlops.input` says);
 //! UINT8 data is raw pixels, preprocessed here. Errors name the field and what it takes.
@@ -810,8 +811,10 @@ pub const V2_OUTPUTS: [&str; 2] = ["probabilities", "class"];
 pub struct V2Request {
     /// The input tensor's images.
     pub batch: Batch,
-    /// Names from [`V2_OUTPUTS`], in the order to return them.
-    pub outputs: Vec<&'static str>,
+    /// Names from [`V2_OUTPUTS`], in the order to return them, each with whether it goes
+    /// back as binary data (the binary tensor extension's `binary_data`, or the request's
+    /// `binary_data_output`).
+    pub outputs: Vec<(&'static str, bool)>,
     /// The request's `id`, echoed back.
     pub id: Option<Value>,
 }
@@ -849,55 +852,61 @@ struct V2Output {
     parameters: Option<Value>,
 }
 
-/// The header of the KServe v2 binary tensor extension (tritonclient's `binary_data=True`).
+/// The header of the KServe v2 binary tensor extension (tritonclient's `binary_data=True`):
+/// the length of the JSON part of the body; tensor bytes follow it.
 pub const BINARY_HEADER: &str = "inference-header-content-length";
 
-/// The refusal of the KServe v2 binary tensor extension, `used` naming what asked for it.
-pub fn binary_extension_refused(used: &str) -> BadRequest {
-    bad(format!(
-        "{used}: the KServe v2 binary tensor extension (`Inference-Header-Content-Length`) is \
-         not supported yet; send JSON `data` (tritonclient: `binary_data=False` on inputs, \
-         `binary_data=False` on requested outputs)"
-    ))
+/// The extension's name in `GET /v2` (as Triton reports it).
+pub const BINARY_EXTENSION: &str = "binary_tensor_data";
+
+/// A v2 boolean parameter `key` (absent: `None`).
+fn parameter_bool(parameters: Option<&Value>, key: &str) -> Option<bool> {
+    parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
 }
 
-/// Whether v2 `parameters` set `key` (to anything but `false` / `null`).
-fn parameter_set(parameters: Option<&Value>, key: &str) -> bool {
-    parameters
-        .and_then(|p| p.get(key))
-        .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+/// Splits a v2 body into its JSON part and its binary tensor bytes, by the
+/// `Inference-Header-Content-Length` value (`None`: all JSON).
+///
+/// # Errors
+/// [`BadRequest`] when the header is not a number or is longer than the body.
+pub fn split_binary<'a>(
+    body: &'a [u8],
+    header: Option<&str>,
+) -> Result<(&'a [u8], &'a [u8]), BadRequest> {
+    let Some(header) = header else {
+        return Ok((body, &[]));
+    };
+    let json_len: usize = header.trim().parse().map_err(|_| {
+        bad(format!(
+            "`Inference-Header-Content-Length: {header}` is not a byte count"
+        ))
+    })?;
+    if json_len > body.len() {
+        return Err(bad(format!(
+            "`Inference-Header-Content-Length` is {json_len} but the body has {} bytes",
+            body.len()
+        )));
+    }
+    Ok(body.split_at(json_len))
 }
 
 /// Parses a KServe v2 infer body into `[count, h, w, c]` input values (UINT8 pixels
-/// preprocessed as `mlops.input` says).
+/// preprocessed as `mlops.input` says). `json` is the JSON part and `binary` the tensor
+/// bytes after it ([`split_binary`]; empty without the binary tensor extension): an input
+/// with `parameters.binary_data_size` takes its values from there, little-endian, row
+/// major (FP32: 4 bytes per value, UINT8: 1).
 ///
 /// # Errors
 /// [`BadRequest`] (400) naming the field when the body is not JSON or not of the API's
-/// form, asks for the binary tensor extension ([`binary_extension_refused`]), has other
-/// than one input, a `shape` that is not `[N, ...]` with `h * w * c` values per image
-/// (or more than [`MAX_IMAGES_PER_REQUEST`] images), `data` missing, of the wrong length,
-/// ragged or nested unlike `shape`, a `datatype` other than FP32 or UINT8, UINT8 data
-/// that are not integers in `0..=255`, FP32 values more than [`INPUT_RANGE_SLACK`] range
-/// widths outside the input range, or an unknown output name.
-pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest> {
-    let body: V2Body = serde_json::from_slice(body).map_err(unreadable)?;
-    if parameter_set(body.parameters.as_ref(), "binary_data_output") {
-        return Err(binary_extension_refused("`parameters.binary_data_output`"));
-    }
-    for (i, input) in body.inputs.iter().enumerate() {
-        if parameter_set(input.parameters.as_ref(), "binary_data_size") {
-            return Err(binary_extension_refused(&format!(
-                "`inputs[{i}].parameters.binary_data_size`"
-            )));
-        }
-    }
-    for (i, output) in body.outputs.iter().flatten().enumerate() {
-        if parameter_set(output.parameters.as_ref(), "binary_data") {
-            return Err(binary_extension_refused(&format!(
-                "`outputs[{i}].parameters.binary_data`"
-            )));
-        }
-    }
+/// form, has other than one input, a `shape` that is not `[N, ...]` with `h * w * c`
+/// values per image (or more than [`MAX_IMAGES_PER_REQUEST`] images), `data` missing, of
+/// the wrong length, ragged or nested unlike `shape`, both `data` and
+/// `binary_data_size`, a `binary_data_size` that does not match the shape or the bytes
+/// sent (or bytes left over), a `datatype` other than FP32 or UINT8, UINT8 data that are
+/// not integers in `0..=255`, FP32 values that are not finite or more than
+/// [`INPUT_RANGE_SLACK`] range widths outside the input range, or an unknown output name.
+pub fn parse_v2(json: &[u8], binary: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest> {
+    let body: V2Body = serde_json::from_slice(json).map_err(unreadable)?;
     let [input] = <[V2Input; 1]>::try_from(body.inputs).map_err(|inputs| {
         bad(format!(
             "`inputs` has {} tensors; the model takes one",
@@ -923,36 +932,68 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
             shape.describe()
         )));
     }
-    let Some(Flat(mut values, nesting)) = input.data else {
-        return Err(bad(
-            "`inputs[0].data` is missing: send the tensor's values as a JSON list",
-        ));
+    let binary_size = input
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("binary_data_size"));
+    let mut values = match (binary_size, input.data) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "`inputs[0]` has both `data` and `parameters.binary_data_size`; send one",
+            ))
+        }
+        (Some(size), None) => {
+            let size = size.as_u64().ok_or_else(|| {
+                bad("`inputs[0].parameters.binary_data_size` is not a byte count")
+            })?;
+            binary_values(size, binary, &input.datatype, count * len)?
+        }
+        (None, Some(Flat(values, nesting))) => {
+            if !binary.is_empty() {
+                return Err(bad(format!(
+                    "the body has {} bytes after its JSON part but no input names them                      (`parameters.binary_data_size`)",
+                    binary.len()
+                )));
+            }
+            if values.len() != count * len {
+                return Err(bad(format!(
+                    "`inputs[0].data` has {} values; shape {dims:?} needs {}",
+                    values.len(),
+                    count * len
+                )));
+            }
+            // Flat (row-major, as the protocol sends it) or nested exactly as `shape`.
+            match nesting.shape() {
+                Ok(nested) if nested.len() == 1 || nested == dims => {}
+                Ok(nested) => {
+                    return Err(bad(format!(
+                        "`inputs[0].data` is nested as {nested:?} but `shape` is {dims:?}; send it                          flat (row-major) or nested exactly as `shape`"
+                    )))
+                }
+                Err(why) => {
+                    return Err(bad(format!(
+                        "`inputs[0].data` is ragged ({why}); send it flat (row-major) or nested                          exactly as `shape` {dims:?}"
+                    )))
+                }
+            }
+            values
+        }
+        (None, None) => {
+            return Err(bad(
+                "`inputs[0].data` is missing: send the tensor's values as a JSON list, or as                  binary data (`parameters.binary_data_size` and `Inference-Header-Content-Length`)",
+            ))
+        }
     };
-    if values.len() != count * len {
-        return Err(bad(format!(
-            "`inputs[0].data` has {} values; shape {dims:?} needs {}",
-            values.len(),
-            count * len
-        )));
-    }
-    // Flat (row-major, as the protocol sends it) or nested exactly as `shape`.
-    match nesting.shape() {
-        Ok(nested) if nested.len() == 1 || nested == dims => {}
-        Ok(nested) => {
-            return Err(bad(format!(
-                "`inputs[0].data` is nested as {nested:?} but `shape` is {dims:?}; send it flat \
-                 (row-major) or nested exactly as `shape`"
-            )))
-        }
-        Err(why) => {
-            return Err(bad(format!(
-                "`inputs[0].data` is ragged ({why}); send it flat (row-major) or nested \
-                 exactly as `shape` {dims:?}"
-            )))
-        }
-    }
     match input.datatype.as_str() {
-        "FP32" => check_range(&values, shape, |i| format!("image {i} of `inputs[0].data`"))?,
+        "FP32" => {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "image {} of `inputs[0]` holds a value that is not finite",
+                    i / len
+                )));
+            }
+            check_range(&values, shape, |i| format!("image {i} of `inputs[0].data`"))?
+        }
         "UINT8" => {
             let preprocess = shape.input.preprocess();
             if values
@@ -971,13 +1012,15 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
             )))
         }
     }
+    let all_binary =
+        parameter_bool(body.parameters.as_ref(), "binary_data_output").unwrap_or(false);
     let outputs = match body.outputs {
-        None => V2_OUTPUTS.to_vec(),
+        None => V2_OUTPUTS.iter().map(|&o| (o, all_binary)).collect(),
         Some(asked) => asked
             .iter()
             .enumerate()
             .map(|(i, o)| {
-                V2_OUTPUTS
+                let name = V2_OUTPUTS
                     .iter()
                     .copied()
                     .find(|known| *known == o.name)
@@ -986,7 +1029,10 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
                             "`outputs[{i}].name` is `{}`; this model has {V2_OUTPUTS:?}",
                             o.name
                         ))
-                    })
+                    })?;
+                let binary =
+                    parameter_bool(o.parameters.as_ref(), "binary_data").unwrap_or(all_binary);
+                Ok((name, binary))
             })
             .collect::<Result<_, _>>()?,
     };
@@ -1000,33 +1046,117 @@ pub fn parse_v2(body: &[u8], shape: &ModelShape) -> Result<V2Request, BadRequest
     })
 }
 
-/// The v2 answer for `logits` (`[count, classes]`): the named `outputs`, and `id` echoed.
+/// The values of a binary input of `size` bytes: FP32 or UINT8, little-endian, exactly
+/// `values` of them and exactly the bytes sent.
+fn binary_values(
+    size: u64,
+    binary: &[u8],
+    datatype: &str,
+    values: usize,
+) -> Result<Vec<f32>, BadRequest> {
+    let width = match datatype {
+        "FP32" => 4,
+        "UINT8" => 1,
+        other => {
+            return Err(bad(format!(
+                "`inputs[0].datatype` is `{other}`; use FP32 (the input tensor) or UINT8 (pixels)"
+            )))
+        }
+    };
+    let expected = values * width;
+    if size != expected as u64 {
+        return Err(bad(format!(
+            "`inputs[0].parameters.binary_data_size` is {size}; {values} {datatype} values take {expected} bytes"
+        )));
+    }
+    if binary.len() != expected {
+        return Err(bad(format!(
+            "the body has {} bytes after its JSON part (`Inference-Header-Content-Length`);              `binary_data_size` says {expected}",
+            binary.len()
+        )));
+    }
+    Ok(if width == 4 {
+        binary
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        binary.iter().map(|&b| f32::from(b)).collect()
+    })
+}
+
+/// A v2 answer: the JSON part, and the binary tensor bytes that follow it (empty when
+/// every output went back as JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct V2Answer {
+    /// The response object.
+    pub json: Value,
+    /// Binary outputs, in the order of `outputs`, little-endian.
+    pub binary: Vec<u8>,
+}
+
+/// The v2 answer for `logits` (`[count, classes]`): the named `outputs` (as JSON `data`
+/// or, when asked, binary with `parameters.binary_data_size`), and `id` echoed.
 pub fn v2_response(
     model: &str,
-    outputs: &[&str],
+    version: u64,
+    outputs: &[(&str, bool)],
     id: Option<&Value>,
     logits: &[f32],
     classes: usize,
-) -> Value {
+) -> V2Answer {
     let count = logits.len() / classes;
+    let mut binary = Vec::new();
     let outputs: Vec<Value> = outputs
         .iter()
-        .map(|&name| match name {
-            "probabilities" => json!({
-                "name": name, "datatype": "FP32", "shape": [count, classes],
-                "data": logits.chunks_exact(classes).flat_map(softmax).collect::<Vec<f32>>(),
-            }),
-            _ => json!({
-                "name": name, "datatype": "INT64", "shape": [count],
-                "data": logits.chunks_exact(classes).map(crate::runtime::argmax).collect::<Vec<usize>>(),
-            }),
+        .map(|&(name, as_binary)| {
+            let (datatype, shape, data): (&str, Value, Value) = match name {
+                "probabilities" => {
+                    let p: Vec<f32> = logits.chunks_exact(classes).flat_map(softmax).collect();
+                    let data = if as_binary {
+                        binary.extend(p.iter().flat_map(|v| v.to_le_bytes()));
+                        Value::Null
+                    } else {
+                        json!(p)
+                    };
+                    ("FP32", json!([count, classes]), data)
+                }
+                _ => {
+                    let c: Vec<i64> = logits
+                        .chunks_exact(classes)
+                        .map(|r| crate::runtime::argmax(r) as i64)
+                        .collect();
+                    let data = if as_binary {
+                        binary.extend(c.iter().flat_map(|v| v.to_le_bytes()));
+                        Value::Null
+                    } else {
+                        json!(c)
+                    };
+                    ("INT64", json!([count]), data)
+                }
+            };
+            if as_binary {
+                let size = match datatype {
+                    "FP32" => count * classes * 4,
+                    _ => count * 8,
+                };
+                json!({"name": name, "datatype": datatype, "shape": shape,
+                       "parameters": {"binary_data_size": size}})
+            } else {
+                json!({"name": name, "datatype": datatype, "shape": shape, "data": data})
+            }
         })
         .collect();
-    let mut answer = json!({ "model_name": model, "model_version": "1", "outputs": outputs });
+    let mut answer = json!({
+        "model_name": model, "model_version": version.to_string(), "outputs": outputs,
+    });
     if let Some(id) = id {
         answer["id"] = id.clone();
     }
-    answer
+    V2Answer {
+        json: answer,
+        binary,
+    }
 }
 
 #[cfg(test)]
@@ -1057,10 +1187,7 @@ mod tests {
         let err = parse_tf_serving(text.to_string().as_bytes(), &shape())
             .unwrap_err()
             .0;
-        assert!(
-            err.contains("`inputs[0]` is not a list of numbers"),
-            "{err}"
-        );
+        assert!(err.contains("`inputs[0]` is not an image"), "{err}");
         assert!(parse_tf_serving(b"{}", &shape()).is_err());
         let huge = br#"{"instances": [[1e300, 0, 0, 0]]}"#;
         let err = parse_tf_serving(huge, &shape()).unwrap_err().0;
@@ -1102,11 +1229,11 @@ mod tests {
                 "data": data}]})
         };
         let ok = nested(json!([[[[0], [1]], [[2], [3]]]]));
-        assert!(parse_v2(ok.to_string().as_bytes(), &shape()).is_ok());
+        assert!(parse_v2(ok.to_string().as_bytes(), &[], &shape()).is_ok());
         let flat = nested(json!([0, 1, 2, 3]));
-        assert!(parse_v2(flat.to_string().as_bytes(), &shape()).is_ok());
+        assert!(parse_v2(flat.to_string().as_bytes(), &[], &shape()).is_ok());
         let wrong = nested(json!([[0, 1], [2, 3]]));
-        let err = parse_v2(wrong.to_string().as_bytes(), &shape())
+        let err = parse_v2(wrong.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(
@@ -1114,7 +1241,7 @@ mod tests {
             "{err}"
         );
         let ragged = nested(json!([[0, 1, 2], [3]]));
-        let err = parse_v2(ragged.to_string().as_bytes(), &shape())
+        let err = parse_v2(ragged.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(err.contains("`inputs[0].data` is ragged"), "{err}");
@@ -1144,38 +1271,93 @@ mod tests {
         assert!(err.contains("has 4101 images; send at most 4096"), "{err}");
     }
 
-    /// Issue 10: tritonclient's `binary_data=True` got "missing field `data`".
+    /// Issue 14: the KServe v2 binary tensor extension both ways (tritonclient's default
+    /// `binary_data=True`); issue 10 had refused it by name.
     #[test]
-    fn v2_names_the_binary_extension() {
-        let input = json!({"name": "input", "shape": [1, 4], "datatype": "FP32",
+    fn v2_reads_and_writes_binary_tensors() {
+        let input = json!({"name": "input", "shape": [1, 2, 2, 1], "datatype": "FP32",
             "parameters": {"binary_data_size": 16}});
-        let body = json!({ "inputs": [input] });
-        let err = parse_v2(body.to_string().as_bytes(), &shape())
-            .unwrap_err()
-            .0;
-        assert!(
-            err.contains("`inputs[0].parameters.binary_data_size`"),
-            "{err}"
+        let json_part = json!({ "inputs": [input] }).to_string();
+        let tensor: Vec<u8> = [0.0f32, 1.0, 0.5, 0.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut body = json_part.clone().into_bytes();
+        body.extend_from_slice(&tensor);
+        let header = json_part.len().to_string();
+        let (j, b) = split_binary(&body, Some(&header)).unwrap();
+        let request = parse_v2(j, b, &shape()).unwrap();
+        assert_eq!(request.batch.images, vec![0.0, 1.0, 0.5, 0.25]);
+        assert_eq!(
+            request.outputs,
+            vec![("probabilities", false), ("class", false)]
         );
-        assert!(err.contains("binary tensor extension"), "{err}");
-        let data = json!({"name": "input", "shape": [1, 4], "datatype": "FP32",
-            "data": [0, 0, 0, 0]});
-        let outputs = json!({"inputs": [data],
-            "outputs": [{"name": "class", "parameters": {"binary_data": true}}]});
-        let err = parse_v2(outputs.to_string().as_bytes(), &shape())
+        // UINT8 pixels, one byte each, preprocessed.
+        let pixels = json!({"inputs": [{"name": "input", "shape": [1, 2, 2, 1],
+            "datatype": "UINT8", "parameters": {"binary_data_size": 4}}],
+            "parameters": {"binary_data_output": true},
+            "outputs": [{"name": "class"}, {"name": "probabilities", "parameters": {"binary_data": false}}]})
+        .to_string();
+        let request = parse_v2(pixels.as_bytes(), &[0, 255, 0, 255], &shape()).unwrap();
+        assert_eq!(request.batch.images[1], 1.0);
+        assert_eq!(
+            request.outputs,
+            vec![("class", true), ("probabilities", false)]
+        );
+        let answer = v2_response("m", 1, &request.outputs, None, &[0.0, 0.0, 3.0], 3);
+        assert_eq!(answer.binary, 2i64.to_le_bytes().to_vec());
+        assert_eq!(
+            answer.json["outputs"][0],
+            json!({"name": "class", "datatype": "INT64", "shape": [1],
+                   "parameters": {"binary_data_size": 8}})
+        );
+        assert!(answer.json["outputs"][1]["data"].is_array());
+        // What does not add up is named.
+        for (json_part, binary, needle) in [
+            (
+                json_part.as_str(),
+                &tensor[..12],
+                "the body has 12 bytes after its JSON part",
+            ),
+            (json_part.as_str(), &[][..], "the body has 0 bytes"),
+            (
+                &pixels[..],
+                &[0u8, 1, 2][..],
+                "the body has 3 bytes after its JSON part",
+            ),
+        ] {
+            let err = parse_v2(json_part.as_bytes(), binary, &shape())
+                .unwrap_err()
+                .0;
+            assert!(err.contains(needle), "{err}");
+        }
+        let wrong_size = json_part.replace("16", "20");
+        let err = parse_v2(wrong_size.as_bytes(), &tensor, &shape())
             .unwrap_err()
             .0;
-        assert!(err.contains("`outputs[0].parameters.binary_data`"), "{err}");
-        let request = json!({"inputs": [data], "parameters": {"binary_data_output": true}});
-        let err = parse_v2(request.to_string().as_bytes(), &shape())
+        assert!(err.contains("4 FP32 values take 16 bytes"), "{err}");
+        let both = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "data": [0, 0, 0, 0], "parameters": {"binary_data_size": 16}}]})
+        .to_string();
+        let err = parse_v2(both.as_bytes(), &tensor, &shape()).unwrap_err().0;
+        assert!(err.contains("both `data` and"), "{err}");
+        let stray = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "data": [0, 0, 0, 0]}]})
+        .to_string();
+        let err = parse_v2(stray.as_bytes(), &tensor, &shape()).unwrap_err().0;
+        assert!(err.contains("no input names them"), "{err}");
+        let nan: Vec<u8> = [f32::NAN, 0.0, 0.0, 0.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let err = parse_v2(json_part.as_bytes(), &nan, &shape())
             .unwrap_err()
             .0;
-        assert!(err.contains("`parameters.binary_data_output`"), "{err}");
-        let off = json!({"inputs": [data], "parameters": {"binary_data_output": false},
-            "outputs": [{"name": "class", "parameters": {"binary_data": false}}]});
-        assert!(parse_v2(off.to_string().as_bytes(), &shape()).is_ok());
+        assert!(err.contains("not finite"), "{err}");
+        assert!(split_binary(b"{}", Some("3")).is_err());
+        assert!(split_binary(b"{}", Some("x")).is_err());
         let missing = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32"}]});
-        let err = parse_v2(missing.to_string().as_bytes(), &shape())
+        let err = parse_v2(missing.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(err.contains("`inputs[0].data` is missing"), "{err}");
@@ -1223,7 +1405,9 @@ mod tests {
         assert!(parse_tf_serving(raw.to_string().as_bytes(), &shape()).is_ok());
         let v2 = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
             "data": [0, -1e9, 0, 0]}]});
-        let err = parse_v2(v2.to_string().as_bytes(), &shape()).unwrap_err().0;
+        let err = parse_v2(v2.to_string().as_bytes(), &[], &shape())
+            .unwrap_err()
+            .0;
         assert!(
             err.contains("image 0 of `inputs[0].data` is far outside"),
             "{err}"
@@ -1255,63 +1439,67 @@ mod tests {
     fn v2_checks_shape_datatype_and_outputs() {
         let body = json!({"id": "r1", "inputs": [{"name": "input", "shape": [1, 2, 2, 1],
             "datatype": "UINT8", "data": [0, 255, 51, 102]}], "outputs": [{"name": "class"}]});
-        let request = parse_v2(body.to_string().as_bytes(), &shape()).unwrap();
+        let request = parse_v2(body.to_string().as_bytes(), &[], &shape()).unwrap();
         let scale = crate::data::PIXEL_SCALE;
         assert_eq!(
             request.batch.images,
             vec![0.0, 255.0 * scale, 51.0 * scale, 102.0 * scale]
         );
-        assert_eq!(request.outputs, vec!["class"]);
+        assert_eq!(request.outputs, vec![("class", false)]);
         let answer = v2_response(
             "m",
+            4,
             &request.outputs,
             request.id.as_ref(),
             &[0.0, 0.0, 3.0],
             3,
         );
+        assert!(answer.binary.is_empty());
+        let answer = answer.json;
         assert_eq!(answer["outputs"][0]["data"], json!([2]));
         assert_eq!(answer["id"], "r1");
+        assert_eq!(answer["model_version"], "4");
 
         let wrong_shape = json!({"inputs": [{"name": "input", "shape": [1, 3],
             "datatype": "FP32", "data": [0, 0, 0]}]});
-        let err = parse_v2(wrong_shape.to_string().as_bytes(), &shape())
+        let err = parse_v2(wrong_shape.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(err.contains("`inputs[0].shape` is [1, 3]"), "{err}");
         let short = json!({"inputs": [{"name": "input", "shape": [2, 4],
             "datatype": "FP32", "data": [0, 0, 0, 0]}]});
-        let err = parse_v2(short.to_string().as_bytes(), &shape())
+        let err = parse_v2(short.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(err.contains("has 4 values; shape [2, 4] needs 8"), "{err}");
         let dtype = json!({"inputs": [{"name": "input", "shape": [1, 4],
             "datatype": "FP16", "data": [0, 0, 0, 0]}]});
-        assert!(parse_v2(dtype.to_string().as_bytes(), &shape())
+        assert!(parse_v2(dtype.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0
             .contains("FP16"));
         let output = json!({"inputs": [{"name": "input", "shape": [1, 4],
             "datatype": "FP32", "data": [0, 0, 0, 0]}], "outputs": [{"name": "logits"}]});
-        assert!(parse_v2(output.to_string().as_bytes(), &shape())
+        assert!(parse_v2(output.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0
             .contains("`outputs[0].name`"));
         // Sizes whose product wraps around a usize are refused, not multiplied.
         let wraps = json!({"inputs": [{"name": "input", "shape": [1, 1u64 << 62, 16],
             "datatype": "FP32", "data": [0, 0, 0, 0]}]});
-        let err = parse_v2(wraps.to_string().as_bytes(), &shape())
+        let err = parse_v2(wraps.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(err.contains("`inputs[0].shape`"), "{err}");
         let many = json!({"inputs": [{"name": "input", "shape": [1u64 << 60, 4],
             "datatype": "FP32", "data": [0, 0, 0, 0]}]});
-        let err = parse_v2(many.to_string().as_bytes(), &shape())
+        let err = parse_v2(many.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0;
         assert!(err.contains("at most"), "{err}");
         let pixels = json!({"inputs": [{"name": "input", "shape": [1, 4],
             "datatype": "UINT8", "data": [0, 0, 0, 300]}]});
-        assert!(parse_v2(pixels.to_string().as_bytes(), &shape())
+        assert!(parse_v2(pixels.to_string().as_bytes(), &[], &shape())
             .unwrap_err()
             .0
             .contains("0..=255"));

@@ -94,6 +94,33 @@ impl Server {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// `(status, Inference-Header-Content-Length, body bytes)` of a binary POST.
+    pub(crate) fn send_binary(
+        &self,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> (u16, Option<String>, Vec<u8>) {
+        let mut request = self.agent.post(&format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.set(name, value);
+        }
+        let response = match request
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(body)
+        {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        let status = response.status();
+        let header = response
+            .header("Inference-Header-Content-Length")
+            .map(str::to_string);
+        let mut bytes = Vec::new();
+        response.into_reader().read_to_end(&mut bytes).unwrap();
+        (status, header, bytes)
+    }
+
     /// [`Server::send`], with a transport error (no answer) returned as text, not a panic.
     pub(crate) fn try_send(
         &self,
@@ -853,42 +880,93 @@ fn serve_inflates_gzip_bodies_within_the_limit() {
     );
 }
 
-/// Issue 10: tritonclient's binary tensor extension (`binary_data=True`) got "missing
-/// field `data`"; the error names the extension until it is supported.
+/// Issue 14: the KServe v2 binary tensor extension both ways, as tritonclient sends it
+/// by default (`binary_data=True` inputs, binary outputs when none are named): the same
+/// classes and probabilities as the runtime; issue 10 had only refused it by name.
 #[test]
-fn serve_names_the_v2_binary_extension() {
+fn serve_speaks_the_v2_binary_tensor_extension() {
+    let model = crate::util::trained_model();
+    let (pixels, classes, logits) = expected(&model);
     let dir = dir_with_model();
-    let server = Server::start(dir.path(), &["model.safetensors"]);
-    let infer = "/v2/models/model/infer";
-    let header = json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
-        "parameters": {"binary_data_size": 3136}}]})
+    let server = Server::start(dir.path(), &["model.safetensors", "--cache-size", "0"]);
+    let n = pixels.len();
+    let unit: Vec<f32> = pixels
+        .concat()
+        .iter()
+        .map(|&p| p as f32 * mlops::data::PIXEL_SCALE)
+        .collect();
+    let fp32: Vec<u8> = unit.iter().flat_map(|v| v.to_le_bytes()).collect();
+    for (datatype, tensor) in [("FP32", fp32), ("UINT8", pixels.concat())] {
+        let header = json!({"inputs": [{"name": "input", "shape": [n, 28, 28, 1],
+            "datatype": datatype, "parameters": {"binary_data_size": tensor.len()}}],
+            "parameters": {"binary_data_output": true}})
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend_from_slice(&tensor);
+        let length = header.len().to_string();
+        let (code, json_len, answer) = server.send_binary(
+            "/v2/models/model/infer",
+            &body,
+            &[("Inference-Header-Content-Length", &length)],
+        );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
+        let json_len: usize = json_len
+            .expect("Inference-Header-Content-Length")
+            .parse()
+            .unwrap();
+        let meta: Value = serde_json::from_slice(&answer[..json_len]).unwrap();
+        let outputs = meta["outputs"].as_array().unwrap();
+        assert_eq!(outputs[0]["name"], "probabilities");
+        assert_eq!(outputs[0]["parameters"]["binary_data_size"], n * 10 * 4);
+        assert_eq!(outputs[1]["parameters"]["binary_data_size"], n * 8);
+        let binary = &answer[json_len..];
+        assert_eq!(binary.len(), n * 10 * 4 + n * 8);
+        let probabilities: Vec<f32> = binary[..n * 40]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got: Vec<usize> = binary[n * 40..]
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+            .collect();
+        assert_eq!(got, classes, "{datatype}");
+        for (row, logit_row) in probabilities.chunks_exact(10).zip(logits.chunks_exact(10)) {
+            let want = mlops::predict::softmax(logit_row);
+            for (a, b) in row.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{datatype}: {row:?} vs {want:?}");
+            }
+        }
+    }
+    // JSON outputs for binary inputs, when asked per output.
+    let header = json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "UINT8",
+        "parameters": {"binary_data_size": 784}}],
+        "outputs": [{"name": "class", "parameters": {"binary_data": false}}]})
     .to_string();
     let mut body = header.clone().into_bytes();
-    body.extend_from_slice(&[0u8; 3136]);
+    body.extend_from_slice(&pixels[0]);
     let length = header.len().to_string();
     let (code, answer) = server.send(
         "POST",
-        infer,
+        "/v2/models/model/infer",
         Some(&body),
         &[("Inference-Header-Content-Length", &length)],
     );
-    assert_eq!(code, 400, "{answer}");
+    assert_eq!(code, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["outputs"][0]["data"], json!([classes[0]]));
+    // The server says it speaks the extension.
+    let (_, server_meta) = server.json("GET", "/v2", None);
+    assert_eq!(server_meta["extensions"], json!(["binary_tensor_data"]));
+    // Sizes that do not add up are named.
+    let (code, answer) = server.send(
+        "POST",
+        "/v2/models/model/infer",
+        Some(&body[..body.len() - 1]),
+        &[("Inference-Header-Content-Length", &length)],
+    );
+    assert_eq!(code, 400);
     assert!(
-        answer.contains(
-            "binary tensor extension (`Inference-Header-Content-Length`) is not supported yet"
-        ),
+        answer.contains("the body has 783 bytes after its JSON part"),
         "{answer}"
-    );
-    assert_error(
-        server.json("POST", infer, Some(&serde_json::from_str(&header).unwrap())),
-        400,
-        "`inputs[0].parameters.binary_data_size`: the KServe v2 binary tensor extension",
-    );
-    let outputs = json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
-        "data": vec![0.0; 784]}], "outputs": [{"name": "class", "parameters": {"binary_data": true}}]});
-    assert_error(
-        server.json("POST", infer, Some(&outputs)),
-        400,
-        "`outputs[0].parameters.binary_data`",
     );
 }
