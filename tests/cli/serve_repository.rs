@@ -319,3 +319,110 @@ fn serve_refuses_a_bad_repository_or_config() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// A Python with tritonclient[http] (`.ci/run` makes one from
+/// `examples/requirements-triton.txt` and sets `MLOPS_TRITON_PYTHON`). Locally without it
+/// the test says so and passes; under CI it fails, so CI always runs it.
+fn triton_python() -> Option<std::path::PathBuf> {
+    match std::env::var_os("MLOPS_TRITON_PYTHON") {
+        Some(p) => Some(p.into()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI must set MLOPS_TRITON_PYTHON (see .ci/run): the tritonclient check cannot be skipped there")
+        }
+        None => {
+            eprintln!("MLOPS_TRITON_PYTHON is not set: tritonclient check skipped");
+            None
+        }
+    }
+}
+
+/// NVIDIA's own client, as a user runs it (`examples/triton_check.py`): health,
+/// metadata, and every test image of the tiny set sent four ways (FP32 and UINT8, binary
+/// tensors and JSON) to version 2 of a repository model, `model_version="2"`; every class
+/// equals the runtime's.
+#[test]
+fn tritonclient_gets_the_runtimes_classes_from_a_repository_version() {
+    let Some(python) = triton_python() else {
+        return;
+    };
+    let model = trained_model();
+    let bytes = std::fs::read(&model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    add_version(&repo, "cnn", 1, &bytes);
+    add_version(&repo, "cnn", 2, &bytes);
+    std::fs::write(
+        dir.path().join("models.yaml"),
+        "model_config_list: [{name: cnn, model_version_policy: {all: {}}}]",
+    )
+    .unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--model-repository",
+            "repo",
+            "--model-config",
+            "models.yaml",
+            "--cache-size",
+            "0",
+        ],
+    );
+    // The runtime's classes for every tiny test image.
+    let split =
+        mlops::data::load_split(&crate::util::tiny_data(), mlops::data::SplitKind::Test).unwrap();
+    let (artifact, _) = mlops::artifact::Artifact::load(&model).unwrap();
+    let (mut x, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
+    split.gather(
+        &(0..split.count).collect::<Vec<_>>(),
+        &artifact.input.preprocess(),
+        &mut x,
+        &mut labels,
+    );
+    use mlops::runtime::Engine as _;
+    mlops::runtime::CpuEngine::new(&artifact, 1)
+        .unwrap()
+        .predict(&x, split.count, &mut logits)
+        .unwrap();
+    let want: Vec<u64> = logits
+        .chunks_exact(10)
+        .map(|r| mlops::runtime::argmax(r) as u64)
+        .collect();
+    let output = std::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/triton_check.py"))
+        .arg(server.addr())
+        .arg("cnn")
+        .arg("--data")
+        .arg(crate::util::tiny_data())
+        .args(["--limit", "1000", "--batch", "50", "--model-version", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (&report["live"], &report["ready"], &report["model_ready"]),
+        (&json!(true), &json!(true), &json!(true))
+    );
+    assert_eq!(report["model"]["versions"], json!(["1", "2"]));
+    assert_eq!(
+        report["server"]["extensions"],
+        json!(["binary_tensor_data"])
+    );
+    for way in ["fp32_binary", "fp32_json", "uint8_binary", "uint8_json"] {
+        let got: Vec<u64> = report["ways"][way]["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(got.len(), split.count, "{way}");
+        assert_eq!(got, want, "{way}");
+    }
+    assert_eq!(
+        server.metric(r#"mlops_requests_total{api="v2",code="200",model="cnn",version="2"}"#),
+        4.0 * (split.count as f64 / 50.0).ceil()
+    );
+}
