@@ -12,7 +12,7 @@ use mlops::report::table::Table;
 use mlops::report::StepReport;
 use mlops::serve::batcher::BatchConfig;
 use mlops::serve::signing::Signer;
-use mlops::serve::{serve, RepositoryConfig, ServeConfig, ServedArtifact};
+use mlops::serve::{serve, RedisConfig, RepositoryConfig, ServeConfig, ServedArtifact};
 
 use super::{Context, ReportArgs};
 
@@ -67,9 +67,23 @@ pub(crate) struct ServeArgs {
     /// Connections open at once, 1 to 65536; more wait until one closes
     #[arg(long, default_value_t = 512, value_name = "N", value_parser = max_connections)]
     pub max_connections: usize,
-    /// Require requests signed with HMAC-SHA256 under the key in FILE (see README)
+    /// Require requests signed with HMAC-SHA256 under the key in FILE, each with a fresh
+    /// nonce (see README)
     #[arg(long, value_name = "FILE")]
     pub hmac_key_file: Option<PathBuf>,
+    /// A Redis shared by replicas (`redis://HOST:PORT/DB`, `unix:///path/redis.sock`): a
+    /// second-level prediction cache behind the in-process one, and the nonces of signed
+    /// requests (a replay to another replica is refused too). Redis trouble never fails a
+    /// request: it is skipped, counted in /metrics, and retried
+    #[arg(long, value_name = "URL")]
+    pub cache_redis: Option<String>,
+    /// Seconds a prediction stays in Redis, 1 to 2592000 (30 days)
+    #[arg(long, default_value_t = 3600, value_name = "S", value_parser = cache_ttl, requires = "cache_redis")]
+    pub cache_ttl: u64,
+    /// Milliseconds a request waits for Redis at most, 1 to 10000; slower answers count as
+    /// misses
+    #[arg(long, default_value_t = 50, value_name = "MS", value_parser = redis_timeout_ms, requires = "cache_redis")]
+    pub redis_timeout_ms: u64,
     #[command(flatten)]
     pub output: ReportArgs,
 }
@@ -113,6 +127,16 @@ fn cache_size(text: &str) -> Result<usize, String> {
 /// `--read-timeout-ms`: 10 ms to 10 minutes.
 fn read_timeout_ms(text: &str) -> Result<u64, String> {
     integer_in(text, 10, 600_000)
+}
+
+/// `--cache-ttl`: a second to 30 days.
+fn cache_ttl(text: &str) -> Result<u64, String> {
+    integer_in(text, 1, 30 * 86_400)
+}
+
+/// `--redis-timeout-ms`: 1 ms to 10 s.
+fn redis_timeout_ms(text: &str) -> Result<u64, String> {
+    integer_in(text, 1, 10_000)
 }
 
 /// `--poll-secs`: up to a day.
@@ -200,6 +224,11 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
             root: root.clone(),
             config_file: args.model_config.clone(),
             poll: (args.poll_secs > 0).then(|| Duration::from_secs(args.poll_secs)),
+        }),
+        redis: args.cache_redis.as_ref().map(|url| RedisConfig {
+            url: url.clone(),
+            ttl: Duration::from_secs(args.cache_ttl),
+            timeout: Duration::from_millis(args.redis_timeout_ms),
         }),
     };
     let mut listed: Vec<String> = names.iter().cloned().collect();

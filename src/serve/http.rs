@@ -27,7 +27,11 @@ use super::cache::PredictionCache;
 use super::metrics::Metrics;
 use super::protocol::{self, Batch, ModelShape, Unanswerable};
 use super::registry::{self, Pick, Registry};
-use super::signing::{Signer, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use super::remote::Remote;
+use super::signing::{
+    self, NonceStore, SignatureError, SignedHeaders, Signer, NONCE_HEADER, SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+};
 
 /// Largest request body, before and after gzip inflation. One 28x28 image is ~5-10 KB of
 /// JSON floats, so this admits requests of a few thousand images (the parsers cap them at
@@ -57,6 +61,8 @@ pub(crate) struct Model {
     pub shape: ModelShape,
     pub batcher: Batcher,
     pub cache: Option<PredictionCache>,
+    /// `mlops:pred:<model>:<version>:<artifact sha256, 16 hex>`: its Redis keys' prefix.
+    pub redis_prefix: String,
     /// What `GET` metadata shows about the artifact (precision, sha256, compute, ...).
     pub info: Value,
 }
@@ -66,6 +72,10 @@ pub(crate) struct AppState {
     /// What is served now (swapped by the repository poller).
     pub registry: registry::Shared,
     pub signer: Option<Signer>,
+    /// Nonces of signed requests seen within the signature window.
+    pub nonces: NonceStore,
+    /// Redis shared with other replicas (`--cache-redis`).
+    pub remote: Option<Arc<Remote>>,
     pub metrics: Arc<Metrics>,
     /// How long a request body may take to arrive (`--read-timeout-ms`).
     pub read_timeout: Duration,
@@ -367,7 +377,10 @@ fn answered(model: &Model, body: Value) -> Response {
     response
 }
 
-fn check_signature(
+/// Checks a request's signature (when the server requires them), then that its nonce is
+/// new: in this process always, and in Redis when configured (a replay sent to another
+/// replica). A Redis that cannot answer leaves the in-process check (fail open, counted).
+async fn check_signature(
     state: &AppState,
     headers: &HeaderMap,
     method: &str,
@@ -381,16 +394,23 @@ fn check_signature(
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    signer
-        .verify(
-            header(TIMESTAMP_HEADER),
-            header(SIGNATURE_HEADER),
-            method,
-            path,
-            body,
-            now,
-        )
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))
+    let refused = |e: SignatureError| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string());
+    let signed = SignedHeaders {
+        timestamp: header(TIMESTAMP_HEADER),
+        nonce: header(NONCE_HEADER),
+        signature: header(SIGNATURE_HEADER),
+    };
+    let nonce = signer
+        .verify(signed, method, path, body, now)
+        .map_err(refused)?;
+    state.nonces.check(nonce, now).map_err(refused)?;
+    if let Some(remote) = &state.remote {
+        let window = Duration::from_secs(2 * signing::MAX_SKEW_SECS);
+        if remote.nonce_is_new(nonce, window).await == Some(false) {
+            return Err(refused(SignatureError::Replay));
+        }
+    }
+    Ok(())
 }
 
 fn body_too_large(what: &str) -> ApiError {
@@ -480,12 +500,14 @@ fn decode(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
     }
 }
 
-/// Logits for `batch`: cached images from the cache, the rest through the batcher.
-/// Rows that are not finite are never cached.
+/// Logits for `batch`: images in the in-process cache from there, then those in Redis
+/// (when configured), the rest through the batcher (and into both caches). Rows that are
+/// not finite are never cached.
 async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f32>, ApiError> {
-    let Some(cache) = &model.cache else {
+    let remote = state.remote.as_ref();
+    if model.cache.is_none() && remote.is_none() {
         return run(model, batch.images.clone(), batch.count).await;
-    };
+    }
     let len = model.shape.input_len();
     let classes = model.shape.labels.len();
     let keys: Vec<_> = batch
@@ -494,39 +516,98 @@ async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f3
         .map(PredictionCache::key)
         .collect();
     let mut out = vec![0.0; batch.count * classes];
-    let (mut missing, mut missing_images) = (Vec::new(), Vec::new());
-    for (i, key) in keys.iter().enumerate() {
-        match cache.get(key) {
-            Some(row) => out[i * classes..(i + 1) * classes].copy_from_slice(&row),
-            None => {
-                missing.push(i);
-                missing_images.extend_from_slice(&batch.images[i * len..(i + 1) * len]);
+    let mut missing: Vec<usize> = Vec::new();
+    match &model.cache {
+        Some(cache) => {
+            for (i, key) in keys.iter().enumerate() {
+                match cache.get(key) {
+                    Some(row) => out[i * classes..(i + 1) * classes].copy_from_slice(&row),
+                    None => missing.push(i),
+                }
+            }
+            count_cache(
+                state,
+                model,
+                "memory",
+                batch.count - missing.len(),
+                missing.len(),
+            );
+        }
+        None => missing.extend(0..batch.count),
+    }
+    let remote_keys: Vec<String> = match remote {
+        Some(_) if !missing.is_empty() => missing
+            .iter()
+            .map(|&i| Remote::prediction_key(&model.redis_prefix, &keys[i]))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if let (Some(remote), false) = (remote, remote_keys.is_empty()) {
+        let found = remote.get_many(&remote_keys, classes).await;
+        let mut still = Vec::new();
+        for (&i, row) in missing.iter().zip(found) {
+            match row.filter(|r| r.iter().all(|v| v.is_finite())) {
+                Some(row) => {
+                    out[i * classes..(i + 1) * classes].copy_from_slice(&row);
+                    if let Some(cache) = &model.cache {
+                        cache.put(keys[i], row);
+                    }
+                }
+                None => still.push(i),
+            }
+        }
+        count_cache(
+            state,
+            model,
+            "redis",
+            missing.len() - still.len(),
+            still.len(),
+        );
+        missing = still;
+    }
+    if missing.is_empty() {
+        return Ok(out);
+    }
+    let mut images = Vec::with_capacity(missing.len() * len);
+    for &i in &missing {
+        images.extend_from_slice(&batch.images[i * len..(i + 1) * len]);
+    }
+    let computed = run(model, images, missing.len()).await?;
+    let mut to_remote = Vec::new();
+    for (row, &i) in computed.chunks_exact(classes).zip(&missing) {
+        out[i * classes..(i + 1) * classes].copy_from_slice(row);
+        if row.iter().all(|v| v.is_finite()) {
+            if let Some(cache) = &model.cache {
+                cache.put(keys[i], row.to_vec());
+            }
+            if remote.is_some() {
+                to_remote.push((
+                    Remote::prediction_key(&model.redis_prefix, &keys[i]),
+                    row.to_vec(),
+                ));
             }
         }
     }
-    let hits = batch.count - missing.len();
+    if let Some(remote) = remote {
+        remote.put_many(to_remote);
+    }
+    Ok(out)
+}
+
+/// Counts one cache level's hits and misses for a request.
+fn count_cache(state: &AppState, model: &Model, level: &str, hits: usize, misses: usize) {
     let version = model.version.to_string();
-    let label = [model.name.as_str(), version.as_str()];
+    let labels = [model.name.as_str(), version.as_str(), level];
     state
         .metrics
         .cache_hits
-        .with_label_values(&label)
+        .with_label_values(&labels)
         .inc_by(hits as u64);
     state
         .metrics
         .cache_misses
-        .with_label_values(&label)
-        .inc_by(missing.len() as u64);
-    if !missing.is_empty() {
-        let computed = run(model, missing_images, missing.len()).await?;
-        for (row, &i) in computed.chunks_exact(classes).zip(&missing) {
-            out[i * classes..(i + 1) * classes].copy_from_slice(row);
-            if row.iter().all(|v| v.is_finite()) {
-                cache.put(keys[i], row.to_vec());
-            }
-        }
-    }
-    Ok(out)
+        .with_label_values(&labels)
+        .inc_by(misses as u64);
 }
 
 /// Runs images through the model's batcher.
@@ -586,7 +667,7 @@ async fn tf_predict_on(
     let body = read_body(state, headers, body).await?;
     // Signature first: an unsigned client learns nothing, not even model names. It
     // covers the body as sent (before any gzip inflation, which it so cannot trigger).
-    check_signature(state, headers, "POST", path, &body)?;
+    check_signature(state, headers, "POST", path, &body).await?;
     if verb != "predict" {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -885,7 +966,7 @@ async fn v2_infer_on(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_body(state, headers, body).await?;
-    check_signature(state, headers, "POST", path, &body)?;
+    check_signature(state, headers, "POST", path, &body).await?;
     let model = pick(state, name, &which)?;
     let body = decode(headers, body)?;
     let header = match headers.get(protocol::BINARY_HEADER) {
@@ -1028,7 +1109,7 @@ async fn guide_predict(
     body: Body,
 ) -> Result<Response, GuideError> {
     let body = read_body(&state, &headers, body).await?;
-    check_signature(&state, &headers, "POST", "/predict", &body)?;
+    check_signature(&state, &headers, "POST", "/predict", &body).await?;
     let model = guide_model(&state, &query)?;
     let body = decode(&headers, body)?;
     let batch = protocol::parse_guide(&body, &model.shape).map_err(ApiError::from)?;
@@ -1102,6 +1183,8 @@ mod tests {
         AppState {
             registry: registry::Shared::new(Registry::default()),
             signer: None,
+            nonces: NonceStore::default(),
+            remote: None,
             metrics: Arc::new(Metrics::new()),
             read_timeout,
         }

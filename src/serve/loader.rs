@@ -97,6 +97,10 @@ impl Loader {
             },
             batcher,
             cache: PredictionCache::new(self.cache_images),
+            redis_prefix: format!(
+                "mlops:pred:{name}:{version}:{}",
+                record.sha256.get(..16).unwrap_or(&record.sha256)
+            ),
             info,
         })
     }

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub cache_misses: IntCounterVec,
     /// Connections open now (at most `--max-connections`).
     pub open_connections: IntGauge,
+    /// Redis calls that failed or timed out, by `op` (`connect`, `get`, `set`, `nonce`);
+    /// each one answered as if Redis had nothing.
+    pub redis_errors: IntCounterVec,
+    /// 1 while the last Redis call worked, 0 after a failure (absent without Redis).
+    pub redis_up: IntGauge,
     /// Request heads or bodies that did not arrive within `--read-timeout-ms` (their
     /// connections were closed).
     pub read_timeouts: IntCounter,
@@ -61,17 +66,33 @@ impl Metrics {
         )
         .expect("valid metric");
         let cache_hits = IntCounterVec::new(
-            Opts::new("mlops_cache_hits_total", "Images answered from the cache"),
-            &["model", "version"],
+            Opts::new(
+                "mlops_cache_hits_total",
+                "Images answered from a cache, by level (memory: this process's LRU; redis: shared)",
+            ),
+            &["model", "version", "level"],
         )
         .expect("valid metric");
         let cache_misses = IntCounterVec::new(
-            Opts::new("mlops_cache_misses_total", "Images not in the cache"),
-            &["model", "version"],
+            Opts::new(
+                "mlops_cache_misses_total",
+                "Images not found in a cache level (a redis miss ran the model)",
+            ),
+            &["model", "version", "level"],
         )
         .expect("valid metric");
         let open_connections =
             IntGauge::new("mlops_open_connections", "Connections open now").expect("valid metric");
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "mlops_redis_errors_total",
+                "Redis calls that failed or timed out (answered as if Redis had nothing)",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        let redis_up = IntGauge::new("mlops_redis_up", "1 while the last Redis call worked")
+            .expect("valid metric");
         let read_timeouts = IntCounter::new(
             "mlops_read_timeouts_total",
             "Request heads or bodies that did not arrive within --read-timeout-ms",
@@ -85,6 +106,8 @@ impl Metrics {
             Box::new(cache_misses.clone()),
             Box::new(open_connections.clone()),
             Box::new(read_timeouts.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(redis_up.clone()),
         ] {
             registry.register(metric).expect("unique metric names");
         }
@@ -97,6 +120,8 @@ impl Metrics {
             cache_misses,
             open_connections,
             read_timeouts,
+            redis_errors,
+            redis_up,
         }
     }
 

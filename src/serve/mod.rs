@@ -22,10 +22,12 @@ mod loader;
 pub mod metrics;
 pub mod protocol;
 mod registry;
+pub mod remote;
 pub mod repository;
 pub mod signing;
 
 pub use loader::RepositoryConfig;
+pub use remote::RedisConfig;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,6 +69,8 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// A model repository to serve (and poll) besides the artifacts given.
     pub repository: Option<RepositoryConfig>,
+    /// Redis shared by replicas: second-level prediction cache and signed-request nonces.
+    pub redis: Option<RedisConfig>,
 }
 
 /// One artifact to serve under `name`.
@@ -118,7 +122,29 @@ pub fn serve(
     config: ServeConfig,
     on_ready: impl FnOnce(SocketAddr),
 ) -> crate::Result<ServeSummary> {
+    let wanted = config.addr.to_string();
+    let network = |action| {
+        let addr = wanted.clone();
+        move |source| crate::Error::Network {
+            action,
+            addr,
+            source,
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(network("start the server for"))?;
     let metrics = Arc::new(Metrics::new());
+    let remote = match config.redis {
+        Some(redis) => {
+            // Its background connection task runs on the server's runtime.
+            let _entered = runtime.enter();
+            Some(remote::Remote::start(redis, metrics.clone())?)
+        }
+        None => None,
+    };
     let loader = loader::Loader {
         runtime: config.runtime.map(Arc::from),
         model_threads: config.model_threads,
@@ -151,6 +177,8 @@ pub fn serve(
     let state = Arc::new(http::AppState {
         registry: registry::Shared::new(fixed),
         signer: config.signer,
+        nonces: signing::NonceStore::default(),
+        remote,
         metrics: metrics.clone(),
         read_timeout: config.read_timeout,
     });
@@ -172,20 +200,6 @@ pub fn serve(
         read_timeout: config.read_timeout,
         max_connections: config.max_connections.max(1),
     };
-    let wanted = config.addr.to_string();
-    let network = |action| {
-        let addr = wanted.clone();
-        move |source| crate::Error::Network {
-            action,
-            addr,
-            source,
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads.max(1))
-        .enable_all()
-        .build()
-        .map_err(network("start the server for"))?;
     let address = runtime.block_on(async {
         let stop = shutdown_signal().map_err(network("install signal handlers for"))?;
         let listener = tokio::net::TcpListener::bind(config.addr)

@@ -15,6 +15,7 @@ mod report;
 mod serve;
 mod serve_forms;
 mod serve_fuzz;
+mod serve_redis;
 mod serve_repository;
 mod snapshots;
 mod train;

@@ -147,7 +147,7 @@ impl Server {
     }
 
     /// `(status, body)` of a request; `headers` are added as given.
-    fn call(
+    pub(crate) fn call(
         &self,
         method: &str,
         path: &str,
@@ -359,11 +359,11 @@ fn serve_caches_repeats_and_exports_metrics() {
             .unwrap()
     };
     assert_eq!(
-        value(r#"mlops_cache_hits_total{model="model",version="1"}"#),
+        value(r#"mlops_cache_hits_total{level="memory",model="model",version="1"}"#),
         8.0
     );
     assert_eq!(
-        value(r#"mlops_cache_misses_total{model="model",version="1"}"#),
+        value(r#"mlops_cache_misses_total{level="memory",model="model",version="1"}"#),
         8.0
     );
     assert_eq!(
@@ -420,15 +420,31 @@ fn serve_checks_request_signatures() {
         .unwrap()
         .as_secs()
         .to_string();
-    let signature = Signer::new(key.as_bytes().to_vec()).sign(&now, "POST", path, body.as_bytes());
+    let nonce = "request-0001-abcdef";
+    let signature =
+        Signer::new(key.as_bytes().to_vec()).sign(&now, nonce, "POST", path, body.as_bytes());
     let headers = [
         ("X-Mlops-Timestamp", now.as_str()),
+        ("X-Mlops-Nonce", nonce),
         ("X-Mlops-Signature", signature.as_str()),
     ];
     let (code, answer) = server.call("POST", path, Some(&body), &headers);
     assert_eq!(code, 200, "{answer}");
+    // The same request again, within the window: a replay.
+    let (code, e) = server.call("POST", path, Some(&body), &headers);
+    assert_eq!(code, 401, "{e}");
+    assert!(e.contains("replayed request"), "{e}");
+    // Without a nonce: refused, naming the header.
+    let (code, e) = server.call("POST", path, Some(&body), &[headers[0], headers[2]]);
+    assert_eq!(code, 401);
+    assert!(e.contains("x-mlops-nonce"), "{e}");
     let tampered = body.replace("0.0", "1.0");
-    let (code, e) = server.call("POST", path, Some(&tampered), &headers);
+    let fresh = [
+        headers[0],
+        ("X-Mlops-Nonce", "request-0002-abcdef"),
+        headers[2],
+    ];
+    let (code, e) = server.call("POST", path, Some(&tampered), &fresh);
     assert_eq!(code, 401);
     assert!(e.contains("does not match"), "{e}");
     // The same signed body sent to another route is refused too, and an unsigned client
