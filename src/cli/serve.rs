@@ -12,7 +12,7 @@ use mlops::report::table::Table;
 use mlops::report::StepReport;
 use mlops::serve::batcher::BatchConfig;
 use mlops::serve::signing::Signer;
-use mlops::serve::{serve, RedisConfig, RepositoryConfig, ServeConfig, ServedArtifact};
+use mlops::serve::{serve, LogFormat, RedisConfig, RepositoryConfig, ServeConfig, ServedArtifact};
 
 use super::{Context, ReportArgs};
 
@@ -84,8 +84,19 @@ pub(crate) struct ServeArgs {
     /// misses
     #[arg(long, default_value_t = 50, value_name = "MS", value_parser = redis_timeout_ms, requires = "cache_redis")]
     pub redis_timeout_ms: u64,
+    /// One line per request on stderr: `json` (request_id, method, path, api, model,
+    /// version, status, latency_ms, cache) or `text`; off by default (it costs throughput)
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormatArg>,
     #[command(flatten)]
     pub output: ReportArgs,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum LogFormatArg {
+    Json,
+    Text,
 }
 
 /// An integer in `lo..=hi`, or a message naming the range (clap prints it with the flag).
@@ -224,6 +235,10 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
             root: root.clone(),
             config_file: args.model_config.clone(),
             poll: (args.poll_secs > 0).then(|| Duration::from_secs(args.poll_secs)),
+        }),
+        log_format: args.log_format.map(|f| match f {
+            LogFormatArg::Json => LogFormat::Json,
+            LogFormatArg::Text => LogFormat::Text,
         }),
         redis: args.cache_redis.as_ref().map(|url| RedisConfig {
             url: url.clone(),

@@ -62,6 +62,20 @@ struct Job {
     images: Vec<f32>,
     count: usize,
     reply: oneshot::Sender<Result<Vec<f32>, BatchError>>,
+    /// When it was queued (its queue time ends when its batch starts).
+    queued_at: Instant,
+}
+
+/// What one forward pass did, for metrics: its images, how long it computed, and how
+/// long each of its requests waited in the queue before it started.
+#[derive(Debug, Clone)]
+pub struct BatchStats {
+    /// Images in the pass.
+    pub images: usize,
+    /// The forward pass, wall time.
+    pub compute: Duration,
+    /// Per request in the pass: queued until the pass started.
+    pub waits: Vec<Duration>,
 }
 
 /// The sending side of a model's batching worker; cheap to share across handlers.
@@ -71,15 +85,15 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the worker thread; `on_batch(images)` is called after every forward pass
-    /// (metrics). The worker ends when the `Batcher` is dropped.
+    /// Starts the worker thread; `on_batch` is called after every forward pass with what it
+    /// did (metrics). The worker ends when the `Batcher` is dropped.
     ///
     /// # Errors
     /// The operating system's error when the thread cannot be created.
     pub fn spawn(
         mut engine: Box<dyn Engine>,
         config: BatchConfig,
-        on_batch: impl Fn(usize) + Send + 'static,
+        on_batch: impl Fn(BatchStats) + Send + 'static,
     ) -> std::io::Result<Self> {
         let input_len = engine.plan().input_len;
         let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE_JOBS);
@@ -113,6 +127,7 @@ impl Batcher {
             images,
             count,
             reply,
+            queued_at: Instant::now(),
         };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(answer),
@@ -126,7 +141,7 @@ fn run_worker(
     engine: &mut dyn Engine,
     queue: &Receiver<Job>,
     config: BatchConfig,
-    on_batch: &dyn Fn(usize),
+    on_batch: &dyn Fn(BatchStats),
 ) {
     let classes = engine.plan().classes;
     let (mut x, mut logits) = (Vec::new(), Vec::new());
@@ -168,7 +183,9 @@ fn run_worker(
         }
         // An error fails only this batch; a panic in a kernel (a bug) is caught so that it
         // too fails only this batch and the server keeps serving.
+        let started = Instant::now();
         let ran = catch_unwind(AssertUnwindSafe(|| engine.predict(&x, images, &mut logits)));
+        let compute = started.elapsed();
         let failure = match ran {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
@@ -189,7 +206,14 @@ fn run_worker(
             }
             continue;
         }
-        on_batch(images);
+        on_batch(BatchStats {
+            images,
+            compute,
+            waits: batch
+                .iter()
+                .map(|job| started.saturating_duration_since(job.queued_at))
+                .collect(),
+        });
         let mut at = 0;
         for job in batch {
             let len = job.count * classes;

@@ -76,6 +76,10 @@ pub(crate) struct AppState {
     pub nonces: NonceStore,
     /// Redis shared with other replicas (`--cache-redis`).
     pub remote: Option<Arc<Remote>>,
+    /// One log line per request on stderr, in this format (`--log-format`).
+    pub log_format: Option<super::LogFormat>,
+    /// Requests counted, for request ids.
+    pub requests_seen: std::sync::atomic::AtomicU64,
     pub metrics: Arc<Metrics>,
     /// How long a request body may take to arrive (`--read-timeout-ms`).
     pub read_timeout: Duration,
@@ -208,10 +212,21 @@ async fn unknown_route(uri: axum::http::Uri) -> ApiError {
     )
 }
 
+/// Counts a request out of `mlops_requests_in_flight` when it is answered (or dropped).
+struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
 /// The version a request was answered by, set on its response by the inference handlers
 /// (the `version` label of its metrics).
+/// `(model, version, cache)`: cache is `off`, `memory` (every image from this process's
+/// cache), `redis` (some from Redis, none computed) or `miss` (some computed).
 #[derive(Debug, Clone)]
-struct AnsweredBy(String, u64);
+struct AnsweredBy(String, u64, &'static str);
 
 /// The `api` and `model` labels of a request, from its method and path alone (so that
 /// requests refused before routing are counted under the right API too). Names of
@@ -263,6 +278,26 @@ fn labels(registry: &Registry, method: &Method, path: &str) -> (&'static str, St
 /// status.
 async fn contract(State(state): Shared, request: Request, next: Next) -> Response {
     let started = Instant::now();
+    state.metrics.in_flight.inc();
+    let _done = InFlight(&state.metrics);
+    // The client's `X-Request-Id` (printable, at most 128 bytes), else a counter.
+    let request_id = match state.log_format {
+        None => String::new(),
+        Some(_) => request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map_or_else(
+                || {
+                    state
+                        .requests_seen
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        .to_string()
+                },
+                str::to_string,
+            ),
+    };
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let uri_len = request
@@ -281,21 +316,73 @@ async fn contract(State(state): Shared, request: Request, next: Next) -> Respons
     let answered_by = response.extensions().get::<AnsweredBy>().cloned();
     let response = json_error(response, &method, &path).await;
     let (api, mut model) = labels(&state.registry.snapshot(), &method, &path);
-    let version = match answered_by {
-        Some(AnsweredBy(name, version)) => {
+    let (version, cache) = match answered_by {
+        Some(AnsweredBy(name, version, cache)) => {
             model = name;
-            version.to_string()
+            (version.to_string(), cache)
         }
-        None => String::new(),
+        None => (String::new(), ""),
     };
-    state.metrics.record(
-        &model,
-        &version,
-        api,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    let seconds = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    state.metrics.record(&model, &version, api, status, seconds);
+    if let Some(format) = state.log_format {
+        let line = RequestLine {
+            request_id: &request_id,
+            method: method.as_str(),
+            path: &path,
+            api,
+            model: &model,
+            version: &version,
+            status,
+            latency_ms: seconds * 1e3,
+            cache,
+        };
+        crate::io::log_line(format_args!("{}", line.render(format)));
+    }
     response
+}
+
+/// One request's log line (`--log-format`).
+#[derive(serde::Serialize)]
+struct RequestLine<'a> {
+    request_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+    api: &'a str,
+    model: &'a str,
+    version: &'a str,
+    status: u16,
+    latency_ms: f64,
+    cache: &'a str,
+}
+
+impl RequestLine<'_> {
+    fn render(&self, format: super::LogFormat) -> String {
+        match format {
+            super::LogFormat::Json => serde_json::to_string(self).unwrap_or_default(),
+            super::LogFormat::Text => format!(
+                "request {} {} {} -> {} in {:.3} ms (api {}, model {}{}, cache {})",
+                self.request_id,
+                self.method,
+                self.path,
+                self.status,
+                self.latency_ms,
+                self.api,
+                self.model,
+                if self.version.is_empty() {
+                    String::new()
+                } else {
+                    format!(" version {}", self.version)
+                },
+                if self.cache.is_empty() {
+                    "-"
+                } else {
+                    self.cache
+                },
+            ),
+        }
+    }
 }
 
 /// `response` itself when it is a success or already JSON, else the same status and
@@ -368,12 +455,13 @@ fn version_number(text: &str) -> Result<u64, ApiError> {
     })
 }
 
-/// A JSON answer that records the version that gave it (for `/metrics`).
-fn answered(model: &Model, body: Value) -> Response {
+/// A JSON answer that records the version that gave it and where its logits came from
+/// (for `/metrics` and the request log).
+fn answered(model: &Model, cache: &'static str, body: Value) -> Response {
     let mut response = Json(body).into_response();
     response
         .extensions_mut()
-        .insert(AnsweredBy(model.name.clone(), model.version));
+        .insert(AnsweredBy(model.name.clone(), model.version, cache));
     response
 }
 
@@ -503,10 +591,15 @@ fn decode(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
 /// Logits for `batch`: images in the in-process cache from there, then those in Redis
 /// (when configured), the rest through the batcher (and into both caches). Rows that are
 /// not finite are never cached.
-async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f32>, ApiError> {
+async fn logits(
+    state: &AppState,
+    model: &Model,
+    batch: &Batch,
+) -> Result<(Vec<f32>, &'static str), ApiError> {
     let remote = state.remote.as_ref();
     if model.cache.is_none() && remote.is_none() {
-        return run(model, batch.images.clone(), batch.count).await;
+        let computed = run(model, batch.images.clone(), batch.count).await?;
+        return Ok((computed, "off"));
     }
     let len = model.shape.input_len();
     let classes = model.shape.labels.len();
@@ -535,6 +628,7 @@ async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f3
         }
         None => missing.extend(0..batch.count),
     }
+    let mut level = "memory";
     let remote_keys: Vec<String> = match remote {
         Some(_) if !missing.is_empty() => missing
             .iter()
@@ -563,10 +657,13 @@ async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f3
             missing.len() - still.len(),
             still.len(),
         );
+        if still.len() < missing.len() {
+            level = "redis";
+        }
         missing = still;
     }
     if missing.is_empty() {
-        return Ok(out);
+        return Ok((out, level));
     }
     let mut images = Vec::with_capacity(missing.len() * len);
     for &i in &missing {
@@ -591,7 +688,7 @@ async fn logits(state: &AppState, model: &Model, batch: &Batch) -> Result<Vec<f3
     if let Some(remote) = remote {
         remote.put_many(to_remote);
     }
-    Ok(out)
+    Ok((out, "miss"))
 }
 
 /// Counts one cache level's hits and misses for a request.
@@ -677,7 +774,7 @@ async fn tf_predict_on(
     let model = pick(state, name, &which)?;
     let body = decode(headers, body)?;
     let request = protocol::parse_tf_serving(&body, &model.shape)?;
-    let logits = logits(state, &model, &request.batch).await?;
+    let (logits, cache) = logits(state, &model, &request.batch).await?;
     let field = if request.columnar {
         "inputs"
     } else {
@@ -688,6 +785,7 @@ async fn tf_predict_on(
     })?;
     Ok(answered(
         &model,
+        cache,
         protocol::tf_serving_response(&logits, &model.shape, request.columnar),
     ))
 }
@@ -980,7 +1078,7 @@ async fn v2_infer_on(
     };
     let (json_part, binary_part) = protocol::split_binary(&body, header)?;
     let request = protocol::parse_v2(json_part, binary_part, &model.shape)?;
-    let logits = logits(state, &model, &request.batch).await?;
+    let (logits, cache) = logits(state, &model, &request.batch).await?;
     protocol::check_finite(&logits, &request.batch.images, &model.shape, |i| {
         format!("image {i} of `inputs[0]`")
     })?;
@@ -993,7 +1091,7 @@ async fn v2_infer_on(
         model.shape.labels.len(),
     );
     if answer.binary.is_empty() {
-        return Ok(answered(&model, answer.json));
+        return Ok(answered(&model, cache, answer.json));
     }
     // The binary tensor extension: JSON, then the tensors' bytes; the header gives where
     // the JSON ends.
@@ -1021,7 +1119,7 @@ async fn v2_infer_on(
         .into_response();
     response
         .extensions_mut()
-        .insert(AnsweredBy(model.name.clone(), model.version));
+        .insert(AnsweredBy(model.name.clone(), model.version, cache));
     Ok(response)
 }
 
@@ -1113,7 +1211,7 @@ async fn guide_predict(
     let model = guide_model(&state, &query)?;
     let body = decode(&headers, body)?;
     let batch = protocol::parse_guide(&body, &model.shape).map_err(ApiError::from)?;
-    let logits = logits(&state, &model, &batch).await?;
+    let (logits, cache) = logits(&state, &model, &batch).await?;
     protocol::check_finite(&logits, &batch.images, &model.shape, |i| {
         format!("`input[{i}]`")
     })
@@ -1121,7 +1219,7 @@ async fn guide_predict(
     let mut answer = protocol::guide_response(&logits, &model.shape);
     answer["model"] = json!(model.name);
     answer["version"] = json!(model.version);
-    Ok(answered(&model, answer))
+    Ok(answered(&model, cache, answer))
 }
 
 /// The guide's `GET /model_info`: name, version, input and output shapes, parameters.
@@ -1166,6 +1264,13 @@ async fn guide_health(State(state): Shared) -> Response {
 }
 
 async fn metrics(State(state): Shared) -> impl IntoResponse {
+    for (name, served) in &state.registry.snapshot().models {
+        state
+            .metrics
+            .loaded_versions
+            .with_label_values(&[name.as_str()])
+            .set(served.versions.len() as i64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -1185,6 +1290,8 @@ mod tests {
             signer: None,
             nonces: NonceStore::default(),
             remote: None,
+            log_format: None,
+            requests_seen: Default::default(),
             metrics: Arc::new(Metrics::new()),
             read_timeout,
         }

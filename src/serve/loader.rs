@@ -80,12 +80,17 @@ impl Loader {
             "accuracy": artifact.metrics.as_ref().map(|m| m.accuracy),
             "parameters": artifact.spec.param_count()?,
         });
-        let batch_images = self
-            .metrics
-            .batch_images
-            .with_label_values(&[name, version.to_string().as_str()]);
-        let batcher = Batcher::spawn(engine, self.batch, move |images| {
-            batch_images.observe(images as f64)
+        let version_label = version.to_string();
+        let labels = [name, version_label.as_str()];
+        let batch_images = self.metrics.batch_images.with_label_values(&labels);
+        let queue = self.metrics.queue_seconds.with_label_values(&labels);
+        let compute = self.metrics.compute_seconds.with_label_values(&labels);
+        let batcher = Batcher::spawn(engine, self.batch, move |stats| {
+            batch_images.observe(stats.images as f64);
+            compute.observe(stats.compute.as_secs_f64());
+            for wait in stats.waits {
+                queue.observe(wait.as_secs_f64());
+            }
         })
         .map_err(|e| crate::Error::io("start the batching thread for", &record.path, e))?;
         Ok(Model {

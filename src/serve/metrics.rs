@@ -1,7 +1,9 @@
 //! Prometheus metrics for `GET /metrics` (the `prometheus` crate's registry and text
-//! encoder): every answered request by model, API and status; request latency; images
-//! per forward pass (how well dynamic batching merges); cache hits and misses; open
-//! connections and read timeouts.
+//! encoder): every answered request by model, version, API and status; request latency,
+//! split into queue time and compute time per forward pass; images per forward pass (how
+//! well dynamic batching merges); cache hits and misses per level; Redis errors;
+//! requests in flight, open connections, read timeouts; versions loaded; the process's
+//! CPU seconds and resident memory; build info.
 
 use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -16,8 +18,16 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Request latency in seconds by `model` and `api`, parse to answer.
     pub latency: HistogramVec,
-    /// Images per forward pass by `model`.
+    /// Images per forward pass by `model`, `version`.
     pub batch_images: HistogramVec,
+    /// Seconds a request waited in its model's queue before its forward pass started.
+    pub queue_seconds: HistogramVec,
+    /// Seconds of each forward pass (a batch: all its requests share it).
+    pub compute_seconds: HistogramVec,
+    /// Requests being answered now (any route).
+    pub in_flight: IntGauge,
+    /// Versions loaded now, by `model`.
+    pub loaded_versions: prometheus::IntGaugeVec,
     /// Images answered from the cache, by `model`.
     pub cache_hits: IntCounterVec,
     /// Images that had to run, by `model` (with caching on).
@@ -65,6 +75,46 @@ impl Metrics {
             &["model", "version"],
         )
         .expect("valid metric");
+        let queue_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "mlops_queue_seconds",
+                "Time a request waited in its model's queue before its forward pass",
+            )
+            .buckets(exponential_buckets(1e-6, 2.0, 22).expect("valid buckets")),
+            &["model", "version"],
+        )
+        .expect("valid metric");
+        let compute_seconds = HistogramVec::new(
+            HistogramOpts::new("mlops_compute_seconds", "Time of each forward pass")
+                .buckets(exponential_buckets(1e-5, 2.0, 18).expect("valid buckets")),
+            &["model", "version"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGauge::new("mlops_requests_in_flight", "Requests being answered now")
+            .expect("valid metric");
+        let loaded_versions = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "mlops_model_versions_loaded",
+                "Versions loaded now, by model",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "mlops_build_info",
+                "1, labelled with the mlops version and the platform it was built for",
+            ),
+            &["version", "arch", "os"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[
+                crate::report::MLOPS_VERSION,
+                std::env::consts::ARCH,
+                std::env::consts::OS,
+            ])
+            .set(1);
         let cache_hits = IntCounterVec::new(
             Opts::new(
                 "mlops_cache_hits_total",
@@ -108,14 +158,31 @@ impl Metrics {
             Box::new(read_timeouts.clone()),
             Box::new(redis_errors.clone()),
             Box::new(redis_up.clone()),
+            Box::new(queue_seconds.clone()),
+            Box::new(compute_seconds.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(loaded_versions.clone()),
+            Box::new(build_info),
         ] {
             registry.register(metric).expect("unique metric names");
         }
+        // The guide monitors the server's CPU and memory: process_cpu_seconds_total,
+        // process_resident_memory_bytes, open fds, start time (Linux; elsewhere absent).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric names");
         Metrics {
             registry,
             requests,
             latency,
             batch_images,
+            queue_seconds,
+            compute_seconds,
+            in_flight,
+            loaded_versions,
             cache_hits,
             cache_misses,
             open_connections,

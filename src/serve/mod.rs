@@ -71,6 +71,19 @@ pub struct ServeConfig {
     pub repository: Option<RepositoryConfig>,
     /// Redis shared by replicas: second-level prediction cache and signed-request nonces.
     pub redis: Option<RedisConfig>,
+    /// One line per request on stderr in this format; `None`: no request log (the
+    /// default, for speed).
+    pub log_format: Option<LogFormat>,
+}
+
+/// The request log's format (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line: request_id, method, path, api, model, version, status,
+    /// latency_ms, cache.
+    Json,
+    /// The same as a sentence.
+    Text,
 }
 
 /// One artifact to serve under `name`.
@@ -179,6 +192,8 @@ pub fn serve(
         signer: config.signer,
         nonces: signing::NonceStore::default(),
         remote,
+        log_format: config.log_format,
+        requests_seen: Default::default(),
         metrics: metrics.clone(),
         read_timeout: config.read_timeout,
     });

@@ -211,3 +211,63 @@ fn guide_endpoints_need_a_model_name_when_several_are_served() {
     assert_eq!(code, 404, "{answer}");
     assert_eq!(answer["status"], "error");
 }
+
+/// What an operator watches: queue and compute time per model version, requests in
+/// flight, versions loaded, the process's CPU and memory, build info; and, with
+/// `--log-format json`, one JSON line per request naming its model, version, status,
+/// latency and cache level.
+#[test]
+fn serve_exports_operations_metrics_and_logs_each_request() {
+    let (pixels, _, _) = expected(&trained_model());
+    let dir = dir_with_model();
+    let server = Server::start(dir.path(), &["model.safetensors", "--log-format", "json"]);
+    let body = crate::serve::tf_body(&pixels[..2]);
+    for _ in 0..2 {
+        let (code, _) = server.call(
+            "POST",
+            "/v1/models/model:predict",
+            Some(&body.to_string()),
+            &[("X-Request-Id", "req-42")],
+        );
+        assert_eq!(code, 200);
+    }
+    let (_, metrics) = server.call("GET", "/metrics", None, &[]);
+    for series in [
+        r#"mlops_queue_seconds_count{model="model",version="1"} 1"#,
+        r#"mlops_compute_seconds_count{model="model",version="1"} 1"#,
+        r#"mlops_model_versions_loaded{model="model"} 1"#,
+        "mlops_requests_in_flight 1",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        r#"mlops_build_info{arch=""#,
+    ] {
+        assert!(metrics.contains(series), "no `{series}` in:\n{metrics}");
+    }
+    // The second request was answered from the cache: no second forward pass, and the
+    // log says so.
+    let started = std::time::Instant::now();
+    let lines: Vec<Value> = loop {
+        let lines: Vec<Value> = server
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= 3 || started.elapsed() > std::time::Duration::from_secs(10) {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let first = &lines[0];
+    assert_eq!(first["request_id"], "req-42");
+    assert_eq!(first["api"], "tfserving");
+    assert_eq!(
+        (&first["model"], &first["version"]),
+        (&json!("model"), &json!("1"))
+    );
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["cache"], "miss");
+    assert!(first["latency_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(lines[1]["cache"], "memory");
+    assert_eq!(lines[2]["path"], "/metrics");
+}
