@@ -71,6 +71,10 @@ pub(crate) struct ServeArgs {
     /// nonce (see README)
     #[arg(long, value_name = "FILE")]
     pub hmac_key_file: Option<PathBuf>,
+    /// Require `Authorization: Bearer KEY` on every route but the health probes, KEY one of
+    /// the lines of FILE (blank lines and `#` comments skipped; each at least 16 bytes)
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// A Redis shared by replicas (`redis://HOST:PORT/DB`, `unix:///path/redis.sock`): a
     /// second-level prediction cache behind the in-process one, and the nonces of signed
     /// requests (a replay to another replica is refused too). Redis trouble never fails a
@@ -160,6 +164,37 @@ fn max_connections(text: &str) -> Result<usize, String> {
     Ok(integer_in(text, 1, 65_536)? as usize)
 }
 
+/// The keys of `--api-key-file`: one per line, blank lines and `#` comments skipped.
+fn read_api_keys(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API key file `{}`", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if keys.is_empty() {
+        bail!(
+            "the API key file `{}` has no keys; put one per line (e.g. `openssl rand -hex 32 >> {}`)",
+            path.display(),
+            path.display()
+        );
+    }
+    if let Some((i, _)) = keys
+        .iter()
+        .enumerate()
+        .find(|(_, k)| k.len() < 16 || !k.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        bail!(
+            "key {} of `{}` is shorter than 16 bytes or not printable ASCII; use random keys (`openssl rand -hex 32`)",
+            i + 1,
+            path.display()
+        );
+    }
+    Ok(keys)
+}
+
 /// `model.int8.safetensors` -> `model.int8`.
 fn model_name(path: &std::path::Path) -> String {
     let file = path
@@ -186,6 +221,10 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
             }
             Some(Signer::new(key))
         }
+    };
+    let api_keys = match &args.api_key_file {
+        None => None,
+        Some(path) => Some(read_api_keys(path)?),
     };
     // Our CPU kernels run with `--model-threads`; other runtimes are resolved as usual.
     let native_cpu = args.device.device == "cpu" && args.device.engine == super::EngineArg::Native;
@@ -236,6 +275,7 @@ pub(crate) fn run(args: &ServeArgs, ctx: &Context) -> anyhow::Result<StepReport>
             config_file: args.model_config.clone(),
             poll: (args.poll_secs > 0).then(|| Duration::from_secs(args.poll_secs)),
         }),
+        api_keys,
         log_format: args.log_format.map(|f| match f {
             LogFormatArg::Json => LogFormat::Json,
             LogFormatArg::Text => LogFormat::Text,

@@ -76,6 +76,8 @@ pub(crate) struct AppState {
     pub nonces: NonceStore,
     /// Redis shared with other replicas (`--cache-redis`).
     pub remote: Option<Arc<Remote>>,
+    /// SHA-256 digests of the accepted API keys (`--api-key-file`), if required.
+    pub api_keys: Option<Vec<[u8; 32]>>,
     /// One log line per request on stderr, in this format (`--log-format`).
     pub log_format: Option<super::LogFormat>,
     /// Requests counted, for request ids.
@@ -212,6 +214,41 @@ async fn unknown_route(uri: axum::http::Uri) -> ApiError {
     )
 }
 
+/// Routes answered without an API key: liveness and readiness probes.
+const OPEN_ROUTES: [&str; 3] = ["/v2/health/live", "/v2/health/ready", "/health"];
+
+/// With `--api-key-file`, every route but the health probes needs
+/// `Authorization: Bearer <one of the keys>`; else a 401 with `WWW-Authenticate: Bearer`.
+/// Keys are compared as SHA-256 digests, so the comparison's time says nothing about a
+/// key's bytes. Returns the refusal, if any.
+fn refuse_without_api_key(state: &AppState, headers: &HeaderMap, path: &str) -> Option<Response> {
+    let keys = state.api_keys.as_ref()?;
+    if OPEN_ROUTES.contains(&path) {
+        return None;
+    }
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|token| super::api_key_digest(token.trim()));
+    if sent.is_some_and(|digest| keys.contains(&digest)) {
+        return None;
+    }
+    let message = if sent.is_none() {
+        "this server needs `Authorization: Bearer <API key>` (`--api-key-file`)"
+    } else {
+        "the API key is not one of this server's"
+    };
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(response)
+}
+
 /// Counts a request out of `mlops_requests_in_flight` when it is answered (or dropped).
 struct InFlight<'a>(&'a Metrics);
 
@@ -310,6 +347,8 @@ async fn contract(State(state): Shared, request: Request, next: Next) -> Respons
             format!("the URI has {uri_len} bytes; this server takes at most {MAX_URI_BYTES}"),
         )
         .into_response()
+    } else if let Some(refused) = refuse_without_api_key(&state, request.headers(), &path) {
+        refused
     } else {
         next.run(request).await
     };
@@ -1290,6 +1329,7 @@ mod tests {
             signer: None,
             nonces: NonceStore::default(),
             remote: None,
+            api_keys: None,
             log_format: None,
             requests_seen: Default::default(),
             metrics: Arc::new(Metrics::new()),

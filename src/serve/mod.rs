@@ -74,6 +74,15 @@ pub struct ServeConfig {
     /// One line per request on stderr in this format; `None`: no request log (the
     /// default, for speed).
     pub log_format: Option<LogFormat>,
+    /// When set, every route but the health probes needs `Authorization: Bearer KEY`
+    /// with one of these keys.
+    pub api_keys: Option<Vec<String>>,
+}
+
+/// How an API key is held and compared: its SHA-256.
+pub(crate) fn api_key_digest(key: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key.as_bytes()).into()
 }
 
 /// The request log's format (`--log-format`).
@@ -193,6 +202,9 @@ pub fn serve(
         nonces: signing::NonceStore::default(),
         remote,
         log_format: config.log_format,
+        api_keys: config
+            .api_keys
+            .map(|keys| keys.iter().map(|k| api_key_digest(k)).collect()),
         requests_seen: Default::default(),
         metrics: metrics.clone(),
         read_timeout: config.read_timeout,

@@ -271,3 +271,55 @@ fn serve_exports_operations_metrics_and_logs_each_request() {
     assert_eq!(lines[1]["cache"], "memory");
     assert_eq!(lines[2]["path"], "/metrics");
 }
+
+/// `--api-key-file`: every route but the health probes needs a Bearer key of the file.
+#[test]
+fn serve_requires_an_api_key_when_given_a_key_file() {
+    let dir = dir_with_model();
+    std::fs::write(
+        dir.path().join("keys"),
+        "# team keys\nabcdefabcdefabcdef0001\n\nabcdefabcdefabcdef0002\n",
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["model.safetensors", "--api-key-file", "keys"]);
+    let body = json!({"instances": [vec![0.0f32; 784]]}).to_string();
+    let path = "/v1/models/model:predict";
+    let (code, e) = server.call("POST", path, Some(&body), &[]);
+    assert_eq!(code, 401, "{e}");
+    assert!(e.contains("Authorization: Bearer"), "{e}");
+    let (code, e) = server.call(
+        "POST",
+        path,
+        Some(&body),
+        &[("Authorization", "Bearer abcdefabcdefabcdef0003")],
+    );
+    assert_eq!(code, 401);
+    assert!(e.contains("not one of this server's"), "{e}");
+    for key in ["abcdefabcdefabcdef0001", "abcdefabcdefabcdef0002"] {
+        let auth = format!("Bearer {key}");
+        let (code, answer) = server.call("POST", path, Some(&body), &[("Authorization", &auth)]);
+        assert_eq!(code, 200, "{answer}");
+    }
+    assert_eq!(server.call("GET", "/metrics", None, &[]).0, 401);
+    for open in ["/v2/health/live", "/v2/health/ready", "/health"] {
+        assert_eq!(server.call("GET", open, None, &[]).0, 200, "{open}");
+    }
+    // A key file without keys, or with a short key, is refused at start-up.
+    for (text, needle) in [("# none\n", "has no keys"), ("short\n", "shorter than 16")] {
+        std::fs::write(dir.path().join("bad"), text).unwrap();
+        let output = crate::util::mlops(dir.path())
+            .args([
+                "serve",
+                "model.safetensors",
+                "--port",
+                "0",
+                "--api-key-file",
+                "bad",
+            ])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+}
