@@ -7,7 +7,8 @@
 #   requests/s, p50 and p99 latency (ms; hey reports 0.1 ms steps), answers that were not
 #   200 (plus connection errors), the CPU time the server used (utime+stime from
 #   /proc/PID/stat of SERVER_PID and all its descendants, before/after), that time per
-#   request in core-milliseconds, and the CPU time hey itself used (same machine).
+#   request in core-milliseconds, the CPU time hey itself used (same machine), and what the
+#   rest of the machine used meanwhile (/proc/stat busy time less those two: other work).
 # With JSON_OUT=FILE it also appends one JSON object per run to FILE.
 #
 #   examples/peers/load.sh URL BODY.json SERVER_PID [DURATION_S=10] [LABEL=URL]
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-  sed -n '2,16p' "$0"
+  sed -n '2,15p' "$0"
   exit 2
 fi
 url=$1 body=$2 pid=$3 duration=${4:-10} label=${5:-$1}
@@ -25,7 +26,8 @@ tick=$(getconf CLK_TCK)
 
 # utime+stime (clock ticks) of process $1 and every descendant.
 tree_ticks() {
-  cat /proc/[0-9]*/stat 2>/dev/null | sed 's/^\([0-9]*\) (.*) /\1 /' | awk -v root="$1" '
+  # (a process may exit between the glob and the read: cat then fails, which is fine)
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | sed 's/^\([0-9]*\) (.*) /\1 /' | awk -v root="$1" '
     { parent[$1] = $3; ticks[$1] = $13 + $14 }
     END {
       total = 0
@@ -38,6 +40,11 @@ tree_ticks() {
     }'
 }
 
+# user + nice + system time of the whole machine (all cores), from /proc/stat: what processes
+# ran (interrupt and softirq time, e.g. the loopback network stack, is left out, as it is
+# charged to no process).
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4; exit }' /proc/stat; }
+
 hey_args=(-m POST -T application/json -D "$body")
 hey -n "${WARMUP:-50}" -c 1 "${hey_args[@]}" "$url" >/dev/null
 
@@ -45,12 +52,15 @@ for c in ${CONCURRENCY:-1 16 64}; do
   out=$(mktemp)
   loadavg=$(cut -d' ' -f1 /proc/loadavg)  # 1-minute load before the run: other work on the machine
   before=$(tree_ticks "$pid")
+  machine_before=$(machine_ticks)
   client_before=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)  # this shell's children, once waited
   hey -z "${duration}s" -c "$c" "${hey_args[@]}" "$url" >"$out"
   after=$(tree_ticks "$pid")
+  machine_after=$(machine_ticks)
   client_after=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)
   result=$(awk -v label="$label" -v c="$c" -v d="$duration" -v tick="$tick" -v load="$loadavg" \
-    -v cpu="$((after - before))" -v ccpu="$((client_after - client_before))" '
+    -v cpu="$((after - before))" -v ccpu="$((client_after - client_before))" \
+    -v other="$((machine_after - machine_before - (after - before) - (client_after - client_before)))" '
     /Requests\/sec:/ { rps = $2 }
     /^ +50% in/ { p50 = sprintf("%.1f", $3 * 1000) }
     /^ +99% in/ { p99 = sprintf("%.1f", $3 * 1000) }
@@ -67,10 +77,10 @@ for c in ${CONCURRENCY:-1 16 64}; do
       printf "{\"label\":\"%s\",\"concurrency\":%d,\"duration_s\":%s,\"requests\":%d,", label, c, d, n
       printf "\"requests_per_s\":%.1f,\"p50_ms\":%s,\"p99_ms\":%s,", rps, p50, p99
       printf "\"non_200\":%d,\"connection_errors\":%d,\"server_cpu_s\":%.2f,", bad, errors, cpu_s
-      printf "\"server_cores\":%.2f,\"server_core_ms_per_request\":%.4f,\"client_cpu_s\":%.2f,\"loadavg_before\":%s}\n", \
-        cpu_s / d, per, ccpu / tick, load
+      printf "\"server_cores\":%.2f,\"server_core_ms_per_request\":%.4f,\"client_cpu_s\":%.2f,\"other_cpu_s\":%.2f,\"loadavg_before\":%s}\n", \
+        cpu_s / d, per, ccpu / tick, other / tick, load
       printf "%-22s c=%-3d %9.1f req/s  p50 %6s ms  p99 %6s ms  non-200 %-4d ", label, c, rps, p50, p99, bad
-      printf "server %6.2f core-s = %.3f core-ms/req  (hey %.2f core-s)\n", cpu_s, per, ccpu / tick
+      printf "server %6.2f core-s = %.3f core-ms/req  (hey %.2f, other %.2f core-s)\n", cpu_s, per, ccpu / tick, other / tick
     }' "$out")
   rm -f "$out"
   [ -n "${JSON_OUT:-}" ] && head -n 1 <<<"$result" >>"$JSON_OUT"

@@ -762,7 +762,7 @@ async fn tf_predict(
     // The last `:` splits, so a model file name may itself hold one.
     let (name, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
     let path = format!("/v1/models/{target}");
-    tf_predict_on(&state, &path, name, verb, Pick::Latest, &headers, body).await
+    tf_predict_on(&state, &path, name, verb, Ok(Pick::Latest), &headers, body).await
 }
 
 /// `POST /v1/models/NAME/versions/N:predict`.
@@ -774,7 +774,9 @@ async fn tf_version_predict(
 ) -> Result<Response, ApiError> {
     let (version, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
     let path = format!("/v1/models/{name}/versions/{target}");
-    let pick = Pick::Version(version_number(version)?);
+    // Checked after the body is read (in `tf_predict_on`): answering before it would
+    // close the connection under a client still sending.
+    let pick = version_number(version).map(Pick::Version);
     tf_predict_on(&state, &path, &name, verb, pick, &headers, body).await
 }
 
@@ -787,7 +789,7 @@ async fn tf_label_predict(
 ) -> Result<Response, ApiError> {
     let (label, verb) = target.rsplit_once(':').unwrap_or((target.as_str(), ""));
     let path = format!("/v1/models/{name}/labels/{target}");
-    let pick = Pick::Label(label.to_string());
+    let pick = Ok(Pick::Label(label.to_string()));
     tf_predict_on(&state, &path, &name, verb, pick, &headers, body).await
 }
 
@@ -796,7 +798,7 @@ async fn tf_predict_on(
     path: &str,
     name: &str,
     verb: &str,
-    which: Pick,
+    which: Result<Pick, ApiError>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -804,6 +806,7 @@ async fn tf_predict_on(
     // Signature first: an unsigned client learns nothing, not even model names. It
     // covers the body as sent (before any gzip inflation, which it so cannot trigger).
     check_signature(state, headers, "POST", path, &body).await?;
+    let which = which?;
     if verb != "predict" {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1080,7 +1083,7 @@ async fn v2_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = format!("/v2/models/{name}/infer");
-    v2_infer_on(&state, &path, &name, Pick::Latest, &headers, body).await
+    v2_infer_on(&state, &path, &name, Ok(Pick::Latest), &headers, body).await
 }
 
 async fn v2_version_infer(
@@ -1090,7 +1093,8 @@ async fn v2_version_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = format!("/v2/models/{name}/versions/{version}/infer");
-    let which = Pick::Version(version_number(&version)?);
+    // Checked after the body is read, as in `tf_version_predict`.
+    let which = version_number(&version).map(Pick::Version);
     v2_infer_on(&state, &path, &name, which, &headers, body).await
 }
 
@@ -1098,13 +1102,13 @@ async fn v2_infer_on(
     state: &AppState,
     path: &str,
     name: &str,
-    which: Pick,
+    which: Result<Pick, ApiError>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_body(state, headers, body).await?;
     check_signature(state, headers, "POST", path, &body).await?;
-    let model = pick(state, name, &which)?;
+    let model = pick(state, name, &which?)?;
     let body = decode(headers, body)?;
     let header = match headers.get(protocol::BINARY_HEADER) {
         None => None,
