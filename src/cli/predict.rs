@@ -63,6 +63,14 @@ pub(crate) fn run(args: &PredictArgs, ctx: &Context) -> anyhow::Result<StepRepor
     let runtime = args.device.runtime(ctx)?;
     let (mut step, started) = StepReport::start("predict", &runtime.name());
     let (artifact, record) = super::eval::load_artifact(&args.artifact)?;
+    if args.top > artifact.spec.classes {
+        bail!(
+            "`--top {}` is more than the model's {} classes; use --top 1..={}",
+            args.top,
+            artifact.spec.classes,
+            artifact.spec.classes
+        );
+    }
     let shape = artifact.spec.input;
     let (split, source, labelled) = match (&args.data, args.images.is_empty()) {
         (Some(dir), _) => {

@@ -224,3 +224,35 @@ fn unknown_flag_is_a_usage_error() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// `predict --top K` with K above the model's classes was clamped without a word; now it
+/// is refused, naming the range.
+#[test]
+fn predict_refuses_more_top_classes_than_the_model_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .arg("predict")
+        .arg(trained_model())
+        .arg("--data")
+        .arg(tiny_data())
+        .args(["--limit", "2", "--top", "11"])
+        .output()
+        .unwrap();
+    assert_user_error(
+        &output,
+        "`--top 11` is more than the model's 10 classes; use --top 1..=10",
+    );
+    let ok = mlops(dir.path())
+        .arg("predict")
+        .arg(trained_model())
+        .arg("--data")
+        .arg(tiny_data())
+        .args(["--limit", "2", "--top", "10", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
