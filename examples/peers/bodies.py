@@ -5,6 +5,10 @@ and writes into OUT_DIR:
   v1.json     {"instances": [28x28x1 image]}                    TF Serving / KServe v1
   v2.json     {"inputs": [{"name": "input", FP32 [1,28,28,1]}]} KServe v2 / Open Inference Protocol
   guide.json  {"input": 28x28x1 image}                          guide_server.py
+  v2.bin      the v2 request with the KServe/Triton binary tensor extension: a JSON header
+              (input `binary_data_size` 3136, `binary_data_output`: true, as tritonclient's
+              default) then the 784 values as little-endian float32; the JSON header's
+              length in v2.bin.json-length (the `Inference-Header-Content-Length` header)
 and prints the image's label.
 
   python3 bodies.py fixtures/mnist-tiny/t10k-images-idx3-ubyte.gz OUT_DIR [INDEX]
@@ -38,6 +42,24 @@ def main():
     for name, body in bodies.items():
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(body, f, separators=(",", ":"))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 28, 28, 1],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 4 * len(flat)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        },
+        separators=(",", ":"),
+    ).encode()
+    with open(os.path.join(out_dir, "v2.bin"), "wb") as f:
+        f.write(header + struct.pack("<%df" % len(flat), *flat))
+    with open(os.path.join(out_dir, "v2.bin.json-length"), "w") as f:
+        f.write(str(len(header)))
     labels_path = images_path.replace("images-idx3", "labels-idx1")
     if os.path.exists(labels_path):
         with gzip.open(labels_path, "rb") as f:

@@ -46,6 +46,11 @@ tree_ticks() {
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4; exit }' /proc/stat; }
 
 hey_args=(-m POST -T application/json -D "$body")
+if [ "${body%.bin}" != "$body" ]; then
+  # A binary tensor body: its JSON header's length beside it (bodies.py).
+  hey_args=(-m POST -T application/octet-stream -D "$body"
+            -H "Inference-Header-Content-Length: $(cat "$body.json-length")")
+fi
 hey -n "${WARMUP:-50}" -c 1 "${hey_args[@]}" "$url" >/dev/null
 
 for c in ${CONCURRENCY:-1 16 64}; do

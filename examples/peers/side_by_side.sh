@@ -86,6 +86,12 @@ wait_ready() {
 
 # answer URL BODY: the class the server gives the body's image (argmax of its probabilities).
 answer() {
+  if [ "${2%.bin}" != "$2" ]; then
+    # The binary tensor extension: JSON header, then the outputs' bytes (probabilities
+    # first, FP32).
+    python3 "$here/binary_answer.py" "$1" "$2"
+    return
+  fi
   curl -sf -X POST -H 'Content-Type: application/json' --data-binary "@$2" "$1" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -107,7 +113,9 @@ bench() {
       cmd=("$MLOPS" serve "$artifact" --port "$port" --cache-size 0 --quiet)
       ready=$base/v2/health/ready
       # The guide's own API too (servers from 2026-11-30 on; an older one is skipped).
+      # v2-binary: the binary tensor extension (tritonclient's default), mlops only here.
       endpoints=("v1 $base/v1/models/$name:predict v1.json" "v2 $base/v2/models/$name/infer v2.json"
+                 "v2-binary $base/v2/models/$name/infer v2.bin"
                  "guide $base/predict guide.json") ;;
     kserve-default|kserve-tuned)
       cmd=("$VENVS/kserve/bin/python" "$here/kserve_server.py" --model_name "$name"
