@@ -116,9 +116,10 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+impl ApiError {
+    /// The answer with `body` (the API's error shape) and this error's status and headers.
+    fn respond(self, body: Value) -> Response {
+        let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();
         if self.close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -127,6 +128,13 @@ impl IntoResponse for ApiError {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.message });
+        self.respond(body)
     }
 }
 
@@ -1193,25 +1201,8 @@ impl From<ApiError> for GuideError {
 
 impl IntoResponse for GuideError {
     fn into_response(self) -> Response {
-        let ApiError {
-            status,
-            message,
-            close,
-            allow,
-        } = self.0;
-        let mut response =
-            (status, Json(json!({"error": message, "status": "error"}))).into_response();
-        if close {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if let Some(allow) = allow {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
-        }
-        response
+        let body = json!({"error": self.0.message, "status": "error"});
+        self.0.respond(body)
     }
 }
 
