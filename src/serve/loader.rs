@@ -149,6 +149,24 @@ impl Poller {
         }
         let (wanted, problems) = repository::scan(&self.repository.root, self.config.as_ref())?;
         self.apply(state, wanted, problems);
+        let loaded = state
+            .registry
+            .snapshot()
+            .models
+            .values()
+            .any(|m| m.from_repository && !m.versions.is_empty());
+        if !loaded {
+            log(format_args!(
+                "the model repository `{}` has no version that loads (expected DIR/<name>/<version>/{}); \
+                 its models answer 404 and readiness 503 until one appears ({})",
+                self.repository.root.display(),
+                repository::MODEL_FILE,
+                match self.repository.poll {
+                    Some(every) => format!("read again every {} s and on SIGHUP", every.as_secs()),
+                    None => "read again on SIGHUP".into(),
+                }
+            ));
+        }
         Ok(())
     }
 

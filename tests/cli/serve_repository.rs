@@ -294,6 +294,44 @@ fn serve_reads_the_repository_again_on_sighup() {
     wait_for(&server, "cnn", &[("2", "AVAILABLE"), ("1", "END")]);
 }
 
+/// An empty repository is served (a deployment may fill it later) but said out loud, and
+/// readiness says no until a version loads.
+#[test]
+fn serve_warns_about_a_repository_with_nothing_to_serve() {
+    let bytes = std::fs::read(trained_model()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("cnn")).unwrap();
+    let output = crate::util::mlops(dir.path())
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--model-repository",
+            "repo",
+            "--poll-secs",
+            "1",
+        ])
+        .timeout(Duration::from_secs(3))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "has no version that loads (expected DIR/<name>/<version>/model.safetensors)"
+        ),
+        "{stderr}"
+    );
+    let server = Server::start(
+        dir.path(),
+        &["--model-repository", "repo", "--poll-secs", "1"],
+    );
+    assert_eq!(server.json("GET", "/v2/health/ready", None).0, 503);
+    add_version(&repo, "cnn", 1, &bytes);
+    wait_for(&server, "cnn", &[("1", "AVAILABLE")]);
+    assert_eq!(server.json("GET", "/v2/health/ready", None).0, 200);
+}
+
 #[test]
 fn serve_refuses_a_bad_repository_or_config() {
     let dir = tempfile::tempdir().unwrap();
