@@ -49,6 +49,26 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// When the shapes disagree or a view runs past its slice: both are programming errors.
 pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    matmul_strided(dst, false, a, b, accumulate);
+}
+
+/// `dst = (a * b)^T` (or `+=`), `dst` row-major `b.cols x a.rows`: the product written
+/// transposed, at no extra cost. Lets a caller pick the operand order the `gemm` crate
+/// packs least (it copies a left operand that is not column-major into a panel).
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_transposed(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    matmul_strided(dst, true, a, b, accumulate);
+}
+
+fn matmul_strided(
+    dst: &mut [f32],
+    transposed: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+) {
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert!(dst.len() >= m * n, "destination too small");
@@ -64,15 +84,16 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
         return;
     }
     // SAFETY: the asserts above keep every index the kernel touches inside the slices:
-    // dst is m x n row-major, and a / b were checked against their strides and lengths.
+    // dst is m x n row-major (n x m when transposed), and a / b were checked against their strides and lengths.
+    let (dst_col_stride, dst_row_stride) = if transposed { (m, 1) } else { (1, n) };
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_col_stride as isize,
+            dst_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -136,5 +157,18 @@ mod tests {
         );
         let doubled: Vec<f32> = want.iter().map(|v| v * 2.0).collect();
         assert_eq!(got_t, doubled);
+        // The product written transposed: n x m.
+        let mut got_tt = vec![0.0; m * n];
+        matmul_transposed(
+            &mut got_tt,
+            MatRef::new(&a, m, k),
+            MatRef::new(&b, k, n),
+            false,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                assert_eq!(got_tt[j * m + i], want[i * n + j]);
+            }
+        }
     }
 }

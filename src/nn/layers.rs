@@ -4,6 +4,13 @@
 //! autograd ran this model's training step at 396 images/s, 14x slower than Keras on
 //! this machine (see the spine issue); im2col + the same `gemm` crate gets most of that
 //! back. All buffers are NHWC and owned by the caller so nothing allocates per step.
+//!
+//! Training keeps its working set in cache and its passes few: convs after the first run
+//! in chunks of a few images, unfolding each chunk again in the backward pass
+//! ([`conv_backward_chunked`]) instead of streaming whole-shard patch buffers through
+//! memory, and a max-pool after a ReLU'd conv applies that ReLU itself and remembers
+//! which cell won ([`relu_max_pool_forward`] / [`relu_max_pool_backward`]), replacing
+//! four passes over the conv's output with two. `benches/train_kernels.rs` times each.
 
 use multiversion::multiversion;
 
@@ -171,9 +178,42 @@ pub fn conv_forward(
     patches: &mut Vec<f32>,
     out: &mut Vec<f32>,
 ) {
+    conv_pre_activation(op, weight, bias, x, batch, patches, out);
+    if op.relu {
+        let len = batch * op.output.iter().product::<usize>();
+        relu_in_place(&mut out[..len]);
+    }
+}
+
+/// [`conv_forward`] without the ReLU, whatever `op.relu` says: `out = im2col(x) * W^T + b`
+/// (`[batch * oh * ow, filters]`). Training uses it when [`relu_max_pool_forward`] applies
+/// the ReLU after pooling, on a quarter of the values.
+pub fn conv_pre_activation(
+    op: &ConvOp,
+    weight: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    batch: usize,
+    patches: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+) {
+    let rows = batch * op.output[0] * op.output[1];
+    out.resize(rows * op.output[2], 0.0);
+    conv_pre_activation_into(op, weight, bias, x, batch, patches, out);
+}
+
+/// [`conv_pre_activation`] into a slice of at least `batch * oh * ow * filters` values.
+fn conv_pre_activation_into(
+    op: &ConvOp,
+    weight: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    batch: usize,
+    patches: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let rows = batch * op.output[0] * op.output[1];
     let filters = op.output[2];
-    out.resize(rows * filters, 0.0);
     if op.is_tap_major() {
         im2col_tap_major(op, x, batch, patches);
     } else {
@@ -187,9 +227,6 @@ pub fn conv_forward(
         MatRef::new(weight, filters, k).t(),
         true,
     );
-    if op.relu {
-        relu_in_place(&mut out[..rows * filters]);
-    }
 }
 
 /// Convolution backward. `grad` is d(loss)/d(output), `[batch * oh * ow, filters]`,
@@ -237,6 +274,109 @@ pub fn conv_backward(
             false,
         );
         col2im(op, scratch, batch, dx);
+    }
+}
+
+/// Convolution backward from the layer's *input* rather than stored patches: the batch
+/// goes through in chunks of `chunk` images, each unfolded again ([`im2col`]) into
+/// `patches`, so the unfolded rows, the patch gradients in `scratch` and the chunk's
+/// output gradient stay in the core's L2 cache instead of streaming whole-shard buffers
+/// through memory (the reference CNN's second conv unfolds to 139 KB per image).
+///
+/// Same contract and results as [`conv_backward`] (up to the summation order of the
+/// weight gradient, which is summed chunk after chunk): `x` is `[batch, h, w, in]`.
+///
+/// # Panics
+/// If the conv is tap-major ([`ConvOp::is_tap_major`]), `chunk` is 0, or a slice is
+/// shorter than its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_backward_chunked(
+    op: &ConvOp,
+    weight: &[f32],
+    x: &[f32],
+    grad: &[f32],
+    batch: usize,
+    chunk: usize,
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    patches: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    mut dx: Option<&mut [f32]>,
+) {
+    assert!(!op.is_tap_major(), "tap-major convs keep their patches");
+    assert!(chunk > 0, "chunks of at least one image");
+    let pixels = op.output[0] * op.output[1];
+    let filters = op.output[2];
+    let k = op.patch_len();
+    let in_len = op.input.iter().product::<usize>();
+    column_sums(&grad[..batch * pixels * filters], filters, dbias);
+    let mut start = 0;
+    while start < batch {
+        let n = chunk.min(batch - start);
+        let rows = n * pixels;
+        let g = &grad[start * pixels * filters..(start + n) * pixels * filters];
+        im2col(op, &x[start * in_len..(start + n) * in_len], n, patches);
+        matmul(
+            dweight,
+            MatRef::new(g, rows, filters).t(),
+            MatRef::new(patches, rows, k),
+            start > 0,
+        );
+        if let Some(dx) = dx.as_deref_mut() {
+            scratch.resize(rows * k, 0.0);
+            matmul(
+                scratch,
+                MatRef::new(g, rows, filters),
+                MatRef::new(weight, filters, k),
+                false,
+            );
+            col2im(
+                op,
+                scratch,
+                n,
+                &mut dx[start * in_len..(start + n) * in_len],
+            );
+        }
+        start += n;
+    }
+}
+
+/// Convolution forward in chunks of `chunk` images, each unfolded into `patches` and
+/// multiplied while it is in cache; nothing is kept for the backward pass
+/// ([`conv_backward_chunked`] unfolds again). `out` is `[batch * oh * ow, filters]`,
+/// before the ReLU (as [`conv_pre_activation`]).
+///
+/// # Panics
+/// If `chunk` is 0 or a slice is shorter than its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_pre_activation_chunked(
+    op: &ConvOp,
+    weight: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    batch: usize,
+    chunk: usize,
+    patches: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+) {
+    assert!(chunk > 0, "chunks of at least one image");
+    let pixels = op.output[0] * op.output[1];
+    let filters = op.output[2];
+    let in_len = op.input.iter().product::<usize>();
+    out.resize(batch * pixels * filters, 0.0);
+    let mut start = 0;
+    while start < batch {
+        let n = chunk.min(batch - start);
+        conv_pre_activation_into(
+            op,
+            weight,
+            bias,
+            &x[start * in_len..(start + n) * in_len],
+            n,
+            patches,
+            &mut out[start * pixels * filters..(start + n) * pixels * filters],
+        );
+        start += n;
     }
 }
 
@@ -377,6 +517,136 @@ pub fn max_pool_backward(
     }
 }
 
+/// Whether [`relu_max_pool_forward`] / [`relu_max_pool_backward`] can run `op` after a
+/// ReLU'd layer: windows that tile the input without overlap or gaps (stride = size).
+pub fn fuses_relu_max_pool(op: &PoolOp) -> bool {
+    op.stride == op.size && op.size >= 1
+}
+
+/// Max pooling of a ReLU'd layer's *pre-activations* while training, with the ReLU applied
+/// after the max: `out = max(0, max(window))`, which equals max-pooling the ReLU's output
+/// (both are monotone), at a quarter of the ReLU work for 2x2 windows.
+///
+/// `x` is `[batch, h, w, c]`, `out` becomes `[batch, oh, ow, c]`, and `argmax` (same length)
+/// the index `ky * size + kx` of the first maximum of each window, in window order, which is
+/// the cell [`max_pool_backward`] would pick. Needs [`fuses_relu_max_pool`]. The index is a
+/// `u32`, as wide as the floats it is chosen with, so the loop vectorizes without packing
+/// (a `u8` index ran the forward pass 2x slower).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+pub fn relu_max_pool_forward(
+    op: &PoolOp,
+    x: &[f32],
+    batch: usize,
+    out: &mut Vec<f32>,
+    argmax: &mut Vec<u32>,
+) {
+    debug_assert!(fuses_relu_max_pool(op));
+    let [h, w, c] = op.input;
+    let [oh, ow, _] = op.output;
+    let len = batch * oh * ow * c;
+    out.resize(len, 0.0);
+    argmax.resize(len, 0);
+    // Channels go in groups of 8 held in local arrays (registers) across the window's
+    // cells: updating the output slice cell by cell ran 4x slower, each cell waiting on
+    // the store of the one before.
+    const GROUP: usize = 8;
+    let cells: Vec<usize> = (0..op.size)
+        .flat_map(|ky| (0..op.size).map(move |kx| (ky * w + kx) * c))
+        .collect();
+    let mut o = 0;
+    for n in 0..batch {
+        let base = n * h * w * c;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let first = base + (oy * op.stride * w + ox * op.stride) * c;
+                let mut ch = 0;
+                while ch < c {
+                    let width = GROUP.min(c - ch);
+                    let mut best = [f32::NEG_INFINITY; GROUP];
+                    let mut index = [0u32; GROUP];
+                    for (cell, &offset) in cells.iter().enumerate() {
+                        let at = first + offset + ch;
+                        if width == GROUP {
+                            let v: &[f32; GROUP] = x[at..at + GROUP].try_into().expect("a group");
+                            for j in 0..GROUP {
+                                let greater = v[j] > best[j] || cell == 0;
+                                best[j] = if greater { v[j] } else { best[j] };
+                                index[j] = if greater { cell as u32 } else { index[j] };
+                            }
+                        } else {
+                            for j in 0..width {
+                                let v = x[at + j];
+                                if v > best[j] || cell == 0 {
+                                    best[j] = v;
+                                    index[j] = cell as u32;
+                                }
+                            }
+                        }
+                    }
+                    for j in 0..width {
+                        out[o + ch + j] = best[j].max(0.0);
+                        argmax[o + ch + j] = index[j];
+                    }
+                    ch += width;
+                }
+                o += c;
+            }
+        }
+    }
+}
+
+/// The gradient through [`relu_max_pool_forward`]: `dx` (`[batch, h, w, c]`, every value
+/// written) gets each output gradient at its window's `argmax` cell when the pooled value
+/// is positive, and zero everywhere else, which is [`max_pool_backward`] followed by
+/// [`relu_backward`] in one pass and without clearing `dx` first. `out` and `argmax` are
+/// the forward pass's, `grad` is `[batch, oh, ow, c]`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+pub fn relu_max_pool_backward(
+    op: &PoolOp,
+    out: &[f32],
+    argmax: &[u32],
+    grad: &[f32],
+    batch: usize,
+    dx: &mut [f32],
+) {
+    debug_assert!(fuses_relu_max_pool(op));
+    let [h, w, c] = op.input;
+    let [oh, ow, _] = op.output;
+    let size = op.size;
+    let (covered_h, covered_w) = (oh * size, ow * size);
+    let mut o = 0;
+    for n in 0..batch {
+        let image = &mut dx[n * h * w * c..(n + 1) * h * w * c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let first = (oy * size * w + ox * size) * c;
+                let (best, index, g) = (&out[o..o + c], &argmax[o..o + c], &grad[o..o + c]);
+                for ky in 0..size {
+                    for kx in 0..size {
+                        let cell = (ky * size + kx) as u32;
+                        let at = first + (ky * w + kx) * c;
+                        for (((d, &b), &i), &g) in
+                            image[at..at + c].iter_mut().zip(best).zip(index).zip(g)
+                        {
+                            *d = if i == cell && b > 0.0 { g } else { 0.0 };
+                        }
+                    }
+                }
+                o += c;
+            }
+        }
+        // Cells no window covers (the last row / column when h or w is odd).
+        for iy in 0..h {
+            let row = &mut image[iy * w * c..(iy + 1) * w * c];
+            if iy >= covered_h {
+                row.fill(0.0);
+            } else {
+                row[covered_w * c..].fill(0.0);
+            }
+        }
+    }
+}
+
 /// Average pooling forward.
 pub fn avg_pool_forward(op: &PoolOp, x: &[f32], batch: usize, out: &mut Vec<f32>) {
     let [h, w, c] = op.input;
@@ -426,6 +696,134 @@ pub fn avg_pool_backward(op: &PoolOp, grad: &[f32], batch: usize, dx: &mut [f32]
                     o += 1;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunked convolution (patches unfolded again per chunk) gives what the whole-batch
+    /// kernels give, with a partial last chunk and padding, stride and an input gradient.
+    #[test]
+    fn chunked_conv_matches_whole_batch() {
+        let op = ConvOp {
+            input: [7, 6, 5],
+            output: [4, 3, 8],
+            kernel: 3,
+            stride: 2,
+            pad: (1, 1),
+            relu: false,
+            weight: 0,
+            first: false,
+        };
+        let batch = 5;
+        let x: Vec<f32> = (0..batch * 7 * 6 * 5)
+            .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+            .collect();
+        let k = op.patch_len();
+        let weight: Vec<f32> = (0..8 * k)
+            .map(|i| ((i * 13 % 29) as f32) / 29.0 - 0.5)
+            .collect();
+        let bias: Vec<f32> = (0..8).map(|i| i as f32 * 0.1).collect();
+        let (mut patches, mut want_out) = (Vec::new(), Vec::new());
+        conv_pre_activation(&op, &weight, &bias, &x, batch, &mut patches, &mut want_out);
+        let grad: Vec<f32> = (0..want_out.len())
+            .map(|i| ((i * 7 % 11) as f32) - 5.0)
+            .collect();
+        let (mut want_dw, mut want_db, mut want_dx) =
+            (vec![0.0; weight.len()], vec![0.0; 8], vec![0.0; x.len()]);
+        let mut scratch = Vec::new();
+        conv_backward(
+            &op,
+            &weight,
+            &patches,
+            &grad,
+            batch,
+            &mut want_dw,
+            &mut want_db,
+            &mut scratch,
+            Some(&mut want_dx),
+        );
+        // The GEMM's blocking changes with the row count, so values agree up to rounding.
+        let close = |got: &[f32], want: &[f32], chunk: usize| {
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "chunk {chunk}: {a} vs {b}"
+                );
+            }
+        };
+        for chunk in [1, 2, 3, 5, 8] {
+            let (mut out, mut p2) = (Vec::new(), Vec::new());
+            conv_pre_activation_chunked(&op, &weight, &bias, &x, batch, chunk, &mut p2, &mut out);
+            close(&out, &want_out, chunk);
+            let (mut dw, mut db, mut dx) = (
+                vec![f32::NAN; weight.len()],
+                vec![f32::NAN; 8],
+                vec![f32::NAN; x.len()],
+            );
+            conv_backward_chunked(
+                &op,
+                &weight,
+                &x,
+                &grad,
+                batch,
+                chunk,
+                &mut dw,
+                &mut db,
+                &mut p2,
+                &mut scratch,
+                Some(&mut dx),
+            );
+            assert_eq!(db, want_db);
+            assert_eq!(dx, want_dx, "chunk {chunk}");
+            for (a, b) in dw.iter().zip(&want_dw) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "chunk {chunk}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The fused ReLU + max-pool pair gives exactly what the two separate passes give,
+    /// ties (first cell wins), negative windows and uncovered edge cells included.
+    #[test]
+    fn relu_max_pool_matches_separate_passes() {
+        for (h, w, c, size) in [(5, 5, 3, 2), (6, 7, 17, 2), (7, 7, 8, 3), (4, 4, 1, 1)] {
+            let op = PoolOp {
+                input: [h, w, c],
+                output: [h / size, w / size, c],
+                size,
+                stride: size,
+            };
+            assert!(fuses_relu_max_pool(&op));
+            let batch = 2;
+            // Small integers: many ties, many negatives, some windows all negative.
+            let x: Vec<f32> = (0..batch * h * w * c)
+                .map(|i| ((i * 7919 + 13) % 9) as f32 - 5.0)
+                .collect();
+            let grad: Vec<f32> = (0..batch * op.output.iter().product::<usize>())
+                .map(|i| 1.0 + i as f32)
+                .collect();
+
+            let mut relu_x = x.clone();
+            relu_in_place(&mut relu_x);
+            let mut want_out = Vec::new();
+            max_pool_forward(&op, &relu_x, batch, &mut want_out);
+            let mut want_dx = vec![f32::NAN; x.len()];
+            max_pool_backward(&op, &relu_x, &want_out, &grad, batch, &mut want_dx);
+            relu_backward(&mut want_dx, &relu_x);
+
+            let (mut out, mut argmax) = (Vec::new(), Vec::new());
+            relu_max_pool_forward(&op, &x, batch, &mut out, &mut argmax);
+            assert_eq!(out, want_out, "{h}x{w}x{c} size {size}");
+            let mut dx = vec![f32::NAN; x.len()];
+            relu_max_pool_backward(&op, &out, &argmax, &grad, batch, &mut dx);
+            assert_eq!(dx, want_dx, "{h}x{w}x{c} size {size}");
         }
     }
 }
