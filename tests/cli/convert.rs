@@ -132,7 +132,30 @@ fn ort_python() -> Option<PathBuf> {
 }
 
 /// ONNX Runtime's outputs for the first 100 test images, and its optimized op types.
+/// ONNX Runtime's outputs for `model` on the first 100 test images: with every graph
+/// optimization on, the op types of that optimized graph, and the outputs of the same graph
+/// with optimizations off (the ops as the ONNX spec defines them).
+fn run_ort_with_reference(
+    python: &Path,
+    model: &Path,
+) -> (Vec<Vec<f64>>, Vec<String>, Vec<Vec<f64>>) {
+    let json = ort_json(python, model);
+    (
+        serde_json::from_value(json["outputs"].clone()).unwrap(),
+        serde_json::from_value(json["optimized_op_types"].clone()).unwrap(),
+        serde_json::from_value(json["reference_outputs"].clone()).unwrap(),
+    )
+}
+
 fn run_ort(python: &Path, model: &Path) -> (Vec<Vec<f64>>, Vec<String>) {
+    let json = ort_json(python, model);
+    (
+        serde_json::from_value(json["outputs"].clone()).unwrap(),
+        serde_json::from_value(json["optimized_op_types"].clone()).unwrap(),
+    )
+}
+
+fn ort_json(python: &Path, model: &Path) -> serde_json::Value {
     let output = std::process::Command::new(python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ort_check.py"))
         .arg(model)
@@ -146,15 +169,25 @@ fn run_ort(python: &Path, model: &Path) -> (Vec<Vec<f64>>, Vec<String>) {
         "ort_check.py failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    (
-        serde_json::from_value(json["outputs"].clone()).unwrap(),
-        serde_json::from_value(json["optimized_op_types"].clone()).unwrap(),
-    )
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Whether this CPU has VNNI (`vpdpbusd`), where ONNX Runtime's u8s8 int8 kernels are exact.
+fn cpu_has_vnni() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.split_whitespace()
+            .any(|flag| flag == "avx512_vnni" || flag == "avx_vnni")
+    })
 }
 
 /// ONNX Runtime runs our fp32 export with our outputs to 1e-4, and our int8 QDQ export as
-/// integer kernels (QLinearConv, QGemm) with our int8 runtime's top-1 on >= 99 of 100.
+/// the QDQ graph defines it (ORT with optimizations off: our int8 runtime's top-1 on >= 99
+/// of 100, probabilities to 0.01) and as integer kernels (QLinearConv, QGemm).
+///
+/// ORT's fused int8 kernels multiply u8 by s8 with `vpmaddubsw` on CPUs without VNNI,
+/// which saturates (ONNX Runtime's quantization docs say so): there they gave 981 of 1,000
+/// test images the reference's top-1 on an AMD EPYC with AVX2, while our runtime gave
+/// 1,000. So the fused kernels are held to 99 of 100 with VNNI and 95 without.
 #[test]
 fn onnx_runtime_runs_our_fp32_and_int8_exports() {
     let Some(python) = ort_python() else {
@@ -192,13 +225,31 @@ fn onnx_runtime_runs_our_fp32_and_int8_exports() {
     assert!(diff < 1e-4, "fp32 NCHW: max |ours - ort| = {diff}");
 
     let ours = predictions(dir.path(), "model.int8.safetensors", 100);
-    let (theirs, ops) = run_ort(&python, &dir.path().join("model.int8.onnx"));
-    let agree = ours
-        .iter()
-        .zip(&theirs)
-        .filter(|(a, b)| argmax(a) == argmax(b))
-        .count();
-    assert!(agree >= 99, "int8: top-1 agreement {agree}/100");
+    let (theirs, ops, reference) =
+        run_ort_with_reference(&python, &dir.path().join("model.int8.onnx"));
+    let agreement = |other: &[Vec<f64>]| {
+        ours.iter()
+            .zip(other)
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count()
+    };
+    let agree = agreement(&reference);
+    assert!(
+        agree >= 99,
+        "int8 vs ORT's QDQ reference: top-1 agreement {agree}/100"
+    );
+    let diff = max_abs_diff(&ours, &reference);
+    assert!(
+        diff < 0.01,
+        "int8 vs ORT's QDQ reference: max |ours - ort| = {diff}"
+    );
+    let agree = agreement(&theirs);
+    let (vnni, bar) = (cpu_has_vnni(), if cpu_has_vnni() { 99 } else { 95 });
+    eprintln!("int8 vs ORT's fused kernels (CPU with VNNI: {vnni}): top-1 agreement {agree}/100");
+    assert!(
+        agree >= bar,
+        "int8 vs ORT's fused kernels: top-1 agreement {agree}/100 (VNNI: {vnni})"
+    );
     let has = |op: &str| ops.iter().any(|o| o.ends_with(op));
     assert!(has("QLinearConv"), "no QLinearConv in ORT's graph: {ops:?}");
     assert!(
