@@ -59,6 +59,8 @@ fn conv(c: &mut Criterion) {
         let x = values(SHARD * op.input.iter().product::<usize>(), index);
         let (weight, bias) = (&params[op.weight], &params[op.weight + 1]);
         let (mut patches, mut out) = (Vec::new(), Vec::new());
+        // Filled here too: a filtered run may skip the forward bench that fills them.
+        layers::conv_pre_activation(op, weight, bias, &x, SHARD, &mut patches, &mut out);
         group.bench_function(format!("{name}_forward"), |b| {
             b.iter(|| {
                 layers::conv_pre_activation(
@@ -149,6 +151,67 @@ fn conv(c: &mut Criterion) {
                     &mut dw,
                     MatRef::new(&patches, rows, k).t(),
                     MatRef::new(black_box(&grad), rows, filters),
+                    false,
+                )
+            })
+        });
+        // The same GEMMs on one chunk of 4 images, as the chunked backward runs them.
+        let chunk_rows = 4 * op.output[0] * op.output[1];
+        let mut chunk_scratch = vec![0.0; chunk_rows * k];
+        group.bench_function(format!("{name}_chunk4_weight_grad_gemm"), |b| {
+            b.iter(|| {
+                matmul(
+                    &mut dw,
+                    MatRef::new(
+                        &black_box(&grad)[..chunk_rows * filters],
+                        chunk_rows,
+                        filters,
+                    )
+                    .t(),
+                    MatRef::new(&patches[..chunk_rows * k], chunk_rows, k),
+                    true,
+                )
+            })
+        });
+        group.bench_function(format!("{name}_chunk4_weight_grad_gemm_transposed"), |b| {
+            b.iter(|| {
+                matmul_transposed(
+                    &mut dw,
+                    MatRef::new(&patches[..chunk_rows * k], chunk_rows, k).t(),
+                    MatRef::new(
+                        &black_box(&grad)[..chunk_rows * filters],
+                        chunk_rows,
+                        filters,
+                    ),
+                    true,
+                )
+            })
+        });
+        group.bench_function(format!("{name}_chunk4_input_grad_gemm"), |b| {
+            b.iter(|| {
+                matmul(
+                    &mut chunk_scratch,
+                    MatRef::new(
+                        &black_box(&grad)[..chunk_rows * filters],
+                        chunk_rows,
+                        filters,
+                    ),
+                    MatRef::new(weight, filters, k),
+                    false,
+                )
+            })
+        });
+        group.bench_function(format!("{name}_chunk4_input_grad_gemm_transposed"), |b| {
+            b.iter(|| {
+                matmul_transposed(
+                    &mut chunk_scratch,
+                    MatRef::new(weight, filters, k).t(),
+                    MatRef::new(
+                        &black_box(&grad)[..chunk_rows * filters],
+                        chunk_rows,
+                        filters,
+                    )
+                    .t(),
                     false,
                 )
             })
