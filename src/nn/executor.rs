@@ -61,7 +61,6 @@ fn relu_pool_fused(plan: &Plan, i: usize) -> bool {
     }
 }
 
-/// Images per chunk of a training conv (see [`layers::conv_backward_chunked`]).
 /// Images per chunk of a training conv ([`layers::conv_backward_chunked`]). Measured on
 /// the reference CNN (2-core AMD EPYC, 1 epoch on 30,000 images, 3 runs each, medians):
 /// whole shards 4,837 images/s, chunks of 1: 4,845, 2: 5,480, 4: 5,737, 32: 4,930.
@@ -73,36 +72,26 @@ fn forward(plan: &Plan, params: &[Vec<f32>], batch: usize, ws: &mut Workspace, m
         let (before, after) = ws.acts.split_at_mut(i + 1);
         let (x, out) = (&before[i], &mut after[0]);
         match op {
-            Op::Conv(conv) if training && !conv.is_tap_major() => {
-                layers::conv_pre_activation_chunked(
-                    conv,
-                    &params[conv.weight],
-                    &params[conv.weight + 1],
-                    x,
-                    batch,
-                    CONV_CHUNK,
-                    &mut ws.patches[i],
-                    out,
-                );
-                if conv.relu && !relu_pool_fused(plan, i + 1) {
-                    layers::relu_in_place(out);
-                }
-            }
             Op::Conv(conv) => {
-                let conv_fn = if training && relu_pool_fused(plan, i + 1) {
-                    layers::conv_pre_activation
+                let (weight, bias) = (&params[conv.weight], &params[conv.weight + 1]);
+                let patches = &mut ws.patches[i];
+                if training {
+                    // The first (tap-major) conv unfolds the whole shard at once and keeps
+                    // it for its weight gradient; the others go in chunks and unfold again.
+                    let chunk = if conv.is_tap_major() {
+                        batch
+                    } else {
+                        CONV_CHUNK
+                    };
+                    layers::conv_pre_activation_chunked(
+                        conv, weight, bias, x, batch, chunk, patches, out,
+                    );
+                    if conv.relu && !relu_pool_fused(plan, i + 1) {
+                        layers::relu_in_place(out);
+                    }
                 } else {
-                    layers::conv_forward
-                };
-                conv_fn(
-                    conv,
-                    &params[conv.weight],
-                    &params[conv.weight + 1],
-                    x,
-                    batch,
-                    &mut ws.patches[i],
-                    out,
-                )
+                    layers::conv_forward(conv, weight, bias, x, batch, patches, out);
+                }
             }
             Op::Dense(dense) => layers::dense_forward(
                 dense,

@@ -83,9 +83,10 @@ fn matmul_strided(
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the kernel touches inside the slices:
-    // dst is m x n row-major (n x m when transposed), and a / b were checked against their strides and lengths.
     let (dst_col_stride, dst_row_stride) = if transposed { (m, 1) } else { (1, n) };
+    // SAFETY: the asserts above keep every index the kernel touches inside the slices:
+    // dst is m x n row-major (n x m when transposed), and a / b were checked against
+    // their strides and lengths.
     unsafe {
         gemm::gemm(
             m,

@@ -342,9 +342,10 @@ pub fn conv_backward_chunked(
 }
 
 /// Convolution forward in chunks of `chunk` images, each unfolded into `patches` and
-/// multiplied while it is in cache; nothing is kept for the backward pass
-/// ([`conv_backward_chunked`] unfolds again). `out` is `[batch * oh * ow, filters]`,
-/// before the ReLU (as [`conv_pre_activation`]).
+/// multiplied while it is in cache: `patches` ends with the last chunk's rows (the whole
+/// batch's, as [`conv_pre_activation`] leaves them, when `chunk >= batch`), and
+/// [`conv_backward_chunked`] unfolds again. `out` is `[batch * oh * ow, filters]`, before
+/// the ReLU.
 ///
 /// # Panics
 /// If `chunk` is 0 or a slice is shorter than its shape.
