@@ -585,7 +585,9 @@ pub fn relu_max_pool_forward(
                         }
                     }
                     for j in 0..width {
-                        out[o + ch + j] = best[j].max(0.0);
+                        // Not `f32::max`, which turns NaN into 0: a NaN must stay visible,
+                        // as it does through `relu_in_place`.
+                        out[o + ch + j] = if best[j] < 0.0 { 0.0 } else { best[j] };
                         argmax[o + ch + j] = index[j];
                     }
                     ch += width;
@@ -629,7 +631,10 @@ pub fn relu_max_pool_backward(
                         for (((d, &b), &i), &g) in
                             image[at..at + c].iter_mut().zip(best).zip(index).zip(g)
                         {
-                            *d = if i == cell && b > 0.0 { g } else { 0.0 };
+                            // No gradient where the pooled output is <= 0, or NaN (as the
+                            // separate passes give: no cell equals a NaN maximum).
+                            let live = i == cell && b > 0.0;
+                            *d = if live { g } else { 0.0 };
                         }
                     }
                 }
@@ -804,8 +809,12 @@ mod tests {
             assert!(fuses_relu_max_pool(&op));
             let batch = 2;
             // Small integers: many ties, many negatives, some windows all negative.
+            // ... and a NaN now and then (a diverging run), which must stay visible.
             let x: Vec<f32> = (0..batch * h * w * c)
-                .map(|i| ((i * 7919 + 13) % 9) as f32 - 5.0)
+                .map(|i| match (i * 7919 + 13) % 9 {
+                    8 if i % 5 == 0 => f32::NAN,
+                    v => v as f32 - 5.0,
+                })
                 .collect();
             let grad: Vec<f32> = (0..batch * op.output.iter().product::<usize>())
                 .map(|i| 1.0 + i as f32)
@@ -821,10 +830,12 @@ mod tests {
 
             let (mut out, mut argmax) = (Vec::new(), Vec::new());
             relu_max_pool_forward(&op, &x, batch, &mut out, &mut argmax);
-            assert_eq!(out, want_out, "{h}x{w}x{c} size {size}");
+            // Bit for bit, so NaNs count too.
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&want_out), "{h}x{w}x{c} size {size}");
             let mut dx = vec![f32::NAN; x.len()];
             relu_max_pool_backward(&op, &out, &argmax, &grad, batch, &mut dx);
-            assert_eq!(dx, want_dx, "{h}x{w}x{c} size {size}");
+            assert_eq!(bits(&dx), bits(&want_dx), "{h}x{w}x{c} size {size}");
         }
     }
 }
