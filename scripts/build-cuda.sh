@@ -14,6 +14,8 @@
 #   CUDA_TOOLCHAIN   where the CUDA wheels, the libcuda stub live     (default ~/.cache/mlops-cuda13.0)
 #   JOBS             cargo/nvcc parallelism                           (default nproc)
 #   PYTHON           a python3 to make the wheel venv with            (default python3)
+#   FEATURES         cargo features                                   (default cuda,nccl: NCCL for
+#                    multi-GPU `train --devices`; `cuda` alone drops the libnccl.so.2 need)
 #   STRIP            1: strip the copied binary's symbols (about 2 MiB smaller, but
 #                    backtraces lose their names); 0: as cargo built it (default 0)
 #
@@ -38,6 +40,7 @@ CUDA_TOOLCHAIN=${CUDA_TOOLCHAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/mlops-cuda13.0}
 JOBS=${JOBS:-$(nproc)}
 PYTHON=${PYTHON:-python3}
 STRIP=${STRIP:-0}
+FEATURES=${FEATURES:-cuda,nccl}
 
 # Versions = what torch 2.11.0 (cu130) pins, so build-time and run-time libraries match.
 # nvcc MUST stay 13.0.x: nvcc 13.1+ emits PTX ISA 9.1+, which a 580 (CUDA 13.0) driver
@@ -47,6 +50,10 @@ WHEELS=(
   nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
   nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
 )
+# NCCL (the `nccl` feature: cudarc links -lnccl): the version torch 2.11.0 (cu130) pins.
+case ",$FEATURES," in
+  *,nccl,*) WHEELS+=(nvidia-nccl-cu13==2.28.9) ;;
+esac
 
 say() { printf '[build-cuda] %s\n' "$*" >&2; }
 
@@ -85,7 +92,12 @@ esac
 ( cd "$CU/lib"
   for f in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
     ln -sfn "$f" "${f%.so.*}.so"
-  done )
+  done
+  # The NCCL wheel has its own directory: link its library (and header) in beside the rest.
+  for f in ../../nccl/lib/libnccl.so.2 ../../cu13/lib/libnccl.so.2; do
+    if [ -e "$f" ] && [ ! -e libnccl.so.2 ]; then ln -sfn "$f" libnccl.so.2; fi
+  done
+  if [ -e libnccl.so.2 ]; then ln -sfn libnccl.so.2 libnccl.so; fi )
 if [ ! -f "$CU/lib/stubs/libcuda.so" ]; then
   say "generating the libcuda.so link stub"
   mkdir -p "$CUDA_TOOLCHAIN/stubgen" "$CU/lib/stubs"
@@ -119,9 +131,9 @@ export CUDA_COMPUTE_CAP=90
 export CUDARC_CUDA_VERSION=13000
 export CUDAFORGE_THREADS=$JOBS
 export CARGO_TARGET_DIR=$CUDA_TARGET_DIR
-say "cargo build --release --features cuda (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, -j$JOBS, $NVCC_VERSION)"
+say "cargo build --release --features $FEATURES (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, -j$JOBS, $NVCC_VERSION)"
 T_CARGO=$(date +%s)
-cargo build --release --features cuda --bin mlops -j"$JOBS"
+cargo build --release --features "$FEATURES" --bin mlops -j"$JOBS"
 T_CARGO_DONE=$(date +%s)
 
 # ---------------------------------------------------------------------------------------
@@ -178,7 +190,7 @@ _mlops_cuda_env() {
   if [ -n "\${MLOPS_CUDA_LIB_DIRS:-}" ]; then IFS=: read -ra cands <<<"\$MLOPS_CUDA_LIB_DIRS"; fi
   for py in python3 /opt/torch/.venv/bin/python3; do
     sp=\$("\$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null) || continue
-    wheel_dirs="\$sp/nvidia/cu13/lib \$sp/nvidia/cuda_runtime/lib \$sp/nvidia/cublas/lib \$sp/nvidia/curand/lib \$sp/nvidia/cuda_nvrtc/lib"
+    wheel_dirs="\$sp/nvidia/cu13/lib \$sp/nvidia/cuda_runtime/lib \$sp/nvidia/cublas/lib \$sp/nvidia/curand/lib \$sp/nvidia/cuda_nvrtc/lib \$sp/nvidia/nccl/lib"
     for d in \$wheel_dirs; do cands+=("\$d"); done
   done
   cands+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib "$CU/lib")

@@ -17,6 +17,8 @@
 #   torch        the same model and epochs in PyTorch eager on the same GPU
 #   bench        fp32/fp16/bf16 artifacts of the golden model at batch 1, 64, 1024
 #   train bf16   when `mlops train --help` offers --precision
+#   train ddp    `train --devices cuda:0` (a one-rank NCCL group; cuda:0,cuda:1 with two GPUs)
+#                against `--device cuda` on the same 10,000 images
 # Output under $OUT (default target/gpu-check), at most 8 files as the device tool returns:
 #   summary.json     every figure, the pass/fail of each check, each step's status
 #   log.txt          this script's log (each step's stderr tail)
@@ -188,6 +190,20 @@ else
 fi
 step torch_bf16 90 "$TORCH_PYTHON" examples/torch_reference.py --data "$DATA" --epochs "$EPOCHS" \
   --precision bf16 "${TORCH_ARGS[@]}"
+
+# ---- data parallel: NCCL (`--devices`) against one device, same data and settings -------
+if [ "$MODE" = cuda ]; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+  if [ "${GPUS:-0}" -ge 2 ]; then DDP_DEVICES=cuda:0,cuda:1; else DDP_DEVICES=cuda:0; fi
+  DDP_SIZE=(--epochs 1 --limit 10000 --val-limit 2000)
+else
+  DDP_DEVICES=cpu,cpu
+  DDP_SIZE=(--epochs 1 --limit 1000 --val-limit 500)
+fi
+step train_ddp 90 "$M" -q train --devices "$DDP_DEVICES" --data "$DATA" "${DDP_SIZE[@]}" \
+  --out "$WORK/train-ddp" --json
+step train_ddp_ref 90 "$M" -q train "${DEV[@]}" --data "$DATA" "${DDP_SIZE[@]}" \
+  --out "$WORK/train-ddp-ref" --json
 
 # ---- summary -----------------------------------------------------------------------------
 log "writing the summary"
@@ -379,6 +395,19 @@ if tb and t and tb["images_per_s_last_epoch"] and t["images_per_s_last_epoch"]:
 else:
     check("train_bf16_faster_than_fp32", None, note="skipped: " + " ".join(steps.get("train_bf16", {}).get("stderr_tail", []))
           if steps.get("train_bf16", {}).get("status") == "skipped" else "train_bf16 " + steps.get("train_bf16", {}).get("status", "missing"))
+
+# -- data parallel (`--devices`: NCCL on GPUs) against one device
+dp, ref = doc("train_ddp"), doc("train_ddp_ref")
+if dp and ref:
+    a, r = find(dp, "test_accuracy"), find(ref, "test_accuracy")
+    figures["train_ddp"] = {"devices": find(dp, "devices"), "world_size": find(dp, "world_size"),
+                            "test_accuracy": a, "reference_test_accuracy": r,
+                            "images_per_s": find(dp, "images_per_s"), "reference_images_per_s": find(ref, "images_per_s")}
+    check("data_parallel_trains_like_one_device", abs(a - r) <= 0.01, **figures["train_ddp"])
+else:
+    check("data_parallel_trains_like_one_device", None,
+          note="train_ddp " + steps.get("train_ddp", {}).get("status", "missing") + ", train_ddp_ref "
+          + steps.get("train_ddp_ref", {}).get("status", "missing"))
 
 # -- bench
 b = doc("bench")

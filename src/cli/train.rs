@@ -68,6 +68,17 @@ pub(crate) struct TrainArgs {
     pub val_limit: Option<usize>,
     #[command(flatten)]
     pub device: super::DeviceArgs,
+    /// Data-parallel training, one rank per listed device, gradients summed every step:
+    /// `cuda:0,cuda:1` (NCCL: a build with `--features nccl`) or `cpu,cpu` (candle's CPU
+    /// backend, ranks summed in process: how CI tests the multi-GPU logic). Always candle;
+    /// `--batch-size` is the global batch, cut into one shard per rank
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        conflicts_with = "device"
+    )]
+    pub devices: Option<Vec<String>>,
     /// Folder for model.safetensors and checkpoint.safetensors
     #[arg(long, value_name = "DIR", default_value = "runs/default")]
     pub out: PathBuf,
@@ -118,9 +129,52 @@ pub(crate) enum PrecisionArg {
 }
 
 pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
-    let engine = args.device.train_engine()?;
-    let runtime = args.device.runtime(ctx)?;
-    let (mut step, started) = StepReport::start("train", &runtime.name());
+    let (engine, runtime_name) = match &args.devices {
+        Some(list) => {
+            let devices = list
+                .iter()
+                .map(|d| mlops::device::Device::parse(d.trim()))
+                .collect::<mlops::Result<Vec<_>>>()
+                .context("`--devices`")?;
+            let engine = mlops::train::TrainEngine::select_devices(&devices)?;
+            let name = format!(
+                "{} (candle, data parallel)",
+                engine.device_names().join(",")
+            );
+            (engine, name)
+        }
+        None => {
+            let mut device = args.device.clone();
+            let world = mlops::train::parallel::world_from_env()?.filter(|w| w.world_size > 1);
+            if world.is_some() && device.device == "cuda" {
+                // torchrun's one process per GPU: `--device cuda` is this node's LOCAL_RANK.
+                if let Some(local) = std::env::var("LOCAL_RANK")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                {
+                    device.device = format!("cuda:{local}");
+                }
+            }
+            let engine = device.train_engine()?;
+            let name = device.runtime(ctx)?.name();
+            match world {
+                Some(world) => {
+                    let master = mlops::train::parallel::master_from_env()?;
+                    let engine = engine.into_process(world, master)?;
+                    let name = format!(
+                        "{name}, rank {} of {} processes",
+                        world.rank, world.world_size
+                    );
+                    (engine, name)
+                }
+                None => (engine, name),
+            }
+        }
+    };
+    // In a multi-process run every rank trains; rank 0 alone writes files and the report.
+    let engine_rank = engine.rank();
+    let writer = engine_rank == 0;
+    let (mut step, started) = StepReport::start("train", &runtime_name);
     let spec = match &args.model {
         Some(path) => ModelSpec::from_file(path)?,
         None => ModelSpec::reference_cnn(),
@@ -172,7 +226,7 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         },
     };
     ctx.printer.note(&format!(
-        "training {} ({} parameters) on {} images from `{}`, testing on {}, batch {}, {} thread(s)",
+        "training {} ({} parameters) on {} images from `{}`, testing on {}, batch {}, {}",
         if spec.name.is_empty() {
             "model"
         } else {
@@ -183,7 +237,10 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         args.data.display(),
         data.test.count,
         args.batch_size,
-        ctx.threads
+        match config.engine.device_names() {
+            [] => format!("{} thread(s)", ctx.threads),
+            names => format!("{} ranks ({})", names.len(), names.join(", ")),
+        }
     ));
     let data_name = args.data.display().to_string();
     let mut model_record = None;
@@ -196,6 +253,9 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         &progress,
         None,
         |ck, epoch| {
+            if !writer {
+                return Ok(());
+            }
             ck.save(&checkpoint_path)?;
             let artifact = epoch_artifact(&spec, &config, &data, &data_name, ck, epoch)?;
             model_record = Some(artifact.save(&model_path)?);
@@ -208,7 +268,9 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         step.inputs.push(FileRecord::of(path)?);
     }
     step.outputs.extend(model_record);
-    step.outputs.push(FileRecord::of(&checkpoint_path)?);
+    if writer {
+        step.outputs.push(FileRecord::of(&checkpoint_path)?);
+    }
     if let Some(min) = args.min_accuracy {
         step.gates
             .push(Gate::at_least("min_accuracy", min, report.test_accuracy));
@@ -230,6 +292,15 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         .into()
     };
     step.finish(started);
+    if !writer {
+        ctx.printer.note(&format!(
+            "rank {} of {}: test accuracy {:.2}%; rank 0 writes the model, checkpoint and report",
+            engine_rank,
+            report.world_size,
+            100.0 * report.test_accuracy
+        ));
+        return Ok(step);
+    }
     ctx.printer
         .report(&step, &human(&report, &model_path), &args.output)?;
     Ok(step)

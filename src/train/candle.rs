@@ -238,8 +238,8 @@ impl CandleTrainer {
     /// [`CandleTrainer::download`]). Returns the batch's loss sum and correct count.
     ///
     /// # Errors
-    /// [`Error::Config`] when `labels` does not hold `batch` labels; [`Error::Candle`]
-    /// when `x` does not hold `batch` images or the device fails.
+    /// [`Error::Config`] when the batch is empty or `x` does not hold `labels.len()`
+    /// images; [`Error::Candle`] when the device fails.
     pub fn step(
         &mut self,
         x: &[f32],
@@ -247,13 +247,39 @@ impl CandleTrainer {
         adam: &mut Adam,
         learning_rate: f32,
     ) -> Result<BatchStats> {
+        if labels.is_empty() {
+            return Err(Error::Config(
+                "an empty batch: a training step needs at least one image".into(),
+            ));
+        }
+        let (gradients, stats) = self.gradients(x, labels)?;
+        self.apply(gradients, adam, learning_rate)?;
+        Ok(stats)
+    }
+
+    /// The f32 gradients (spec order, the parameters' shapes, on the device) of the mean
+    /// softmax cross-entropy over batch `x` / `labels`, unscaled (fp16's loss scale is
+    /// divided out), and the batch's loss sum and correct count. An empty batch gives zero
+    /// gradients (a data-parallel rank whose shard is empty). Nothing is updated.
+    ///
+    /// # Errors
+    /// As [`CandleTrainer::step`].
+    pub fn gradients(&mut self, x: &[f32], labels: &[u8]) -> Result<(Vec<Tensor>, BatchStats)> {
         let batch = labels.len();
         let [h, w, c] = self.spec.input;
-        if batch == 0 || x.len() != batch * h * w * c {
+        if x.len() != batch * h * w * c {
             return Err(Error::Config(format!(
                 "{} values and {batch} labels for images of {h}x{w}x{c}",
                 x.len()
             )));
+        }
+        if batch == 0 {
+            let zeros = self
+                .vars
+                .iter()
+                .map(|v| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Ok((zeros, BatchStats::default()));
         }
         let xs = Tensor::from_slice(x, (batch, h, w, c), &self.device)?;
         let ys = Tensor::from_iter(labels.iter().map(|&l| u32::from(l)), &self.device)?;
@@ -281,8 +307,33 @@ impl CandleTrainer {
             };
             gradients.push(if scale == 1.0 { g } else { (g / scale)? });
         }
+        Ok((gradients, BatchStats { loss_sum, correct }))
+    }
+
+    /// Applies `gradients` (as [`CandleTrainer::gradients`] gives them, or their sum over
+    /// data-parallel ranks) with Adam at `learning_rate`. With fp16, a step whose gradients
+    /// are not all finite is skipped instead (no update, `adam.step` unchanged) and the
+    /// loss scale halved. Returns whether the update was applied.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `gradients` does not hold one tensor per parameter;
+    /// [`Error::Candle`] when a gradient's shape differs from its parameter's or the device
+    /// fails.
+    pub fn apply(
+        &mut self,
+        gradients: Vec<Tensor>,
+        adam: &mut Adam,
+        learning_rate: f32,
+    ) -> Result<bool> {
+        if gradients.len() != self.vars.len() {
+            return Err(Error::Config(format!(
+                "{} gradient tensors for {} parameters",
+                gradients.len(),
+                self.vars.len()
+            )));
+        }
         if let Some(scaler) = &mut self.scaler {
-            // One host read per step: is every unscaled gradient finite?
+            // One host read per tensor: is every unscaled gradient finite?
             let mut finite = true;
             for g in &gradients {
                 let total = g
@@ -295,7 +346,7 @@ impl CandleTrainer {
             if !scaler.record(finite) {
                 // Skipped: no update, no optimizer step (as Keras' LossScaleOptimizer).
                 self.skipped += 1;
-                return Ok(BatchStats { loss_sum, correct });
+                return Ok(false);
             }
         }
 
@@ -313,7 +364,17 @@ impl CandleTrainer {
             self.m[i] = m;
             self.v[i] = v;
         }
-        Ok(BatchStats { loss_sum, correct })
+        Ok(true)
+    }
+
+    /// The model being trained.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The candle device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Copies the parameters and Adam's moments to the host (spec order, our layouts).

@@ -13,7 +13,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 mod candle;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod parallel;
+pub mod tcp;
 
 pub use crate::artifact::checkpoint::{Checkpoint, CheckpointState};
 pub use crate::nn::adam::Adam;
@@ -65,9 +68,148 @@ pub enum TrainEngine {
     /// candle's autograd on a candle device: `--engine candle` on the CPU (what CI runs),
     /// a CUDA device for `--device cuda[:N]` ([`CandleTrainer`]).
     Candle(candle_core::Device),
+    /// Data parallel over several candle devices in this process (`--devices`): one rank
+    /// per device, gradients summed by NCCL on GPUs or in process on the CPU
+    /// ([`parallel::DeviceGroup`]).
+    DataParallel {
+        /// The ranks' devices, rank order.
+        devices: Vec<candle_core::Device>,
+        /// How the command line named them (`cuda:0`, `cpu`): for reports and lineage.
+        names: Vec<String>,
+    },
+    /// This process as one rank of a multi-process data-parallel run (`WORLD_SIZE`,
+    /// `RANK`, `MASTER_ADDR`, `MASTER_PORT` as torchrun and Slurm wrappers set them): its
+    /// ranks meet at rank 0's address ([`tcp::TcpGroup`]) and sum gradients over TCP on the
+    /// CPU, with NCCL on GPUs.
+    Process {
+        /// This rank's device.
+        device: candle_core::Device,
+        /// How the command line named it.
+        name: String,
+        /// This rank and the number of ranks.
+        world: parallel::WorldEnv,
+        /// `MASTER_ADDR` and `MASTER_PORT`.
+        master: (String, u16),
+    },
 }
 
 impl TrainEngine {
+    /// The engine `--devices` asks for: a rank per listed device, all CPU (candle's CPU
+    /// backend, ranks summed in process: how CI tests multi-GPU training) or all CUDA
+    /// (NCCL: a build with the `nccl` feature). One device makes a group of one rank (the
+    /// NCCL path on a one-GPU machine; the same training as `--device`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for no device, a mix of CPU and CUDA, a GPU listed
+    /// twice, CUDA in a build without the `nccl` feature, or a GPU that is not there.
+    pub fn select_devices(devices: &[crate::device::Device]) -> Result<Self> {
+        use crate::device::Device;
+        if devices.is_empty() {
+            return Err(Error::Config(
+                "`--devices` lists no device; name one or more (`cuda:0,cuda:1`)".into(),
+            ));
+        }
+        let cuda = devices
+            .iter()
+            .filter(|d| matches!(d, Device::Cuda(_)))
+            .count();
+        if cuda != 0 && cuda != devices.len() {
+            return Err(Error::Config(
+                "`--devices` mixes cpu and cuda; list only GPUs (`cuda:0,cuda:1`) or only CPU ranks (`cpu,cpu`)".into(),
+            ));
+        }
+        let mut seen = Vec::new();
+        for device in devices {
+            if let Device::Cuda(n) = device {
+                if seen.contains(n) {
+                    return Err(Error::Config(format!(
+                        "`--devices` lists cuda:{n} twice; NCCL runs one rank per GPU"
+                    )));
+                }
+                seen.push(*n);
+            }
+        }
+        if cuda > 0 && !cfg!(feature = "nccl") {
+            return Err(Error::Config(
+                "multi-GPU training (`--devices cuda:0,cuda:1`) sums gradients with NCCL: use a build with `--features nccl` (`scripts/build-cuda.sh` makes one)".into(),
+            ));
+        }
+        let mut candle_devices = Vec::with_capacity(devices.len());
+        for device in devices {
+            candle_devices.push(match device {
+                Device::Cpu => candle_core::Device::Cpu,
+                Device::Cuda(n) => cuda_device(*n)?,
+            });
+        }
+        Ok(TrainEngine::DataParallel {
+            devices: candle_devices,
+            names: devices.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// `self` (candle on one device) as rank `world.rank` of a multi-process run meeting at
+    /// `master` (`MASTER_ADDR`, `MASTER_PORT`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for the native engine (multi-process runs train on candle) or an
+    /// engine that is already data-parallel (`--devices`), and for CUDA in a build without
+    /// the `nccl` feature.
+    pub fn into_process(self, world: parallel::WorldEnv, master: (String, u16)) -> Result<Self> {
+        match self {
+            TrainEngine::Candle(device) => {
+                if device.is_cuda() && !cfg!(feature = "nccl") {
+                    return Err(Error::Config(
+                        "multi-process GPU training sums gradients with NCCL: use a build with `--features nccl` (`scripts/build-cuda.sh` makes one)".into(),
+                    ));
+                }
+                let name = if device.is_cpu() {
+                    "cpu".to_string()
+                } else {
+                    format!("cuda:{}", cuda_ordinal(&device))
+                };
+                Ok(TrainEngine::Process {
+                    device,
+                    name,
+                    world,
+                    master,
+                })
+            }
+            TrainEngine::Native => Err(Error::Config(format!(
+                "WORLD_SIZE={} asks for a multi-process run, which trains on candle: add `--engine candle` (CPU) or `--device cuda`",
+                world.world_size
+            ))),
+            _ => Err(Error::Config(
+                "WORLD_SIZE asks for a multi-process run: use one device per process (`--device`), not `--devices`".into(),
+            )),
+        }
+    }
+
+    /// The devices of a data-parallel run (empty otherwise), as the command line named them.
+    pub fn device_names(&self) -> &[String] {
+        match self {
+            TrainEngine::DataParallel { names, .. } => names,
+            TrainEngine::Process { name, .. } => std::slice::from_ref(name),
+            _ => &[],
+        }
+    }
+
+    /// Ranks of the run: 1 unless data-parallel.
+    pub fn world_size(&self) -> usize {
+        match self {
+            TrainEngine::DataParallel { devices, .. } => devices.len(),
+            TrainEngine::Process { world, .. } => world.world_size,
+            _ => 1,
+        }
+    }
+
+    /// This process's rank (0 unless it is one of several processes).
+    pub fn rank(&self) -> usize {
+        match self {
+            TrainEngine::Process { world, .. } => world.rank,
+            _ => 0,
+        }
+    }
+
     /// The engine `--device` and `--engine` ask for: our kernels for `cpu` + `native`,
     /// candle on the CPU for `cpu` + `candle`, candle on the GPU for `cuda[:N]`.
     ///
@@ -83,11 +225,7 @@ impl TrainEngine {
         Ok(match (device, engine) {
             (Device::Cpu, EngineKind::Native) => TrainEngine::Native,
             (Device::Cpu, EngineKind::Candle) => TrainEngine::Candle(candle_core::Device::Cpu),
-            (Device::Cuda(n), _) => TrainEngine::Candle(
-                crate::runtime::candle::CandleRuntime::cuda(n)?
-                    .candle_device()
-                    .clone(),
-            ),
+            (Device::Cuda(n), _) => TrainEngine::Candle(cuda_device(n)?),
         })
     }
 
@@ -97,8 +235,29 @@ impl TrainEngine {
             TrainEngine::Native => "native",
             TrainEngine::Candle(d) if d.is_cpu() => "candle",
             TrainEngine::Candle(_) => "candle-cuda",
+            TrainEngine::DataParallel { devices, .. } if devices.iter().all(|d| d.is_cpu()) => {
+                "candle"
+            }
+            TrainEngine::DataParallel { .. } => "candle-cuda",
+            TrainEngine::Process { device, .. } if device.is_cpu() => "candle",
+            TrainEngine::Process { .. } => "candle-cuda",
         }
     }
+}
+
+/// The ordinal of a candle CUDA device (0 for any other).
+fn cuda_ordinal(device: &candle_core::Device) -> usize {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => 0,
+    }
+}
+
+/// candle's device for GPU `ordinal`, checked ([`crate::runtime::candle::CandleRuntime::cuda`]).
+fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
+    Ok(crate::runtime::candle::CandleRuntime::cuda(ordinal)?
+        .candle_device()
+        .clone())
 }
 
 /// Settings of a training run.
@@ -218,6 +377,13 @@ pub struct TrainReport {
     /// What computed the updates: `native`, `candle`, `candle-cuda`.
     #[serde(default)]
     pub engine: String,
+    /// The ranks' devices of a data-parallel run (`--devices`, rank order; this process's
+    /// for one rank of several processes); empty for one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// Ranks of a data-parallel run (1 otherwise).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// What the forward and backward passes computed in.
     #[serde(default)]
     pub precision: Precision,
@@ -230,6 +396,10 @@ pub struct TrainReport {
     /// The last test evaluation in full.
     #[serde(skip)]
     pub last_eval: Option<EvalReport>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// For people: a row per epoch and the final test accuracy and speed.
@@ -325,6 +495,12 @@ pub fn epoch_artifact(
     // What computed the updates (not a resume setting: a checkpoint resumes on any engine).
     args.insert("engine".into(), config.engine.name().into());
     args.insert("precision".into(), config.precision.as_str().into());
+    if !config.engine.device_names().is_empty() {
+        args.insert("world_size".into(), config.engine.world_size().into());
+        if let TrainEngine::DataParallel { names, .. } = &config.engine {
+            args.insert("devices".into(), names.as_slice().into());
+        }
+    }
     artifact
         .lineage
         .push(LineageEntry::new("train", None, args));
@@ -358,11 +534,75 @@ fn median(sorted: &[f64]) -> f64 {
 pub struct Trainer {
     executor: Executor,
     candle: Option<CandleTrainer>,
+    group: Option<parallel::DeviceGroup>,
     /// Parameters, spec order. Updated in place on the native engine; on candle, a host
     /// copy made by [`Trainer::sync`].
     pub params: Vec<Vec<f32>>,
     /// Optimizer state (on candle: `step` always current, moments as of the last sync).
     pub adam: Adam,
+}
+
+/// The collectives of a data-parallel group on `devices` (rank order): in process for CPU
+/// ranks, NCCL for GPUs.
+fn collectives_for(devices: &[candle_core::Device]) -> Result<Vec<Box<dyn parallel::Collective>>> {
+    if devices.iter().all(candle_core::Device::is_cpu) {
+        return Ok(parallel::InProcess::group(devices.len())
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn parallel::Collective>)
+            .collect());
+    }
+    #[cfg(feature = "nccl")]
+    {
+        Ok(nccl::Nccl::group(devices)?
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn parallel::Collective>)
+            .collect())
+    }
+    #[cfg(not(feature = "nccl"))]
+    Err(Error::Config(
+        "multi-GPU training sums gradients with NCCL: use a build with `--features nccl`".into(),
+    ))
+}
+
+/// How long the ranks of a multi-process run wait for each other to start.
+pub const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// This process's collective in a multi-process run: the TCP group on the CPU; on a GPU,
+/// NCCL, whose unique id rank 0 makes and sends over the TCP group.
+fn process_collective(
+    device: &candle_core::Device,
+    world: parallel::WorldEnv,
+    (addr, port): &(String, u16),
+) -> Result<Box<dyn parallel::Collective>> {
+    let tcp = tcp::TcpGroup::join(
+        world.rank,
+        world.world_size,
+        (addr, *port),
+        JOIN_TIMEOUT,
+        parallel::DEFAULT_TIMEOUT,
+    )?;
+    if device.is_cpu() {
+        return Ok(Box::new(tcp));
+    }
+    #[cfg(feature = "nccl")]
+    {
+        let mut id = [0u8; 128];
+        if world.rank == 0 {
+            id = nccl::Nccl::unique_id()?;
+        }
+        tcp.broadcast_bytes(&mut id, 0)?;
+        Ok(Box::new(nccl::Nccl::join(
+            device,
+            world.rank,
+            world.world_size,
+            id,
+        )?))
+    }
+    #[cfg(not(feature = "nccl"))]
+    Err(Error::Config(
+        "multi-process GPU training sums gradients with NCCL: use a build with `--features nccl`"
+            .into(),
+    ))
 }
 
 impl Trainer {
@@ -371,17 +611,19 @@ impl Trainer {
         Trainer {
             executor: Executor::new(plan, threads),
             candle: None,
+            group: None,
             params,
             adam,
         }
     }
 
     /// A trainer on `engine` computing in `precision`: [`Trainer::new`] for the native
-    /// one, the parameters and moments uploaded to the device for candle.
+    /// one, the parameters and moments uploaded to the device for candle (to every rank's
+    /// device for a data-parallel engine).
     ///
     /// # Errors
     /// [`Error::Config`] for a precision other than fp32 on the native engine; as
-    /// [`CandleTrainer::with_precision`].
+    /// [`CandleTrainer::with_precision`] and [`parallel::DeviceGroup::new`].
     pub fn on(
         (engine, precision): (&TrainEngine, Precision),
         plan: &Plan,
@@ -389,32 +631,60 @@ impl Trainer {
         adam: Adam,
         threads: usize,
     ) -> Result<Self> {
-        let candle = match engine {
+        let (candle, group) = match engine {
             TrainEngine::Native if precision != Precision::Fp32 => {
                 return Err(Error::Config(format!(
                     "{} mixed precision runs on candle: add `--engine candle` (CPU) or `--device cuda`",
                     precision.as_str()
                 )))
             }
-            TrainEngine::Native => None,
-            TrainEngine::Candle(device) => Some(CandleTrainer::with_precision(
-                &plan.spec, &params, &adam, device, precision,
-            )?),
+            TrainEngine::Native => (None, None),
+            TrainEngine::Candle(device) => (
+                Some(CandleTrainer::with_precision(
+                    &plan.spec, &params, &adam, device, precision,
+                )?),
+                None,
+            ),
+            TrainEngine::DataParallel { devices, .. } => {
+                let trainers = devices
+                    .iter()
+                    .map(|d| CandleTrainer::with_precision(&plan.spec, &params, &adam, d, precision))
+                    .collect::<Result<Vec<_>>>()?;
+                let collectives = collectives_for(devices)?;
+                (None, Some(parallel::DeviceGroup::new(trainers, collectives, &adam)?))
+            }
+            TrainEngine::Process {
+                device,
+                world,
+                master,
+                ..
+            } => {
+                let trainer =
+                    CandleTrainer::with_precision(&plan.spec, &params, &adam, device, precision)?;
+                let collective = process_collective(device, *world, master)?;
+                (
+                    None,
+                    Some(parallel::DeviceGroup::new(vec![trainer], vec![collective], &adam)?),
+                )
+            }
         };
+        let single = candle.is_some() || group.is_some();
         Ok(Trainer {
-            executor: Executor::new(plan, if candle.is_some() { 1 } else { threads }),
+            executor: Executor::new(plan, if single { 1 } else { threads }),
             candle,
+            group,
             params,
             adam,
         })
     }
 
     /// One update on batch `x` (`[batch, h, w, c]`, preprocessed) with `labels`; the
-    /// dropout masks derive from `seed` and the Adam step.
+    /// dropout masks derive from `seed` and the Adam step. A data-parallel trainer cuts
+    /// the batch into one shard per rank.
     ///
     /// # Errors
     /// Only on candle: a device error or a batch that does not fit (see
-    /// [`CandleTrainer::step`]).
+    /// [`CandleTrainer::step`], [`parallel::DeviceGroup::step`]).
     pub fn step(
         &mut self,
         x: &[f32],
@@ -422,6 +692,9 @@ impl Trainer {
         seed: u64,
         learning_rate: f32,
     ) -> Result<crate::nn::BatchStats> {
+        if let Some(group) = &mut self.group {
+            return group.step(x, labels, &mut self.adam, learning_rate);
+        }
         if let Some(candle) = &mut self.candle {
             return candle.step(x, labels, &mut self.adam, learning_rate);
         }
@@ -438,24 +711,32 @@ impl Trainer {
     /// # Errors
     /// A device error.
     pub fn sync(&mut self) -> Result<()> {
-        if let Some(candle) = &self.candle {
+        if let Some(group) = &self.group {
+            group.download(&mut self.params, &mut self.adam)?;
+        } else if let Some(candle) = &self.candle {
             candle.download(&mut self.params, &mut self.adam)?;
         }
         Ok(())
     }
 
     /// The candle trainer, when updates run on candle (its precision, loss scaler and
-    /// skipped steps).
+    /// skipped steps); rank 0's in a data-parallel run (the same on every rank).
     pub fn candle(&self) -> Option<&CandleTrainer> {
-        self.candle.as_ref()
+        match &self.group {
+            Some(group) => Some(group.rank0()),
+            None => self.candle.as_ref(),
+        }
     }
 
-    /// Sends `params`, changed on the host, back to the device (no-op on native).
+    /// Sends `params`, changed on the host, back to the device (every rank's; no-op on
+    /// native).
     ///
     /// # Errors
     /// A device error.
     pub fn push(&mut self) -> Result<()> {
-        if let Some(candle) = &mut self.candle {
+        if let Some(group) = &mut self.group {
+            group.upload(&self.params)?;
+        } else if let Some(candle) = &mut self.candle {
             candle.upload(&self.params)?;
         }
         Ok(())
@@ -694,6 +975,8 @@ pub fn fit(
         test_accuracy: last.map_or(0.0, |e| e.test_accuracy),
         test_loss: last.map_or(0.0, |e| e.test_loss),
         engine: config.engine.name().into(),
+        devices: config.engine.device_names().to_vec(),
+        world_size: config.engine.world_size(),
         precision: config.precision,
         loss_scale: trainer
             .candle()

@@ -21,7 +21,9 @@
 //!    the same gradients, so the weights stay identical on all ranks without ever being
 //!    sent again.
 //!
-//! [`data_parallel_step`] is steps 3 to 5.
+//! [`data_parallel_step`] is steps 3 to 5 on our CPU executor; [`candle_data_parallel_step`]
+//! the same on a candle device ([`CandleTrainer`], CUDA or candle's CPU backend), and
+//! [`DeviceGroup`] runs one candle rank per device in one process (`mlops train --devices`).
 //!
 //! # Determinism
 //! The sum across ranks is always taken in rank order (`rank 0 + rank 1 + ...`), whatever
@@ -35,12 +37,11 @@
 //!
 //! # Collectives
 //! [`Collective`] is the seam: [`InProcess`] runs N ranks as threads of one process and
-//! is what CI tests the data-parallel logic with. NCCL (`ncclAllReduce` /
-//! `ncclBroadcast` through candle's `nccl` feature, i.e. cudarc's `nccl` module) will
-//! implement the same trait for multi-GPU runs, with the gradients all-reduced on the
-//! training stream; a device-buffer variant of the methods will come with it, so the
-//! gradients need not be copied to the host. Until then there is no `--devices` flag:
-//! multi-GPU training needs the NCCL implementation.
+//! is what CI tests the data-parallel logic with (`mlops train --devices cpu,cpu`). NCCL
+//! (`super::nccl::Nccl`, cargo feature `nccl`: `ncclAllReduce` / `ncclBroadcast` through
+//! cudarc's `nccl` module) implements the same trait for GPUs, and sums the gradients in
+//! device memory on the training stream ([`Collective::all_reduce_sum_tensor`]), so they
+//! are never copied to the host.
 //!
 //! Multi-process runs (one process per GPU, across nodes) will read the environment that
 //! `torchrun` and Slurm wrappers set: `WORLD_SIZE` (number of ranks), `RANK` (this
@@ -52,6 +53,9 @@ use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
+
+use super::candle::CandleTrainer;
 use crate::nn::adam::Adam;
 use crate::nn::{BatchStats, Executor};
 use crate::{Error, Result};
@@ -92,6 +96,20 @@ pub trait Collective: Send + Sync {
     /// As [`Collective::all_reduce_sum`]; also when `root` is not a rank of the group or
     /// the ranks named different roots.
     fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()>;
+
+    /// [`Collective::all_reduce_sum`] on a candle tensor (f32, any shape): the element-wise
+    /// sum of all ranks' `values`, same shape, on the same device. The tensor passed in is
+    /// not changed. This default goes through the host (what [`InProcess`] ranks on the
+    /// CPU need); NCCL overrides it to sum device memory on the device's stream.
+    ///
+    /// # Errors
+    /// As [`Collective::all_reduce_sum`]; [`Error::Candle`] when `values` is not f32 or the
+    /// device fails.
+    fn all_reduce_sum_tensor(&self, values: &Tensor) -> Result<Tensor> {
+        let mut host = values.flatten_all()?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut host)?;
+        Ok(Tensor::from_vec(host, values.shape(), values.device())?)
+    }
 }
 
 /// How long an [`InProcess`] rank waits for the others in one collective before it gives
@@ -100,14 +118,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The operation a rank asked for in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub(super) enum Op {
     SumF32,
     SumF64,
     Broadcast { root: usize },
 }
 
 impl Op {
-    fn name(self) -> String {
+    pub(super) fn name(self) -> String {
         match self {
             Op::SumF32 => "all_reduce_sum (f32)".into(),
             Op::SumF64 => "all_reduce_sum (f64)".into(),
@@ -118,7 +136,7 @@ impl Op {
 
 /// A rank's buffer in a round, and the round's result.
 #[derive(Debug, Clone)]
-enum Data {
+pub(super) enum Data {
     F32(Vec<f32>),
     F64(Vec<f64>),
 }
@@ -281,7 +299,7 @@ impl InProcess {
 }
 
 /// The result of a round from every rank's contribution, in rank order.
-fn combine(slots: Vec<(Op, Data)>) -> std::result::Result<Data, String> {
+pub(super) fn combine(slots: Vec<(Op, Data)>) -> std::result::Result<Data, String> {
     let Some(&(op, _)) = slots.first() else {
         return Err("an empty group".into());
     };
@@ -531,7 +549,7 @@ pub fn data_parallel_step(
     }
     if totals[3] > 0.0 {
         return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: {} other rank(s) failed (see their errors)",
+            "data-parallel step on rank {rank}: {} {OTHER_RANK_FAILED} (see their errors)",
             totals[3]
         )));
     }
@@ -552,6 +570,376 @@ pub fn data_parallel_step(
         loss_sum: totals[0],
         correct: totals[1] as usize,
     })
+}
+
+/// [`data_parallel_step`] on a candle device: forward and backward of this rank's shard
+/// with candle's autograd ([`CandleTrainer::gradients`]), the gradients weighted by the
+/// shard's share of the global batch and summed across ranks in one flat buffer
+/// ([`Collective::all_reduce_sum_tensor`]: on GPUs, NCCL on the device), then the same
+/// update on every rank ([`CandleTrainer::apply`]; with fp16 every rank sees the same
+/// summed gradients, so all skip an overflowing step together and keep the same loss
+/// scale). `adam` carries the hyper-parameters and step count (the moments live in the
+/// trainer). Returns the global batch's totals, the same on every rank.
+///
+/// # Errors
+/// As [`data_parallel_step`] (a bad shard on any rank fails the step on every rank), and
+/// [`Error::Candle`] when the device fails.
+pub fn candle_data_parallel_step(
+    trainer: &mut CandleTrainer,
+    adam: &mut Adam,
+    shard_x: &[f32],
+    shard_labels: &[u8],
+    settings: StepSettings,
+    collective: &dyn Collective,
+) -> Result<BatchStats> {
+    let rank = collective.rank();
+    let global = settings.global_batch;
+    let [h, w, c] = trainer.spec().input;
+    let classes = trainer.spec().classes;
+    let problem = if global == 0 {
+        Some("the global batch is empty".to_string())
+    } else if shard_labels.len() > global {
+        Some(format!(
+            "the shard holds {} images, more than the global batch of {global}",
+            shard_labels.len()
+        ))
+    } else if shard_x.len() != shard_labels.len() * h * w * c {
+        Some(format!(
+            "the shard holds {} values for {} labels; expected {} ({h}x{w}x{c} per image)",
+            shard_x.len(),
+            shard_labels.len(),
+            shard_labels.len() * h * w * c
+        ))
+    } else {
+        shard_labels
+            .iter()
+            .find(|&&l| l as usize >= classes)
+            .map(|label| format!("label {label} is out of range for {classes} classes"))
+    };
+    let (gradients, local, problem) = match problem {
+        Some(p) => (Vec::new(), BatchStats::default(), Some(p)),
+        None => match trainer.gradients(shard_x, shard_labels) {
+            Ok((g, stats)) => (g, stats, None),
+            Err(e) => (Vec::new(), BatchStats::default(), Some(e.to_string())),
+        },
+    };
+    let mut totals = [
+        local.loss_sum,
+        local.correct as f64,
+        shard_labels.len() as f64,
+        f64::from(u8::from(problem.is_some())),
+    ];
+    collective.all_reduce_sum_f64(&mut totals)?;
+    if let Some(problem) = problem {
+        return Err(Error::Config(format!(
+            "data-parallel step on rank {rank}: {problem}"
+        )));
+    }
+    if totals[3] > 0.0 {
+        return Err(Error::Config(format!(
+            "data-parallel step on rank {rank}: {} {OTHER_RANK_FAILED} (see their errors)",
+            totals[3]
+        )));
+    }
+    if totals[2] != global as f64 {
+        return Err(Error::Config(format!(
+            "data-parallel step on rank {rank}: the ranks' shards hold {} images in all, but the global batch is {global}",
+            totals[2]
+        )));
+    }
+    // One flat buffer (one DDP bucket): weighted gradients, concatenated in spec order.
+    let share = shard_labels.len() as f64 / global as f64;
+    let shapes: Vec<candle_core::Shape> = gradients.iter().map(|g| g.shape().clone()).collect();
+    let flat = gradients
+        .iter()
+        .map(|g| g.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let flat = (Tensor::cat(&flat, 0)? * share)?;
+    let summed = collective.all_reduce_sum_tensor(&flat)?;
+    let mut offset = 0;
+    let mut gradients = Vec::with_capacity(shapes.len());
+    for shape in shapes {
+        let n = shape.elem_count();
+        gradients.push(summed.narrow(0, offset, n)?.reshape(shape)?);
+        offset += n;
+    }
+    trainer.apply(gradients, adam, settings.learning_rate)?;
+    Ok(BatchStats {
+        loss_sum: totals[0],
+        correct: totals[1] as usize,
+    })
+}
+
+/// How a rank says the step failed elsewhere (and not why).
+const OTHER_RANK_FAILED: &str = "other rank(s) failed";
+
+/// What the main thread asks a [`DeviceGroup`] worker rank to do.
+enum Job {
+    /// One data-parallel step on the global batch (the rank takes its shard).
+    Step {
+        x: Arc<Vec<f32>>,
+        labels: Arc<Vec<u8>>,
+        settings: StepSettings,
+    },
+    /// Replace the parameters (after a hook changed them on the host).
+    Upload(Arc<Vec<Vec<f32>>>),
+}
+
+/// A rank on a thread of its own.
+struct Worker {
+    jobs: std::sync::mpsc::Sender<Job>,
+    results: std::sync::mpsc::Receiver<Result<BatchStats>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Data-parallel training on candle devices: this process's ranks of a group (all of them
+/// for `mlops train --devices cuda:0,cuda:1`, or `cpu,cpu` for CI; one per process in a
+/// multi-process run). One [`CandleTrainer`] per rank, the first on the calling thread and
+/// the others on threads of their own (one thread per GPU, as NCCL wants), every step's
+/// global batch cut into [`shard_range`]s by rank and run with
+/// [`candle_data_parallel_step`]. All ranks hold the same weights after every step.
+pub struct DeviceGroup {
+    rank0: CandleTrainer,
+    collective0: Box<dyn Collective>,
+    world: usize,
+    input_len: usize,
+    workers: Vec<Worker>,
+}
+
+impl DeviceGroup {
+    /// One rank per trainer, `collectives[i]` being `trainers[i]`'s (distinct ranks of one
+    /// group). Rank 0's parameters are broadcast to all ranks first (as DDP does), so every
+    /// rank starts from the same weights.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the counts differ, there are no ranks or the collectives are
+    /// not distinct ranks of one group; as [`Collective::broadcast`] and
+    /// [`CandleTrainer::upload`].
+    pub fn new(
+        trainers: Vec<CandleTrainer>,
+        collectives: Vec<Box<dyn Collective>>,
+        adam: &Adam,
+    ) -> Result<Self> {
+        if trainers.is_empty() || collectives.len() != trainers.len() {
+            return Err(Error::Config(format!(
+                "{} device(s) and {} collective rank(s): a data-parallel group needs one of each per rank",
+                trainers.len(),
+                collectives.len()
+            )));
+        }
+        let world = collectives[0].world_size();
+        let mut ranks: Vec<usize> = collectives.iter().map(|c| c.rank()).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        if ranks.len() != collectives.len()
+            || ranks.last().is_some_and(|&r| r >= world)
+            || collectives.iter().any(|c| c.world_size() != world)
+        {
+            return Err(Error::Config(format!(
+                "the collectives are not distinct ranks of one group of {world}"
+            )));
+        }
+        let mut trainers = trainers.into_iter();
+        let mut collectives = collectives.into_iter();
+        let (Some(rank0), Some(collective0)) = (trainers.next(), collectives.next()) else {
+            return Err(Error::Config("a data-parallel group without ranks".into()));
+        };
+        let [h, w, c] = rank0.spec().input;
+        let input_len = h * w * c;
+        // Rank 0's weights to every rank, each rank in its own thread (a collective needs
+        // all ranks at once).
+        fn broadcast(
+            trainer: &mut CandleTrainer,
+            collective: &dyn Collective,
+            adam: &Adam,
+        ) -> Result<()> {
+            let mut params = Vec::new();
+            trainer.download(&mut params, &mut adam.clone())?;
+            broadcast_params(&mut params, 0, collective)?;
+            trainer.upload(&params)
+        }
+        let mut workers = Vec::with_capacity(world - 1);
+        for (mut trainer, collective) in trainers.zip(collectives) {
+            let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
+            let (result_tx, results) = std::sync::mpsc::channel();
+            let mut adam = adam.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("mlops-rank-{}", collective.rank()))
+                .spawn(move || {
+                    let start = broadcast(&mut trainer, collective.as_ref(), &adam)
+                        .map(|()| BatchStats::default());
+                    let failed = start.is_err();
+                    if result_tx.send(start).is_err() || failed {
+                        return;
+                    }
+                    for job in job_rx {
+                        let result = match job {
+                            Job::Step {
+                                x,
+                                labels,
+                                settings,
+                            } => {
+                                let range = shard_range(labels.len(), world, collective.rank());
+                                candle_data_parallel_step(
+                                    &mut trainer,
+                                    &mut adam,
+                                    x.get(range.start * input_len..range.end * input_len)
+                                        .unwrap_or_default(),
+                                    &labels[range],
+                                    settings,
+                                    collective.as_ref(),
+                                )
+                            }
+                            Job::Upload(params) => {
+                                trainer.upload(&params).map(|()| BatchStats::default())
+                            }
+                        };
+                        if result_tx.send(result).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| Error::Config(format!("cannot start a rank's thread: {e}")))?;
+            workers.push(Worker {
+                jobs,
+                results,
+                handle: Some(handle),
+            });
+        }
+        let mut group = DeviceGroup {
+            rank0,
+            collective0,
+            world,
+            input_len,
+            workers,
+        };
+        let own = broadcast(&mut group.rank0, group.collective0.as_ref(), adam);
+        group.collect(own)?;
+        Ok(group)
+    }
+
+    /// Every worker's answer to the last job, with rank 0's (`own`): the first error that
+    /// gives a reason, rather than a rank's "another rank failed", if any failed.
+    fn collect<T>(&mut self, own: Result<T>) -> Result<T> {
+        let mut errors = Vec::new();
+        for (i, worker) in self.workers.iter().enumerate() {
+            let answer = worker.results.recv().unwrap_or_else(|_| {
+                Err(Error::Config(format!(
+                    "rank {} stopped (its thread ended)",
+                    i + 1
+                )))
+            });
+            if let Err(e) = answer {
+                errors.push(e);
+            }
+        }
+        match own {
+            Ok(value) if errors.is_empty() => Ok(value),
+            Ok(_) => Err(errors.remove(0)),
+            Err(e) => {
+                errors.insert(0, e);
+                let reason = errors
+                    .iter()
+                    .position(|e| !e.to_string().contains(OTHER_RANK_FAILED));
+                Err(errors.remove(reason.unwrap_or(0)))
+            }
+        }
+    }
+
+    /// The number of ranks in the group (all processes').
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// This process's first rank's trainer (its precision, loss scaler, skipped steps: the
+    /// same on all ranks).
+    pub fn rank0(&self) -> &CandleTrainer {
+        &self.rank0
+    }
+
+    /// One data-parallel step on the global batch `x` (`[batch, h, w, c]`) / `labels`;
+    /// `adam` is rank 0's (the workers advance their own copies in step). Returns the
+    /// global batch's loss sum and correct count.
+    ///
+    /// # Errors
+    /// As [`candle_data_parallel_step`], from rank 0 or else the first worker that failed;
+    /// [`Error::Config`] when a worker's thread has ended.
+    pub fn step(
+        &mut self,
+        x: &[f32],
+        labels: &[u8],
+        adam: &mut Adam,
+        learning_rate: f32,
+    ) -> Result<BatchStats> {
+        let settings = StepSettings {
+            global_batch: labels.len(),
+            seed: 0,
+            learning_rate,
+        };
+        if !self.workers.is_empty() {
+            let (x_all, labels_all) = (Arc::new(x.to_vec()), Arc::new(labels.to_vec()));
+            for (i, worker) in self.workers.iter().enumerate() {
+                worker
+                    .jobs
+                    .send(Job::Step {
+                        x: Arc::clone(&x_all),
+                        labels: Arc::clone(&labels_all),
+                        settings,
+                    })
+                    .map_err(|_| {
+                        Error::Config(format!("rank {} stopped (its thread ended)", i + 1))
+                    })?;
+            }
+        }
+        let range = shard_range(labels.len(), self.world, self.collective0.rank());
+        let own = candle_data_parallel_step(
+            &mut self.rank0,
+            adam,
+            x.get(range.start * self.input_len..range.end * self.input_len)
+                .unwrap_or_default(),
+            &labels[range],
+            settings,
+            self.collective0.as_ref(),
+        );
+        self.collect(own)
+    }
+
+    /// Copies rank 0's parameters and moments to the host (all ranks hold the same).
+    ///
+    /// # Errors
+    /// As [`CandleTrainer::download`].
+    pub fn download(&self, params: &mut Vec<Vec<f32>>, adam: &mut Adam) -> Result<()> {
+        self.rank0.download(params, adam)
+    }
+
+    /// Replaces every rank's parameters with `params`.
+    ///
+    /// # Errors
+    /// As [`CandleTrainer::upload`], on any rank.
+    pub fn upload(&mut self, params: &[Vec<f32>]) -> Result<()> {
+        let shared = Arc::new(params.to_vec());
+        for (i, worker) in self.workers.iter().enumerate() {
+            worker
+                .jobs
+                .send(Job::Upload(Arc::clone(&shared)))
+                .map_err(|_| Error::Config(format!("rank {} stopped (its thread ended)", i + 1)))?;
+        }
+        let own = self.rank0.upload(params);
+        self.collect(own)
+    }
+}
+
+impl Drop for DeviceGroup {
+    /// Closes the workers' queues and waits for their threads.
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            let (closed, _) = std::sync::mpsc::channel();
+            drop(std::mem::replace(&mut worker.jobs, closed));
+            if let Some(handle) = worker.handle.take() {
+                let _ = handle.join();
+            }
+        }
+    }
 }
 
 /// This process's place in a multi-process run: from `WORLD_SIZE` and `RANK`.
@@ -616,6 +1004,41 @@ pub fn parse_world(world_size: Option<&str>, rank: Option<&str>) -> Result<Optio
             }
             Ok(Some(WorldEnv { world_size, rank }))
         }
+    }
+}
+
+/// Where rank 0 of a multi-process run listens: `MASTER_ADDR` and `MASTER_PORT`, as
+/// torchrun and Slurm wrappers set them.
+///
+/// # Errors
+/// As [`parse_master`].
+pub fn master_from_env() -> Result<(String, u16)> {
+    parse_master(
+        std::env::var("MASTER_ADDR").ok().as_deref(),
+        std::env::var("MASTER_PORT").ok().as_deref(),
+    )
+}
+
+/// [`master_from_env`] on given values of `MASTER_ADDR` and `MASTER_PORT`.
+///
+/// # Errors
+/// [`Error::Config`] when either is missing or empty, or the port is not 1..=65535.
+pub fn parse_master(addr: Option<&str>, port: Option<&str>) -> Result<(String, u16)> {
+    let addr = addr.map(str::trim).filter(|a| !a.is_empty()).ok_or_else(|| {
+        Error::Config(
+            "WORLD_SIZE is set but MASTER_ADDR is not: set it to rank 0's host name or address (torchrun does)".into(),
+        )
+    })?;
+    let port = port.map(str::trim).ok_or_else(|| {
+        Error::Config(
+            "WORLD_SIZE is set but MASTER_PORT is not: set it to a free TCP port on rank 0's host (torchrun does)".into(),
+        )
+    })?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((addr.to_string(), p)),
+        _ => Err(Error::Config(format!(
+            "MASTER_PORT=`{port}` is not a TCP port (1..65535)"
+        ))),
     }
 }
 
@@ -1073,5 +1496,172 @@ mod tests {
         assert!(err(Some("2"), Some("-1")).contains("RANK=`-1`"));
         assert!(err(Some("0"), Some("0")).contains("at least one process"));
         assert!(err(Some("2"), Some("2")).contains("RANK=2 is out of range for WORLD_SIZE=2"));
+    }
+
+    #[test]
+    fn master_address_from_the_environment_values() {
+        assert_eq!(
+            parse_master(Some("10.0.0.1"), Some("29500")).unwrap(),
+            ("10.0.0.1".to_string(), 29500)
+        );
+        let err = |a, p| parse_master(a, p).unwrap_err().to_string();
+        assert!(err(None, Some("1")).contains("MASTER_ADDR is not"));
+        assert!(err(Some(" "), Some("1")).contains("MASTER_ADDR is not"));
+        assert!(err(Some("h"), None).contains("MASTER_PORT is not"));
+        assert!(err(Some("h"), Some("0")).contains("MASTER_PORT=`0`"));
+        assert!(err(Some("h"), Some("70000")).contains("not a TCP port"));
+    }
+
+    /// `world` candle CPU ranks in a [`DeviceGroup`] (rank r starting from its own weights,
+    /// rank 0's broadcast), trained on `data`: the weights and the per-step stats.
+    fn train_candle_group(
+        plan: &Plan,
+        data: &[(Vec<f32>, Vec<u8>)],
+        world: usize,
+        precision: super::super::Precision,
+    ) -> (Vec<Vec<f32>>, Vec<BatchStats>, u64) {
+        let device = candle_core::Device::Cpu;
+        let mut adam = Adam::new(&plan.init_params(3));
+        let trainers = (0..world)
+            .map(|r| {
+                let params = plan.init_params(3 + r as u64);
+                CandleTrainer::with_precision(&plan.spec, &params, &adam, &device, precision)
+                    .unwrap()
+            })
+            .collect();
+        let collectives = InProcess::group_with_timeout(world, Duration::from_secs(60))
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Collective>)
+            .collect();
+        let mut group = DeviceGroup::new(trainers, collectives, &adam).unwrap();
+        let stats = data
+            .iter()
+            .map(|(x, labels)| group.step(x, labels, &mut adam, LR).unwrap())
+            .collect();
+        let mut params = Vec::new();
+        group.download(&mut params, &mut adam).unwrap();
+        (params, stats, group.rank0().skipped_steps())
+    }
+
+    /// The candle version of the data-parallel bar: N candle ranks (threads, in-process
+    /// sums, one shard of 3 ranks empty on the last 2-image batch) give the weights of one
+    /// candle rank on the whole batch up to float summation order, the same global stats,
+    /// and bit-identical weights run to run.
+    #[test]
+    fn candle_ranks_match_one_candle_rank_on_the_whole_batch() {
+        let plan = plan();
+        let mut data = batches(&plan, 4, 12);
+        data.extend(batches(&plan, 1, 2));
+        let params = plan.init_params(3);
+        let mut adam = Adam::new(&params);
+        let mut one =
+            CandleTrainer::new(&plan.spec, &params, &adam, &candle_core::Device::Cpu).unwrap();
+        let one_stats: Vec<BatchStats> = data
+            .iter()
+            .map(|(x, labels)| one.step(x, labels, &mut adam, LR).unwrap())
+            .collect();
+        let mut one_params = Vec::new();
+        one.download(&mut one_params, &mut adam).unwrap();
+        for world in [2, 3] {
+            let (weights, stats, _) =
+                train_candle_group(&plan, &data, world, super::super::Precision::Fp32);
+            let diff = max_relative_difference(&one_params, &weights);
+            assert!(diff < 1e-4, "{world} ranks: relative difference {diff}");
+            for (step, (a, b)) in one_stats.iter().zip(&stats).enumerate() {
+                assert!(
+                    (a.loss_sum - b.loss_sum).abs() < 1e-4 * a.loss_sum.abs().max(1.0),
+                    "{world} ranks, step {step}: loss {} vs {}",
+                    a.loss_sum,
+                    b.loss_sum
+                );
+                assert_eq!(a.correct, b.correct, "{world} ranks, step {step}");
+            }
+            let (again, _, _) =
+                train_candle_group(&plan, &data, world, super::super::Precision::Fp32);
+            assert_eq!(
+                bits(&weights),
+                bits(&again),
+                "{world} ranks: not reproducible"
+            );
+        }
+    }
+
+    /// fp16 on candle CPU ranks: a loss scale so large that one rank's gradients overflow
+    /// makes every rank skip the step (they see the same summed gradients), so the ranks
+    /// stay in step and train on.
+    #[test]
+    fn fp16_ranks_skip_an_overflowing_step_together() {
+        let plan = plan();
+        let data = batches(&plan, 3, 8);
+        let (weights, stats, skipped) =
+            train_candle_group(&plan, &data, 2, super::super::Precision::Fp16);
+        // The default scale (2^16) does not overflow on this model: all steps applied.
+        assert_eq!(skipped, 0);
+        assert_eq!(stats.len(), 3);
+        assert!(weights.iter().flatten().all(|w| w.is_finite()));
+
+        let device = candle_core::Device::Cpu;
+        let params = plan.init_params(3);
+        let mut adam = Adam::new(&params);
+        let huge = super::super::LossScaler {
+            scale: 2f64.powi(40),
+            ..Default::default()
+        };
+        let trainers = (0..2)
+            .map(|_| {
+                let mut t = CandleTrainer::with_precision(
+                    &plan.spec,
+                    &params,
+                    &adam,
+                    &device,
+                    super::super::Precision::Fp16,
+                )
+                .unwrap();
+                t.set_loss_scaler(huge);
+                t
+            })
+            .collect();
+        let collectives = InProcess::group_with_timeout(2, Duration::from_secs(60))
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Collective>)
+            .collect();
+        let mut group = DeviceGroup::new(trainers, collectives, &adam).unwrap();
+        group.step(&data[0].0, &data[0].1, &mut adam, LR).unwrap();
+        assert_eq!(group.rank0().skipped_steps(), 1);
+        assert_eq!(adam.step, 0, "a skipped step is not an optimizer step");
+        assert_eq!(group.rank0().loss_scaler().unwrap().scale, 2f64.powi(39));
+        // The worker skipped too: the next step (scale still huge) keeps both in step, and
+        // a group whose ranks disagreed would fail its next collective on lengths/rounds.
+        group.step(&data[1].0, &data[1].1, &mut adam, LR).unwrap();
+        let mut after = Vec::new();
+        group.download(&mut after, &mut adam).unwrap();
+        assert_eq!(after, params, "skipped steps changed the weights");
+    }
+
+    /// A bad label in rank 1's shard fails the step on every rank with the reason, and the
+    /// group goes on with the next good batch.
+    #[test]
+    fn a_bad_shard_fails_the_candle_step_everywhere() {
+        let plan = plan();
+        let mut data = batches(&plan, 2, 8);
+        data[0].1[7] = 9; // rank 1's shard (images 4..8 of 2 ranks)
+        let device = candle_core::Device::Cpu;
+        let params = plan.init_params(3);
+        let mut adam = Adam::new(&params);
+        let trainers = (0..2)
+            .map(|_| CandleTrainer::new(&plan.spec, &params, &adam, &device).unwrap())
+            .collect();
+        let collectives = InProcess::group_with_timeout(2, Duration::from_secs(60))
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Collective>)
+            .collect();
+        let mut group = DeviceGroup::new(trainers, collectives, &adam).unwrap();
+        let err = group
+            .step(&data[0].0, &data[0].1, &mut adam, LR)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rank 1: label 9 is out of range"), "{err}");
+        group.step(&data[1].0, &data[1].1, &mut adam, LR).unwrap();
+        assert_eq!(adam.step, 1);
     }
 }

@@ -300,3 +300,197 @@ fn fp16_mixed_precision_trains_on_candle_and_is_refused_on_native() {
         .unwrap();
     assert_user_error(&refused, "--engine candle");
 }
+
+/// `train --devices cpu,cpu`: two data-parallel candle ranks on the CPU, each on half of
+/// every batch, gradients summed in process (the code path of `--devices cuda:0,cuda:1`
+/// but NCCL): the same training as one candle rank on the whole batch, up to float
+/// summation order, and the report and lineage name the devices.
+#[test]
+fn data_parallel_cpu_ranks_train_like_one_candle_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |extra: &[&str], out: &str| {
+        let output = mlops(dir.path())
+            .args([
+                "train",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--lr",
+                "0.003",
+                "--out",
+                out,
+                "--json",
+            ])
+            .args(extra)
+            .arg("--data")
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert_success(&output);
+        json_of(&output)
+    };
+    let one = train(&["--engine", "candle"], "one");
+    let two = train(&["--devices", "cpu,cpu"], "two");
+    let m = &two["metrics"];
+    assert_eq!(m["engine"], "candle", "{m}");
+    assert_eq!(m["devices"], serde_json::json!(["cpu", "cpu"]), "{m}");
+    assert!(
+        two["device"].as_str().unwrap_or("").contains("cpu,cpu"),
+        "{two}"
+    );
+    let (a, b) = (
+        one["metrics"]["test_accuracy"].as_f64().unwrap(),
+        m["test_accuracy"].as_f64().unwrap(),
+    );
+    assert!(a > 0.6, "one rank reached only {a}");
+    assert!((a - b).abs() < 0.03, "one rank {a} vs two ranks {b}");
+    let inspect = mlops(dir.path())
+        .args(["inspect", "two/model.safetensors", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout).to_string();
+    let lineage: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        text.contains("\"devices\"") && text.contains("\"cpu\""),
+        "{lineage}"
+    );
+}
+
+/// `--devices` that cannot work fail before any data is read, each saying what to do.
+#[test]
+fn bad_devices_lists_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    for (list, says) in [
+        ("", "unknown device ``"),
+        ("cpu,cuda:0", "mixes cpu and cuda"),
+        ("cpu,tpu", "unknown device `tpu`"),
+        ("cuda:0,cuda:0", "twice"),
+        // The test binary is the default build (no `nccl` feature).
+        ("cuda:0,cuda:1", "--features nccl"),
+    ] {
+        let output = mlops(dir.path())
+            .args(["train", "--epochs", "1", "--out", "x", "--devices", list])
+            .arg("--data")
+            .arg(tiny_data())
+            .output()
+            .unwrap();
+        assert_user_error(&output, says);
+    }
+    let both = mlops(dir.path())
+        .args(["train", "--device", "cpu", "--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+}
+
+/// Two `mlops train` processes as torchrun starts them (`WORLD_SIZE`, `RANK`,
+/// `MASTER_ADDR`, `MASTER_PORT`) meet at rank 0 and train one model, summing gradients over
+/// TCP: the same training as `--devices cpu,cpu` (the same shards, sums in rank order), so
+/// the same test figures; rank 0 alone writes the model and the report.
+#[test]
+fn two_processes_train_like_two_in_process_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "train",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.003",
+            "--out",
+            out,
+            "--json",
+            "--data",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([tiny_data().display().to_string()])
+        .collect()
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let spawn = |rank: &str| {
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"));
+        cmd.current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .env("MLOPS_NO_PROGRESS", "1")
+            .envs([
+                ("WORLD_SIZE", "2"),
+                ("RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+            ])
+            .args(args("procs"))
+            .args(["--engine", "candle"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    // Rank 1 first: it waits for rank 0 to listen.
+    let rank1 = spawn("1");
+    let rank0 = spawn("0");
+    let (out0, out1) = (
+        rank0.wait_with_output().unwrap(),
+        rank1.wait_with_output().unwrap(),
+    );
+    assert_success(&out0);
+    assert_success(&out1);
+    assert!(out1.stdout.is_empty(), "rank 1 printed a report");
+    assert!(
+        String::from_utf8_lossy(&out1.stderr).contains("rank 1 of 2"),
+        "{}",
+        String::from_utf8_lossy(&out1.stderr)
+    );
+    let procs = json_of(&out0);
+    assert_eq!(procs["metrics"]["world_size"], 2, "{procs}");
+    assert!(dir.path().join("procs/model.safetensors").exists());
+
+    let threads = mlops(dir.path())
+        .args(args("threads"))
+        .args(["--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert_success(&threads);
+    let threads = json_of(&threads);
+    for key in ["test_accuracy", "test_loss", "train_accuracy"] {
+        let (a, b) = (
+            procs["metrics"]["epoch_reports"][0][key].as_f64().unwrap(),
+            threads["metrics"]["epoch_reports"][0][key]
+                .as_f64()
+                .unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "{key}: processes {a} vs threads {b}"
+        );
+    }
+
+    // A process that cannot find rank 0's address fails with what to set.
+    let lone = mlops(dir.path())
+        .envs([("WORLD_SIZE", "2"), ("RANK", "1")])
+        .env_remove("MASTER_ADDR")
+        .args(args("lone"))
+        .args(["--engine", "candle"])
+        .output()
+        .unwrap();
+    assert_user_error(&lone, "MASTER_ADDR");
+    let native = mlops(dir.path())
+        .envs([
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "1"),
+        ])
+        .args(args("native"))
+        .output()
+        .unwrap();
+    assert_user_error(&native, "--engine candle");
+}
