@@ -131,6 +131,14 @@ pub(crate) enum PrecisionArg {
 pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport> {
     let (engine, runtime_name) = match &args.devices {
         Some(list) => {
+            if let Some(world) =
+                mlops::train::parallel::world_from_env()?.filter(|w| w.world_size > 1)
+            {
+                anyhow::bail!(
+                    "WORLD_SIZE={} makes this process one rank of a multi-process run: give it one device (`--device`), not `--devices`",
+                    world.world_size
+                );
+            }
             let devices = list
                 .iter()
                 .map(|d| mlops::device::Device::parse(d.trim()))

@@ -367,6 +367,26 @@ impl CandleTrainer {
         Ok(true)
     }
 
+    /// The parameters' shapes, spec order (what [`CandleTrainer::apply`] takes).
+    pub fn param_shapes(&self) -> Vec<candle_core::Shape> {
+        self.vars.iter().map(|v| v.shape().clone()).collect()
+    }
+
+    /// Replaces the parameters and Adam's moments with host values (spec order): what a
+    /// data-parallel rank takes from rank 0 at the start.
+    ///
+    /// # Errors
+    /// [`Error::Candle`] when a tensor does not fit its shape or the device fails.
+    pub fn upload_state(&mut self, params: &[Vec<f32>], adam: &Adam) -> Result<()> {
+        self.upload(params)?;
+        for (i, var) in self.vars.iter().enumerate() {
+            let shape = var.as_tensor().shape();
+            self.m[i] = Tensor::from_slice(&adam.m[i], shape, &self.device)?;
+            self.v[i] = Tensor::from_slice(&adam.v[i], shape, &self.device)?;
+        }
+        Ok(())
+    }
+
     /// The model being trained.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec

@@ -90,6 +90,9 @@ pub enum TrainEngine {
         world: parallel::WorldEnv,
         /// `MASTER_ADDR` and `MASTER_PORT`.
         master: (String, u16),
+        /// What every rank must agree on before training (set by [`fit`] from the model,
+        /// settings and starting state; see [`parallel::check_same_everywhere`]).
+        agreement: String,
     },
 }
 
@@ -172,6 +175,7 @@ impl TrainEngine {
                     name,
                     world,
                     master,
+                    agreement: String::new(),
                 })
             }
             TrainEngine::Native => Err(Error::Config(format!(
@@ -573,6 +577,7 @@ fn process_collective(
     device: &candle_core::Device,
     world: parallel::WorldEnv,
     (addr, port): &(String, u16),
+    agreement: &str,
 ) -> Result<Box<dyn parallel::Collective>> {
     let tcp = tcp::TcpGroup::join(
         world.rank,
@@ -581,6 +586,8 @@ fn process_collective(
         JOIN_TIMEOUT,
         parallel::DEFAULT_TIMEOUT,
     )?;
+    // Before NCCL, which cannot tell ranks with different buffer sizes apart.
+    parallel::check_same_everywhere(&tcp, agreement)?;
     if device.is_cpu() {
         return Ok(Box::new(tcp));
     }
@@ -657,11 +664,12 @@ impl Trainer {
                 device,
                 world,
                 master,
+                agreement,
                 ..
             } => {
                 let trainer =
                     CandleTrainer::with_precision(&plan.spec, &params, &adam, device, precision)?;
-                let collective = process_collective(device, *world, master)?;
+                let collective = process_collective(device, *world, master, agreement)?;
                 (
                     None,
                     Some(parallel::DeviceGroup::new(vec![trainer], vec![collective], &adam)?),
@@ -725,6 +733,18 @@ impl Trainer {
         match &self.group {
             Some(group) => Some(group.rank0()),
             None => self.candle.as_ref(),
+        }
+    }
+
+    /// `local` if it is `Ok` in every process of a multi-process run (see
+    /// [`parallel::DeviceGroup::agree`]); `local` as it is otherwise.
+    ///
+    /// # Errors
+    /// `local`'s error, or that another process failed.
+    pub fn agree<T>(&self, local: Result<T>) -> Result<T> {
+        match &self.group {
+            Some(group) => group.agree(local),
+            None => local,
         }
     }
 
@@ -829,8 +849,23 @@ pub fn fit(
     let train = &data.train;
     let batches_per_epoch = train.count.div_ceil(config.batch_size) as u64;
     let total_steps = batches_per_epoch * config.epochs as u64;
+    // Ranks in other processes must start from the same model, settings and state.
+    let mut engine = config.engine.clone();
+    if let TrainEngine::Process { agreement, .. } = &mut engine {
+        let mut shared = settings.clone();
+        shared.remove("threads");
+        *agreement = format!(
+            "{spec:?}|{shared:?}|epochs {} stop {:?}|{:?}|{:?}|start {start_epoch} step {}|{:?}",
+            config.epochs,
+            config.stop_after,
+            config.precision,
+            config.preprocess,
+            adam.step,
+            params.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+    }
     let mut trainer = Trainer::on(
-        (&config.engine, config.precision),
+        (&engine, config.precision),
         &plan,
         params,
         adam,
@@ -955,7 +990,8 @@ pub fn fit(
             params: trainer.params.clone(),
             adam: trainer.adam.clone(),
         };
-        on_epoch(&checkpoint, &report)?;
+        // Rank 0 alone saves in a multi-process run: all ranks learn whether it worked.
+        trainer.agree(on_epoch(&checkpoint, &report))?;
         epoch_reports.push(report);
         last_eval = Some(eval);
     }

@@ -2,6 +2,11 @@
 //! with `ncclAllReduce` in device memory, on the stream candle runs the training on, so the
 //! sum is ordered after the backward pass and before the update without a host round trip.
 //!
+//! NCCL collectives have no timeout: a rank that dies inside one (a crashed process, a lost
+//! node) leaves the others waiting until the job is killed, as with PyTorch's NCCL backend
+//! without its watchdog. Failures that happen outside a collective are agreed on first
+//! ([`super::parallel::agree`]), so an error on one rank ends every rank.
+//!
 //! The safe NCCL wrapper is cudarc's (`cudarc::nccl`, through candle's `nccl` feature);
 //! this file only maps our [`Collective`] contract onto it and moves candle's device
 //! buffers in and out (candle exposes a tensor's `CudaSlice` to in-place custom ops).
@@ -106,8 +111,11 @@ impl Nccl {
             ))
         })?;
         let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
-        let comm = Comm::from_rank(cuda.cuda_stream(), rank, world, id)
-            .map_err(nccl_error("ncclCommInitRank"))?;
+        let stream = cuda.cuda_stream();
+        // ncclCommInitRank takes the calling thread's current device.
+        stream.context().bind_to_thread().map_err(driver_error)?;
+        let comm =
+            Comm::from_rank(stream, rank, world, id).map_err(nccl_error("ncclCommInitRank"))?;
         Ok(Nccl {
             comm: Mutex::new(SendComm(comm)),
             rank,
@@ -185,14 +193,16 @@ impl Collective for Nccl {
         })
     }
 
-    /// In device memory: a private copy of `values` summed in place by `ncclAllReduce` on
-    /// the communicator's stream (candle's), no host copy.
-    fn all_reduce_sum_tensor(&self, values: &Tensor) -> Result<Tensor> {
-        let flat = values.flatten_all()?.copy()?;
+    /// In device memory: `values`' own storage summed in place by `ncclAllReduce` on the
+    /// communicator's stream (candle's), no host copy and no allocation (a non-contiguous
+    /// tensor is first made contiguous).
+    fn all_reduce_sum_tensor(&self, values: Tensor) -> Result<Tensor> {
+        let shape = values.shape().clone();
+        let flat = values.contiguous()?.flatten_all()?;
         let guard = self.lock()?;
         flat.inplace_op1(&AllReduce { comm: &guard.0 })?;
         drop(guard);
-        Ok(flat.reshape(values.shape())?)
+        Ok(flat.reshape(shape)?)
     }
 }
 
@@ -216,6 +226,10 @@ impl InplaceOp1 for AllReduce<'_> {
             candle_core::bail!("NCCL all-reduce needs a contiguous tensor at offset 0");
         }
         let count = layout.shape().elem_count();
+        self.comm
+            .context()
+            .bind_to_thread()
+            .map_err(|e| candle_core::Error::Msg(format!("CUDA context: {e}")))?;
         let slice = storage.as_cuda_slice_mut::<f32>()?;
         if slice.len() != count {
             candle_core::bail!(

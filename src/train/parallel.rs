@@ -98,14 +98,16 @@ pub trait Collective: Send + Sync {
     fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()>;
 
     /// [`Collective::all_reduce_sum`] on a candle tensor (f32, any shape): the element-wise
-    /// sum of all ranks' `values`, same shape, on the same device. The tensor passed in is
-    /// not changed. This default goes through the host (what [`InProcess`] ranks on the
-    /// CPU need); NCCL overrides it to sum device memory on the device's stream.
+    /// sum of all ranks' `values`, same shape, on the same device. `values` is taken: an
+    /// implementation may sum in its storage, so the caller passes a tensor nothing else
+    /// reads (a fresh result, not a view of parameters). This default goes through the host
+    /// (what [`InProcess`] ranks on the CPU need); NCCL overrides it to sum in device memory
+    /// on the device's stream, allocating nothing.
     ///
     /// # Errors
     /// As [`Collective::all_reduce_sum`]; [`Error::Candle`] when `values` is not f32 or the
     /// device fails.
-    fn all_reduce_sum_tensor(&self, values: &Tensor) -> Result<Tensor> {
+    fn all_reduce_sum_tensor(&self, values: Tensor) -> Result<Tensor> {
         let mut host = values.flatten_all()?.to_vec1::<f32>()?;
         self.all_reduce_sum(&mut host)?;
         Ok(Tensor::from_vec(host, values.shape(), values.device())?)
@@ -616,16 +618,30 @@ pub fn candle_data_parallel_step(
             .find(|&&l| l as usize >= classes)
             .map(|label| format!("label {label} is out of range for {classes} classes"))
     };
-    let (gradients, local, problem) = match problem {
-        Some(p) => (Vec::new(), BatchStats::default(), Some(p)),
-        None => match trainer.gradients(shard_x, shard_labels) {
-            Ok((g, stats)) => (g, stats, None),
-            Err(e) => (Vec::new(), BatchStats::default(), Some(e.to_string())),
-        },
+    // Everything that can fail locally happens before the ranks agree: after it, every
+    // rank is committed to the gradient all-reduce (a rank that skipped it would leave the
+    // others waiting, with NCCL for ever). The flat buffer is one DDP bucket: the weighted
+    // gradients, concatenated in spec order.
+    let share = shard_labels.len() as f64 / global.max(1) as f64;
+    let local = match problem {
+        Some(p) => Err(p),
+        None => (|| -> Result<(Tensor, BatchStats)> {
+            let (gradients, stats) = trainer.gradients(shard_x, shard_labels)?;
+            let flat = gradients
+                .iter()
+                .map(|g| g.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(((Tensor::cat(&flat, 0)? * share)?, stats))
+        })()
+        .map_err(|e| e.to_string()),
+    };
+    let (flat, stats, problem) = match local {
+        Ok((flat, stats)) => (Some(flat), stats, None),
+        Err(p) => (None, BatchStats::default(), Some(p)),
     };
     let mut totals = [
-        local.loss_sum,
-        local.correct as f64,
+        stats.loss_sum,
+        stats.correct as f64,
         shard_labels.len() as f64,
         f64::from(u8::from(problem.is_some())),
     ];
@@ -647,16 +663,10 @@ pub fn candle_data_parallel_step(
             totals[2]
         )));
     }
-    // One flat buffer (one DDP bucket): weighted gradients, concatenated in spec order.
-    let share = shard_labels.len() as f64 / global as f64;
-    let shapes: Vec<candle_core::Shape> = gradients.iter().map(|g| g.shape().clone()).collect();
-    let flat = gradients
-        .iter()
-        .map(|g| g.flatten_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let flat = (Tensor::cat(&flat, 0)? * share)?;
-    let summed = collective.all_reduce_sum_tensor(&flat)?;
+    let flat = flat.ok_or_else(|| Error::Config("internal error: no gradients".into()))?;
+    let summed = collective.all_reduce_sum_tensor(flat)?;
     let mut offset = 0;
+    let shapes = trainer.param_shapes();
     let mut gradients = Vec::with_capacity(shapes.len());
     for shape in shapes {
         let n = shape.elem_count();
@@ -668,6 +678,58 @@ pub fn candle_data_parallel_step(
         loss_sum: totals[0],
         correct: totals[1] as usize,
     })
+}
+
+/// `local` on every rank if it is `Ok` on every rank; otherwise an error on every rank
+/// (this rank's own, or that another failed). One f64 all-reduce: a rank that fails before
+/// a collective says so in this round instead of leaving the others waiting in the next.
+///
+/// # Errors
+/// As above, and as [`Collective::all_reduce_sum_f64`].
+pub fn agree<T>(collective: &dyn Collective, local: Result<T>) -> Result<T> {
+    let mut failed = [f64::from(u8::from(local.is_err()))];
+    collective.all_reduce_sum_f64(&mut failed)?;
+    match local {
+        Err(e) => Err(e),
+        Ok(_) if failed[0] > 0.0 => Err(Error::Config(format!(
+            "rank {}: {} {OTHER_RANK_FAILED} (see their errors)",
+            collective.rank(),
+            failed[0]
+        ))),
+        Ok(value) => Ok(value),
+    }
+}
+
+/// Checks that every rank passed the same `fingerprint` (a description of its settings),
+/// so that ranks started with different command lines fail at once, on every rank, instead
+/// of training different things or calling NCCL with different buffer sizes.
+///
+/// The SHA-256 of `fingerprint` becomes three 20-bit integers `x`; the ranks all-reduce
+/// `x` and `x^2` (exact in f64), and all `x` are equal exactly when
+/// `sum(x)^2 = world * sum(x^2)` (Cauchy-Schwarz), which every rank decides alike.
+///
+/// # Errors
+/// [`Error::Config`] on every rank when the fingerprints differ; as
+/// [`Collective::all_reduce_sum_f64`].
+pub fn check_same_everywhere(collective: &dyn Collective, fingerprint: &str) -> Result<()> {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(fingerprint.as_bytes());
+    let x: Vec<f64> = digest
+        .chunks_exact(3)
+        .take(3)
+        .map(|c| f64::from(u32::from_le_bytes([c[0], c[1], c[2] & 0x0f, 0])))
+        .collect();
+    let mut sums: Vec<f64> = x.iter().copied().chain(x.iter().map(|v| v * v)).collect();
+    collective.all_reduce_sum_f64(&mut sums)?;
+    let world = collective.world_size() as f64;
+    if (0..3).all(|i| sums[i] * sums[i] == world * sums[3 + i]) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "rank {}: the ranks were started with different settings (model, data, seed, batch size, learning rate, epochs, precision or checkpoint); start every rank with the same command line and files",
+            collective.rank()
+        )))
+    }
 }
 
 /// How a rank says the step failed elsewhere (and not why).
@@ -700,7 +762,11 @@ struct Worker {
 /// [`candle_data_parallel_step`]. All ranks hold the same weights after every step.
 pub struct DeviceGroup {
     rank0: CandleTrainer,
-    collective0: Box<dyn Collective>,
+    /// `None` only while dropping.
+    collective0: Option<Box<dyn Collective>>,
+    /// A job reached only some workers: their answers are out of step, so the group
+    /// refuses further work.
+    poisoned: bool,
     world: usize,
     input_len: usize,
     workers: Vec<Worker>,
@@ -748,15 +814,19 @@ impl DeviceGroup {
         let input_len = h * w * c;
         // Rank 0's weights to every rank, each rank in its own thread (a collective needs
         // all ranks at once).
+        // The moments too: a resumed run's ranks then agree on the whole optimizer state.
         fn broadcast(
             trainer: &mut CandleTrainer,
             collective: &dyn Collective,
             adam: &Adam,
         ) -> Result<()> {
-            let mut params = Vec::new();
-            trainer.download(&mut params, &mut adam.clone())?;
+            let (mut params, mut adam) = (Vec::new(), adam.clone());
+            let local = trainer.download(&mut params, &mut adam);
+            agree(collective, local)?;
             broadcast_params(&mut params, 0, collective)?;
-            trainer.upload(&params)
+            broadcast_params(&mut adam.m, 0, collective)?;
+            broadcast_params(&mut adam.v, 0, collective)?;
+            trainer.upload_state(&params, &adam)
         }
         let mut workers = Vec::with_capacity(world - 1);
         for (mut trainer, collective) in trainers.zip(collectives) {
@@ -808,12 +878,16 @@ impl DeviceGroup {
         }
         let mut group = DeviceGroup {
             rank0,
-            collective0,
+            collective0: Some(collective0),
+            poisoned: false,
             world,
             input_len,
             workers,
         };
-        let own = broadcast(&mut group.rank0, group.collective0.as_ref(), adam);
+        let own = match &group.collective0 {
+            Some(c) => broadcast(&mut group.rank0, c.as_ref(), adam),
+            None => Err(Error::Config("internal error: no collective".into())),
+        };
         group.collect(own)?;
         Ok(group)
     }
@@ -876,32 +950,72 @@ impl DeviceGroup {
             seed: 0,
             learning_rate,
         };
+        if x.len() != labels.len() * self.input_len {
+            // Before any rank starts: refused alike on all of them.
+            return Err(Error::Config(format!(
+                "{} values for {} images of {} values",
+                x.len(),
+                labels.len(),
+                self.input_len
+            )));
+        }
+        let collective = self.usable()?;
+        let range = shard_range(labels.len(), self.world, collective.rank());
         if !self.workers.is_empty() {
             let (x_all, labels_all) = (Arc::new(x.to_vec()), Arc::new(labels.to_vec()));
             for (i, worker) in self.workers.iter().enumerate() {
-                worker
-                    .jobs
-                    .send(Job::Step {
-                        x: Arc::clone(&x_all),
-                        labels: Arc::clone(&labels_all),
-                        settings,
-                    })
-                    .map_err(|_| {
-                        Error::Config(format!("rank {} stopped (its thread ended)", i + 1))
-                    })?;
+                let job = Job::Step {
+                    x: Arc::clone(&x_all),
+                    labels: Arc::clone(&labels_all),
+                    settings,
+                };
+                if worker.jobs.send(job).is_err() {
+                    self.poisoned = true;
+                    return Err(Error::Config(format!(
+                        "rank {} stopped (its thread ended)",
+                        i + 1
+                    )));
+                }
             }
         }
-        let range = shard_range(labels.len(), self.world, self.collective0.rank());
+        self.usable()?;
+        let Some(collective) = self.collective0.as_deref() else {
+            return Err(Error::Config("internal error: no collective".into()));
+        };
         let own = candle_data_parallel_step(
             &mut self.rank0,
             adam,
-            x.get(range.start * self.input_len..range.end * self.input_len)
-                .unwrap_or_default(),
+            &x[range.start * self.input_len..range.end * self.input_len],
             &labels[range],
             settings,
-            self.collective0.as_ref(),
+            collective,
         );
         self.collect(own)
+    }
+
+    /// [`agree`] across processes: `local` on every rank if every process's is `Ok`. For the
+    /// steps only some processes run (rank 0 saving a checkpoint), so that a failure there
+    /// stops every rank instead of leaving them waiting in the next collective. A group
+    /// whose ranks are all in this process has nobody to tell: `local` as it is.
+    ///
+    /// # Errors
+    /// As [`agree`].
+    pub fn agree<T>(&self, local: Result<T>) -> Result<T> {
+        match self.collective0.as_deref() {
+            Some(c) if self.workers.is_empty() && c.world_size() > 1 => agree(c, local),
+            _ => local,
+        }
+    }
+
+    /// This process's first rank's collective, unless the group is poisoned.
+    fn usable(&self) -> Result<&dyn Collective> {
+        match (&self.collective0, self.poisoned) {
+            (Some(c), false) => Ok(c.as_ref()),
+            _ => Err(Error::Config(
+                "the data-parallel group is broken (a rank's thread ended); the run cannot go on"
+                    .into(),
+            )),
+        }
     }
 
     /// Copies rank 0's parameters and moments to the host (all ranks hold the same).
@@ -917,12 +1031,16 @@ impl DeviceGroup {
     /// # Errors
     /// As [`CandleTrainer::upload`], on any rank.
     pub fn upload(&mut self, params: &[Vec<f32>]) -> Result<()> {
+        self.usable()?;
         let shared = Arc::new(params.to_vec());
         for (i, worker) in self.workers.iter().enumerate() {
-            worker
-                .jobs
-                .send(Job::Upload(Arc::clone(&shared)))
-                .map_err(|_| Error::Config(format!("rank {} stopped (its thread ended)", i + 1)))?;
+            if worker.jobs.send(Job::Upload(Arc::clone(&shared))).is_err() {
+                self.poisoned = true;
+                return Err(Error::Config(format!(
+                    "rank {} stopped (its thread ended)",
+                    i + 1
+                )));
+            }
         }
         let own = self.rank0.upload(params);
         self.collect(own)
@@ -930,13 +1048,18 @@ impl DeviceGroup {
 }
 
 impl Drop for DeviceGroup {
-    /// Closes the workers' queues and waits for their threads.
+    /// Leaves the group first (so a worker waiting in a collective for this rank gets an
+    /// error instead of waiting out the timeout), then closes the workers' queues and waits
+    /// for their threads; a poisoned group's threads are left to end with the process.
     fn drop(&mut self) {
+        drop(self.collective0.take());
         for worker in &mut self.workers {
             let (closed, _) = std::sync::mpsc::channel();
             drop(std::mem::replace(&mut worker.jobs, closed));
             if let Some(handle) = worker.handle.take() {
-                let _ = handle.join();
+                if !self.poisoned {
+                    let _ = handle.join();
+                }
             }
         }
     }
@@ -1496,6 +1619,61 @@ mod tests {
         assert!(err(Some("2"), Some("-1")).contains("RANK=`-1`"));
         assert!(err(Some("0"), Some("0")).contains("at least one process"));
         assert!(err(Some("2"), Some("2")).contains("RANK=2 is out of range for WORLD_SIZE=2"));
+    }
+
+    /// Equal fingerprints pass; any difference fails on every rank, including the rank
+    /// whose own value is the mean of the others' (which a sum alone would not catch).
+    #[test]
+    fn ranks_with_different_settings_fail_everywhere() {
+        assert!(
+            on_ranks(3, Duration::from_secs(20), |c| check_same_everywhere(
+                c, "same"
+            ))
+            .iter()
+            .all(Result::is_ok)
+        );
+        let results = on_ranks(3, Duration::from_secs(20), |c| {
+            check_same_everywhere(c, &format!("run {}", c.rank() % 2))
+        });
+        assert!(results.iter().all(Result::is_err), "{results:?}");
+        let results = on_ranks(2, Duration::from_secs(20), |c| {
+            check_same_everywhere(c, if c.rank() == 0 { "a" } else { "b" })
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(
+            results.iter().all(|e| e.contains("different settings")),
+            "{results:?}"
+        );
+    }
+
+    /// One rank's failure before a collective becomes an error on every rank.
+    #[test]
+    fn agree_fails_every_rank_when_one_fails() {
+        let results = on_ranks(3, Duration::from_secs(20), |c| {
+            agree(
+                c,
+                if c.rank() == 1 {
+                    Err(Error::Config("disk full".into()))
+                } else {
+                    Ok(c.rank())
+                },
+            )
+            .map_err(|e| e.to_string())
+        });
+        assert_eq!(results[1].as_ref().unwrap_err(), "disk full");
+        assert!(
+            results[0]
+                .as_ref()
+                .unwrap_err()
+                .contains("1 other rank(s) failed"),
+            "{results:?}"
+        );
+        assert!(results[2].is_err());
+        assert_eq!(
+            on_ranks(2, Duration::from_secs(20), |c| agree(c, Ok(7)).unwrap()),
+            vec![7, 7]
+        );
     }
 
     #[test]

@@ -24,8 +24,9 @@ use crate::{Error, Result};
 /// Protocol tag and version, first on every connection.
 const MAGIC: &[u8; 8] = b"MLOPSDP1";
 
-/// Most values in one collective's buffer (a 1 GiB f32 buffer): a length above it is a
-/// corrupt or hostile message, refused before anything is allocated.
+/// Most values in one collective's buffer (1 GiB of f32, 2 GiB of f64): a length above it
+/// is a corrupt or hostile message. Lengths are also checked against the receiver's own
+/// buffer before anything is allocated.
 const MAX_VALUES: u64 = 1 << 28;
 
 /// The connections of one rank.
@@ -95,38 +96,45 @@ fn data_len(data: &Data) -> usize {
     }
 }
 
-/// Reads a buffer, its length checked against [`MAX_VALUES`] before allocating.
-fn read_data(r: &mut impl Read) -> std::io::Result<Data> {
+/// Reads a buffer that should hold `expected` values. A length above [`MAX_VALUES`] is an
+/// I/O error (the stream cannot be trusted further); another length is drained without
+/// allocating and answered `Ok(Err(length))`, so the round fails cleanly on every rank.
+fn read_data(
+    r: &mut impl Read,
+    expected: usize,
+) -> std::io::Result<std::result::Result<Data, u64>> {
     let kind = read_u8(r)?;
     let len = read_u64(r)?;
     let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let width = match kind {
+        0 => 4,
+        1 => 8,
+        k => return Err(bad(format!("unknown buffer type {k}"))),
+    };
     if len > MAX_VALUES {
         return Err(bad(format!(
             "a buffer of {len} values (at most {MAX_VALUES})"
         )));
     }
-    let len = len as usize;
-    match kind {
-        0 => {
-            let mut raw = vec![0u8; len * 4];
-            r.read_exact(&mut raw)?;
-            Ok(Data::F32(
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ))
-        }
-        1 => {
-            let mut raw = vec![0u8; len * 8];
-            r.read_exact(&mut raw)?;
-            Ok(Data::F64(
-                raw.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect(),
-            ))
-        }
-        k => Err(bad(format!("unknown buffer type {k}"))),
+    if len != expected as u64 {
+        std::io::copy(&mut r.take(len * width), &mut std::io::sink())?;
+        return Ok(Err(len));
     }
+    let mut raw = vec![0u8; expected * width as usize];
+    r.read_exact(&mut raw)?;
+    Ok(Ok(if kind == 0 {
+        Data::F32(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    } else {
+        Data::F64(
+            raw.chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        )
+    }))
 }
 
 fn write_op(w: &mut impl Write, op: Op) -> std::io::Result<()> {
@@ -191,9 +199,11 @@ impl TcpGroup {
     ) -> Result<TcpGroup> {
         let deadline = Instant::now() + join_timeout;
         let links = if rank == 0 {
-            let listener = TcpListener::bind((addr, port)).map_err(|e| {
+            // Every interface, as torch's TCPStore does: MASTER_ADDR is how the others reach
+            // this host, which may resolve to loopback here (127.0.1.1 in /etc/hosts).
+            let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
                 Error::Config(format!(
-                    "rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {addr}:{port} ({e}); set MASTER_ADDR to this host's address and MASTER_PORT to a free port"
+                    "rank 0 cannot listen on port MASTER_PORT={port} ({e}); choose a free port (MASTER_ADDR={addr})"
                 ))
             })?;
             listener
@@ -203,7 +213,11 @@ impl TcpGroup {
             while slots.iter().any(Option::is_none) {
                 match listener.accept() {
                     Ok((mut stream, from)) => {
-                        prepare(&stream, timeout).map_err(|e| io_error("accept", e))?;
+                        // A connection that says nothing must not hold up the join.
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let greeting =
+                            left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+                        prepare(&stream, greeting).map_err(|e| io_error("accept", e))?;
                         let mut magic = [0u8; 8];
                         let hello = stream
                             .read_exact(&mut magic)
@@ -227,6 +241,7 @@ impl TcpGroup {
                         let _ = stream.write_all(MAGIC);
                         match problem {
                             None => {
+                                prepare(&stream, timeout).map_err(|e| io_error("accept", e))?;
                                 let _ = stream.write_all(&[0]);
                                 let r = hello.map(|(r, _)| r as usize).unwrap_or(1);
                                 slots[r - 1] = Some(stream);
@@ -274,7 +289,11 @@ impl TcpGroup {
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             };
-            prepare(&stream, timeout).map_err(|e| io_error("connect", e))?;
+            // Rank 0 greets connections one at a time: wait for its answer until the join's
+            // deadline, then use the collectives' timeout.
+            let left = deadline.saturating_duration_since(Instant::now());
+            prepare(&stream, left.max(Duration::from_secs(1)))
+                .map_err(|e| io_error("connect", e))?;
             let answer = (|| {
                 stream.write_all(MAGIC)?;
                 write_u32(&mut stream, rank as u32)?;
@@ -293,6 +312,7 @@ impl TcpGroup {
                     "rank 0 refused rank {rank}: {problem}"
                 )));
             }
+            prepare(&stream, timeout).map_err(|e| io_error("connect", e))?;
             Links::Peer(stream)
         };
         Ok(TcpGroup {
@@ -328,11 +348,17 @@ impl TcpGroup {
         }
         let result = match links {
             Links::Root(peers) => {
+                let expected = data_len(&data);
                 let mut slots = vec![(op, data)];
+                let mut lengths = vec![expected as u64];
                 let mut failure = None;
                 for (i, peer) in peers.iter_mut().enumerate() {
-                    match read_op(peer).and_then(|op| Ok((op, read_data(peer)?))) {
-                        Ok(slot) => slots.push(slot),
+                    match read_op(peer).and_then(|op| Ok((op, read_data(peer, expected)?))) {
+                        Ok((op, Ok(data))) => {
+                            lengths.push(expected as u64);
+                            slots.push((op, data));
+                        }
+                        Ok((_, Err(len))) => lengths.push(len),
                         Err(e) => {
                             failure = Some(format!("rank {} is gone ({e})", i + 1));
                             break;
@@ -340,13 +366,25 @@ impl TcpGroup {
                     }
                 }
                 if let Some(why) = failure {
-                    for peer in peers.iter() {
+                    // Tell the ranks still there why, then close: none of them waits.
+                    for peer in peers.iter_mut() {
+                        let _ = peer
+                            .write_all(&[1])
+                            .and_then(|()| write_message(peer, &why));
                         let _ = peer.shutdown(std::net::Shutdown::Both);
                     }
                     *broken = Some(why.clone());
                     return Err(self.error(op, &why));
                 }
-                let result = combine(slots);
+                let result = if lengths.iter().any(|&l| l != expected as u64) {
+                    let lengths: Vec<String> = lengths.iter().map(u64::to_string).collect();
+                    Err(format!(
+                        "the ranks' buffers differ in length ({} values, in rank order)",
+                        lengths.join(", ")
+                    ))
+                } else {
+                    combine(slots)
+                };
                 for (i, peer) in peers.iter_mut().enumerate() {
                     let sent = match &result {
                         Ok(data) => peer.write_all(&[0]).and_then(|()| write_data(peer, data)),
@@ -367,7 +405,9 @@ impl TcpGroup {
                     write_data(&mut request, &data)?;
                     stream.write_all(&request)?;
                     match read_u8(stream)? {
-                        0 => Ok(Ok(read_data(stream)?)),
+                        0 => Ok(read_data(stream, data_len(&data))?.map_err(|len| {
+                            format!("rank 0 answered {len} values for {}", data_len(&data))
+                        })),
                         _ => Ok(Err(read_message(stream)?)),
                     }
                 })();
@@ -537,6 +577,68 @@ mod tests {
         assert!(err.contains("rank 1 is gone"), "{err}");
         let again = ranks[0].all_reduce_sum(&mut [1.0]).unwrap_err().to_string();
         assert!(again.contains("rank 1 is gone"), "{again}");
+    }
+
+    /// When rank 2 of 3 is gone, rank 1 (waiting for rank 0's answer) learns that rank 2
+    /// is gone, not that rank 0 is.
+    #[test]
+    fn the_remaining_ranks_learn_which_rank_is_gone() {
+        let mut ranks = group(3);
+        drop(ranks.pop());
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|g| s.spawn(move || g.all_reduce_sum(&mut [1.0]).unwrap_err().to_string()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            errors.iter().all(|e| e.contains("rank 2 is gone")),
+            "{errors:?}"
+        );
+    }
+
+    /// A connection that never greets does not hold up the ranks that do.
+    #[test]
+    fn a_silent_connection_does_not_block_the_join() {
+        let port = free_port();
+        let started = Instant::now();
+        let ranks: Vec<_> = std::thread::scope(|s| {
+            let root = s.spawn(move || {
+                TcpGroup::join(
+                    0,
+                    2,
+                    ("127.0.0.1", port),
+                    Duration::from_secs(30),
+                    Duration::from_secs(5),
+                )
+            });
+            // A port probe that connects and says nothing, before the real rank.
+            let probe = loop {
+                if let Ok(c) = TcpStream::connect(("127.0.0.1", port)) {
+                    break c;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            let peer = s.spawn(move || {
+                TcpGroup::join(
+                    1,
+                    2,
+                    ("127.0.0.1", port),
+                    Duration::from_secs(30),
+                    Duration::from_secs(5),
+                )
+            });
+            let ranks = vec![root.join().unwrap().unwrap(), peer.join().unwrap().unwrap()];
+            drop(probe);
+            ranks
+        });
+        assert_eq!(ranks.len(), 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A rank announcing another world size is refused on both sides, naming the setting.

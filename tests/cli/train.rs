@@ -473,6 +473,45 @@ fn two_processes_train_like_two_in_process_ranks() {
         );
     }
 
+    // Ranks started with different settings (here the seed) fail at once, both.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let spawn_seed = |rank: &str, seed: &str| {
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"));
+        cmd.current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .env("MLOPS_NO_PROGRESS", "1")
+            .envs([
+                ("WORLD_SIZE", "2"),
+                ("RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+            ])
+            .args(args("mismatch"))
+            .args(["--engine", "candle", "--seed", seed])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (b, a) = (spawn_seed("1", "1"), spawn_seed("0", "2"));
+    for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        assert_user_error(&out, "different settings");
+    }
+    assert!(!dir.path().join("mismatch/model.safetensors").exists());
+
+    // `--devices` in a process that is one rank of several is refused.
+    let both = mlops(dir.path())
+        .envs([("WORLD_SIZE", "2"), ("RANK", "0")])
+        .args(args("both"))
+        .args(["--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert_user_error(&both, "not `--devices`");
+
     // A process that cannot find rank 0's address fails with what to set.
     let lone = mlops(dir.path())
         .envs([("WORLD_SIZE", "2"), ("RANK", "1")])
