@@ -533,6 +533,68 @@ fn unreadable(e: serde_json::Error) -> BadRequest {
     }
 }
 
+/// [`Record`](super::scan::Record) into one image's values and nesting, as [`FlattenInto`]
+/// records them.
+struct Flatten<'a> {
+    values: &'a mut Vec<f32>,
+    nesting: Nesting,
+}
+
+impl super::scan::Record for Flatten<'_> {
+    #[inline]
+    fn number(&mut self, depth: usize, value: f32) {
+        self.nesting.number(depth);
+        self.values.push(value);
+    }
+
+    fn list(&mut self, depth: usize, len: usize) {
+        self.nesting.list(depth, len);
+    }
+}
+
+/// The fast path of [`parse_tf_serving`] ([`super::scan`]): exactly
+/// `{"instances": [IMAGE, ...]}` or `{"inputs": [IMAGE, ...]}` with images of plain
+/// numbers, read to what the serde path reads; `None` for any other body (serde reads it,
+/// and says what is wrong).
+fn scan_tf_serving(body: &[u8]) -> Option<(&'static str, Instances)> {
+    let mut s = super::scan::Scanner::new(body);
+    s.expect(b'{')?;
+    let field = match s.key()? {
+        b"instances" => "instances",
+        b"inputs" => "inputs",
+        _ => return None,
+    };
+    s.expect(b':')?;
+    if !s.at_list() {
+        return None;
+    }
+    s.expect(b'[')?;
+    let mut out = Instances::default();
+    if !s.eat(b']') {
+        loop {
+            if out.counts.len() == MAX_IMAGES_PER_REQUEST {
+                return None;
+            }
+            let mut image = Flatten {
+                values: &mut out.values,
+                nesting: Nesting::default(),
+            };
+            let before = image.values.len();
+            s.value(0, &mut image)?;
+            let count = image.values.len() - before;
+            out.nestings.push(image.nesting);
+            out.counts.push(count);
+            if s.eat(b',') {
+                continue;
+            }
+            s.expect(b']')?;
+            break;
+        }
+    }
+    s.expect(b'}')?;
+    s.at_end().then_some((field, out))
+}
+
 /// A parsed TF Serving request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TfServingRequest {
@@ -594,8 +656,13 @@ fn check_image(
 /// `h * w * c`, or nested exactly `[h, w, c]`), or a value lies more than
 /// [`INPUT_RANGE_SLACK`] range widths outside the model's input range.
 pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequest, BadRequest> {
-    let TfRequest { found, signature } =
-        from_slice_seed(body, TfRequestSeed(&shape.input)).map_err(unreadable)?;
+    let TfRequest { found, signature } = match scan_tf_serving(body) {
+        Some(found) => TfRequest {
+            found: Some(found),
+            signature: None,
+        },
+        None => from_slice_seed(body, TfRequestSeed(&shape.input)).map_err(unreadable)?,
+    };
     if let Some(name) = signature {
         if !name.is_empty() && name != SIGNATURE_NAME {
             return Err(bad(format!(
@@ -1047,7 +1114,7 @@ pub fn parse_v2(json: &[u8], binary: &[u8], shape: &ModelShape) -> Result<V2Requ
         (None, Some(Flat(values, nesting))) => {
             if !binary.is_empty() {
                 return Err(bad(format!(
-                    "the body has {} bytes after its JSON part but no input names them                      (`parameters.binary_data_size`)",
+                    "the body has {} bytes after its JSON part but no input names them (`parameters.binary_data_size`)",
                     binary.len()
                 )));
             }
@@ -1063,12 +1130,12 @@ pub fn parse_v2(json: &[u8], binary: &[u8], shape: &ModelShape) -> Result<V2Requ
                 Ok(nested) if nested.len() == 1 || nested == dims => {}
                 Ok(nested) => {
                     return Err(bad(format!(
-                        "`inputs[0].data` is nested as {nested:?} but `shape` is {dims:?}; send it                          flat (row-major) or nested exactly as `shape`"
+                        "`inputs[0].data` is nested as {nested:?} but `shape` is {dims:?}; send it flat (row-major) or nested exactly as `shape`"
                     )))
                 }
                 Err(why) => {
                     return Err(bad(format!(
-                        "`inputs[0].data` is ragged ({why}); send it flat (row-major) or nested                          exactly as `shape` {dims:?}"
+                        "`inputs[0].data` is ragged ({why}); send it flat (row-major) or nested exactly as `shape` {dims:?}"
                     )))
                 }
             }
@@ -1076,7 +1143,7 @@ pub fn parse_v2(json: &[u8], binary: &[u8], shape: &ModelShape) -> Result<V2Requ
         }
         (None, None) => {
             return Err(bad(
-                "`inputs[0].data` is missing: send the tensor's values as a JSON list, or as                  binary data (`parameters.binary_data_size` and `Inference-Header-Content-Length`)",
+                "`inputs[0].data` is missing: send the tensor's values as a JSON list, or as binary data (`parameters.binary_data_size` and `Inference-Header-Content-Length`)",
             ))
         }
     };
@@ -1167,7 +1234,7 @@ fn binary_values(
     }
     if binary.len() != expected {
         return Err(bad(format!(
-            "the body has {} bytes after its JSON part (`Inference-Header-Content-Length`);              `binary_data_size` says {expected}",
+            "the body has {} bytes after its JSON part (`Inference-Header-Content-Length`); `binary_data_size` says {expected}",
             binary.len()
         )));
     }
@@ -1263,6 +1330,59 @@ mod tests {
         ModelShape {
             input: InputSpec::unit_scaled([2, 2, 1]),
             labels: vec!["a".into(), "b".into(), "c".into()],
+        }
+    }
+
+    /// The scanner's fast path reads every body it takes exactly as the serde path does
+    /// (values bit for bit, counts, nesting records and their first irregularity), and
+    /// leaves to serde what it does not take; parse_tf_serving's answers (and errors) are
+    /// the same either way.
+    #[test]
+    fn the_fast_path_reads_bodies_as_serde_does() {
+        let taken = [
+            r#"{"instances": [[[[0.0], [0.5]], [[1], [0.25]]]]}"#,
+            r#" { "instances" : [ [0, 0.1234, -0, 255] , [1,2,3,4] ] } "#,
+            r#"{"inputs": [[0.1, 0.2, 0.3, 0.4]]}"#,
+            r#"{"instances": [[[0.1], [0.2, 0.3]], [[1]]]}"#,
+            r#"{"instances": [[[[0.1]], [0.2]], 7, []]}"#,
+            r#"{"instances": []}"#,
+            r#"{"instances": [[0.300000000000004, 123456789012.345, 16777217, -17]]}"#,
+            r#"{"instances": [[1e-3, 0.30000000000000004, 0.5019607843137255, 2E+2]]}"#,
+        ];
+        let fallback = [
+            r#"{"instances": [[0.1, 0.2, 0.3, 0.4]], "signature_name": "serving_default"}"#,
+            r#"{"signature_name": "x", "instances": [[0.1, 0.2, 0.3, 0.4]]}"#,
+            r#"{"instances": [{"input": [0.1, 0.2, 0.3, 0.4]}]}"#,
+            r#"{"inputs": {"input": [[0.1, 0.2, 0.3, 0.4]]}}"#,
+            r#"{"instances": [[0.1, 0.2, 0.3, 0.4]]} x"#,
+            r#"{"instances": [[0.1, 0.2, 0.3, 0.4],]}"#,
+            r#"{"instances": [[01, 0.2, 0.3, 0.4]]}"#,
+            r#"{"instan\u0063es": [[0.1, 0.2, 0.3, 0.4]]}"#,
+            r#"{"instances": [[1e999, 0.2, 0.3, 0.4]]}"#,
+        ];
+        for body in taken {
+            let (field, fast) =
+                scan_tf_serving(body.as_bytes()).unwrap_or_else(|| panic!("not taken: {body}"));
+            let slow = from_slice_seed(body.as_bytes(), TfRequestSeed(&shape().input))
+                .unwrap()
+                .found
+                .unwrap();
+            assert_eq!(field, slow.0, "{body}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast.values), bits(&slow.1.values), "{body}");
+            assert_eq!(fast.counts, slow.1.counts, "{body}");
+            assert_eq!(fast.nestings, slow.1.nestings, "{body}");
+        }
+        for body in fallback {
+            assert!(scan_tf_serving(body.as_bytes()).is_none(), "taken: {body}");
+        }
+        for body in taken.iter().chain(&fallback) {
+            let result = parse_tf_serving(body.as_bytes(), &shape());
+            let serde_only = from_slice_seed(body.as_bytes(), TfRequestSeed(&shape().input));
+            // Bodies serde cannot read are errors on both paths.
+            if serde_only.is_err() {
+                assert!(result.is_err(), "{body}");
+            }
         }
     }
 
@@ -1529,6 +1649,34 @@ mod tests {
             .collect();
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-6);
         assert!(probs[1] > probs[2] && probs[2] > probs[0]);
+    }
+
+    /// v2 errors are one readable sentence (they had runs of spaces from line breaks
+    /// inside the string literals).
+    #[test]
+    fn v2_errors_have_no_runs_of_spaces() {
+        let bodies = [
+            json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32"}]}),
+            json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                "data": [[0.1, 0.2], [0.3], [0.4]]}]}),
+            json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                "data": [[0.1, 0.2], [0.3, 0.4]]}]}),
+        ];
+        for body in bodies {
+            let err = parse_v2(body.to_string().as_bytes(), &[], &shape())
+                .unwrap_err()
+                .0;
+            assert!(!err.contains("  "), "{err}");
+        }
+        let flat = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "data": [0.1, 0.2, 0.3, 0.4]}]});
+        let err = parse_v2(flat.to_string().as_bytes(), b"xx", &shape())
+            .unwrap_err()
+            .0;
+        assert!(
+            err.contains("no input names them") && !err.contains("  "),
+            "{err}"
+        );
     }
 
     #[test]
