@@ -986,9 +986,31 @@ pub struct V2Request {
 struct Flat(Vec<f32>, Nesting);
 
 impl<'de> Deserialize<'de> for Flat {
+    /// The value's bytes are taken raw and read by the scanner ([`super::scan`]) when they
+    /// are plain numbers in lists (what clients send), else by [`FlattenInto`]: the same
+    /// values and nesting either way (tested).
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <&serde_json::value::RawValue>::deserialize(d)?;
+        let mut values = Vec::new();
+        let mut flat = Flatten {
+            values: &mut values,
+            nesting: Nesting::default(),
+        };
+        let mut scanner = super::scan::Scanner::new(raw.get().as_bytes());
+        if scanner.value(0, &mut flat).is_some() && scanner.at_end() {
+            let nesting = flat.nesting;
+            return Ok(Flat(values, nesting));
+        }
         let (mut values, mut nesting) = (Vec::new(), Nesting::default());
-        FlattenInto::new(&mut values, &mut nesting).deserialize(d)?;
+        let mut inner = serde_json::Deserializer::from_str(raw.get());
+        FlattenInto::new(&mut values, &mut nesting)
+            .deserialize(&mut inner)
+            .map_err(|e| {
+                // Its position is within `data`, not the body: say the message alone.
+                let text = e.to_string();
+                let message = text.split(" at line ").next().unwrap_or(&text);
+                de::Error::custom(format!("`data`: {message}"))
+            })?;
         Ok(Flat(values, nesting))
     }
 }
@@ -1649,6 +1671,39 @@ mod tests {
             .collect();
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-6);
         assert!(probs[1] > probs[2] && probs[2] > probs[0]);
+    }
+
+    /// v2 `data` read by the scanner equals what FlattenInto reads, and data the scanner
+    /// leaves to serde still reads (or fails) as before, its error naming `data` without a
+    /// position inside it.
+    #[test]
+    fn v2_data_reads_the_same_on_both_paths() {
+        for data in [
+            "[0.1, 0.2, 0.3, 0.4]",
+            "[[0.1, 0.2], [0.3, 0.4]]",
+            "[[[[0.5019607843137255]], [[1e-3]]], [[[0]], [[-0]]]]",
+            "[1000000000000000000, 2, 3, 4]",
+            "[[1, 2], [3]]",
+        ] {
+            let fast: Flat = serde_json::from_str(data).unwrap();
+            let (mut values, mut nesting) = (Vec::new(), Nesting::default());
+            FlattenInto::new(&mut values, &mut nesting)
+                .deserialize(&mut serde_json::Deserializer::from_str(data))
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast.0), bits(&values), "{data}");
+            assert_eq!(fast.1, nesting, "{data}");
+        }
+        let body = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+            "data": [0.1, "x", 0.3, 0.4]}]});
+        let err = parse_v2(body.to_string().as_bytes(), &[], &shape())
+            .unwrap_err()
+            .0;
+        // One position: the body's (serde's own), not one inside `data` as well.
+        assert!(
+            err.contains("`data`: invalid type: string") && err.matches(" at line ").count() == 1,
+            "{err}"
+        );
     }
 
     /// v2 errors are one readable sentence (they had runs of spaces from line breaks
