@@ -128,8 +128,9 @@ fn int8_gemm(c: &mut Criterion) {
 }
 
 /// `mlops serve`'s request parsing, the largest share of its CPU time after HTTP itself:
-/// one TF Serving and one KServe v2 body of 64 images (in bytes per second of body), and
-/// the v2 binary tensor extension's FP32 body of the same images (JSON header + raw bytes).
+/// TF Serving and KServe v2 (FP32 and UINT8) bodies of 64 images (in bytes per second of
+/// body), one image as a Python client writes it, and the v2 binary tensor extension's
+/// FP32 body of the 64 images (JSON header + raw bytes).
 fn serve_parse(c: &mut Criterion) {
     use mlops::serve::protocol::{parse_tf_serving, parse_v2, ModelShape};
     let spec = ModelSpec::reference_cnn();
@@ -149,6 +150,24 @@ fn serve_parse(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(tf.len() as u64));
     group.bench_function("tf_serving_fp32", |b| {
         b.iter(|| parse_tf_serving(black_box(tf.as_bytes()), &shape).unwrap())
+    });
+    // What Python clients send: one image nested 28x28x1, `pixels / 255.0` written in full
+    // double precision (16-17 digits), as `numpy.tolist()` and `json.dumps` do.
+    let nested: Vec<Vec<Vec<f64>>> = pixels[..plan.input_len]
+        .chunks_exact(28)
+        .map(|row| row.iter().map(|&p| vec![p as f64 / 255.0]).collect())
+        .collect();
+    let client = serde_json::json!({ "instances": [nested] }).to_string();
+    group.throughput(Throughput::Bytes(client.len() as u64));
+    group.bench_function("tf_serving_client_image", |b| {
+        b.iter(|| parse_tf_serving(black_box(client.as_bytes()), &shape).unwrap())
+    });
+    let v2_fp32 = serde_json::json!({"inputs": [{"name": "input", "shape": [BATCH, 28, 28, 1],
+        "datatype": "FP32", "data": x}]})
+    .to_string();
+    group.throughput(Throughput::Bytes(v2_fp32.len() as u64));
+    group.bench_function("v2_fp32", |b| {
+        b.iter(|| parse_v2(black_box(v2_fp32.as_bytes()), &[], &shape).unwrap())
     });
     group.throughput(Throughput::Bytes(v2.len() as u64));
     group.bench_function("v2_uint8", |b| {

@@ -24,7 +24,6 @@ pub mod protocol;
 mod registry;
 pub mod remote;
 pub mod repository;
-mod scan;
 pub mod signing;
 
 pub use loader::RepositoryConfig;

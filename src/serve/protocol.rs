@@ -533,68 +533,6 @@ fn unreadable(e: serde_json::Error) -> BadRequest {
     }
 }
 
-/// [`Record`](super::scan::Record) into one image's values and nesting, as [`FlattenInto`]
-/// records them.
-struct Flatten<'a> {
-    values: &'a mut Vec<f32>,
-    nesting: Nesting,
-}
-
-impl super::scan::Record for Flatten<'_> {
-    #[inline]
-    fn number(&mut self, depth: usize, value: f32) {
-        self.nesting.number(depth);
-        self.values.push(value);
-    }
-
-    fn list(&mut self, depth: usize, len: usize) {
-        self.nesting.list(depth, len);
-    }
-}
-
-/// The fast path of [`parse_tf_serving`] ([`super::scan`]): exactly
-/// `{"instances": [IMAGE, ...]}` or `{"inputs": [IMAGE, ...]}` with images of plain
-/// numbers, read to what the serde path reads; `None` for any other body (serde reads it,
-/// and says what is wrong).
-fn scan_tf_serving(body: &[u8]) -> Option<(&'static str, Instances)> {
-    let mut s = super::scan::Scanner::new(body);
-    s.expect(b'{')?;
-    let field = match s.key()? {
-        b"instances" => "instances",
-        b"inputs" => "inputs",
-        _ => return None,
-    };
-    s.expect(b':')?;
-    if !s.at_list() {
-        return None;
-    }
-    s.expect(b'[')?;
-    let mut out = Instances::default();
-    if !s.eat(b']') {
-        loop {
-            if out.counts.len() == MAX_IMAGES_PER_REQUEST {
-                return None;
-            }
-            let mut image = Flatten {
-                values: &mut out.values,
-                nesting: Nesting::default(),
-            };
-            let before = image.values.len();
-            s.value(0, &mut image)?;
-            let count = image.values.len() - before;
-            out.nestings.push(image.nesting);
-            out.counts.push(count);
-            if s.eat(b',') {
-                continue;
-            }
-            s.expect(b']')?;
-            break;
-        }
-    }
-    s.expect(b'}')?;
-    s.at_end().then_some((field, out))
-}
-
 /// A parsed TF Serving request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TfServingRequest {
@@ -656,13 +594,8 @@ fn check_image(
 /// `h * w * c`, or nested exactly `[h, w, c]`), or a value lies more than
 /// [`INPUT_RANGE_SLACK`] range widths outside the model's input range.
 pub fn parse_tf_serving(body: &[u8], shape: &ModelShape) -> Result<TfServingRequest, BadRequest> {
-    let TfRequest { found, signature } = match scan_tf_serving(body) {
-        Some(found) => TfRequest {
-            found: Some(found),
-            signature: None,
-        },
-        None => from_slice_seed(body, TfRequestSeed(&shape.input)).map_err(unreadable)?,
-    };
+    let TfRequest { found, signature } =
+        from_slice_seed(body, TfRequestSeed(&shape.input)).map_err(unreadable)?;
     if let Some(name) = signature {
         if !name.is_empty() && name != SIGNATURE_NAME {
             return Err(bad(format!(
@@ -986,31 +919,9 @@ pub struct V2Request {
 struct Flat(Vec<f32>, Nesting);
 
 impl<'de> Deserialize<'de> for Flat {
-    /// The value's bytes are taken raw and read by the scanner ([`super::scan`]) when they
-    /// are plain numbers in lists (what clients send), else by [`FlattenInto`]: the same
-    /// values and nesting either way (tested).
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = <&serde_json::value::RawValue>::deserialize(d)?;
-        let mut values = Vec::new();
-        let mut flat = Flatten {
-            values: &mut values,
-            nesting: Nesting::default(),
-        };
-        let mut scanner = super::scan::Scanner::new(raw.get().as_bytes());
-        if scanner.value(0, &mut flat).is_some() && scanner.at_end() {
-            let nesting = flat.nesting;
-            return Ok(Flat(values, nesting));
-        }
         let (mut values, mut nesting) = (Vec::new(), Nesting::default());
-        let mut inner = serde_json::Deserializer::from_str(raw.get());
-        FlattenInto::new(&mut values, &mut nesting)
-            .deserialize(&mut inner)
-            .map_err(|e| {
-                // Its position is within `data`, not the body: say the message alone.
-                let text = e.to_string();
-                let message = text.split(" at line ").next().unwrap_or(&text);
-                de::Error::custom(format!("`data`: {message}"))
-            })?;
+        FlattenInto::new(&mut values, &mut nesting).deserialize(d)?;
         Ok(Flat(values, nesting))
     }
 }
@@ -1355,59 +1266,6 @@ mod tests {
         }
     }
 
-    /// The scanner's fast path reads every body it takes exactly as the serde path does
-    /// (values bit for bit, counts, nesting records and their first irregularity), and
-    /// leaves to serde what it does not take; parse_tf_serving's answers (and errors) are
-    /// the same either way.
-    #[test]
-    fn the_fast_path_reads_bodies_as_serde_does() {
-        let taken = [
-            r#"{"instances": [[[[0.0], [0.5]], [[1], [0.25]]]]}"#,
-            r#" { "instances" : [ [0, 0.1234, -0, 255] , [1,2,3,4] ] } "#,
-            r#"{"inputs": [[0.1, 0.2, 0.3, 0.4]]}"#,
-            r#"{"instances": [[[0.1], [0.2, 0.3]], [[1]]]}"#,
-            r#"{"instances": [[[[0.1]], [0.2]], 7, []]}"#,
-            r#"{"instances": []}"#,
-            r#"{"instances": [[0.300000000000004, 123456789012.345, 16777217, -17]]}"#,
-            r#"{"instances": [[1e-3, 0.30000000000000004, 0.5019607843137255, 2E+2]]}"#,
-        ];
-        let fallback = [
-            r#"{"instances": [[0.1, 0.2, 0.3, 0.4]], "signature_name": "serving_default"}"#,
-            r#"{"signature_name": "x", "instances": [[0.1, 0.2, 0.3, 0.4]]}"#,
-            r#"{"instances": [{"input": [0.1, 0.2, 0.3, 0.4]}]}"#,
-            r#"{"inputs": {"input": [[0.1, 0.2, 0.3, 0.4]]}}"#,
-            r#"{"instances": [[0.1, 0.2, 0.3, 0.4]]} x"#,
-            r#"{"instances": [[0.1, 0.2, 0.3, 0.4],]}"#,
-            r#"{"instances": [[01, 0.2, 0.3, 0.4]]}"#,
-            r#"{"instan\u0063es": [[0.1, 0.2, 0.3, 0.4]]}"#,
-            r#"{"instances": [[1e999, 0.2, 0.3, 0.4]]}"#,
-        ];
-        for body in taken {
-            let (field, fast) =
-                scan_tf_serving(body.as_bytes()).unwrap_or_else(|| panic!("not taken: {body}"));
-            let slow = from_slice_seed(body.as_bytes(), TfRequestSeed(&shape().input))
-                .unwrap()
-                .found
-                .unwrap();
-            assert_eq!(field, slow.0, "{body}");
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fast.values), bits(&slow.1.values), "{body}");
-            assert_eq!(fast.counts, slow.1.counts, "{body}");
-            assert_eq!(fast.nestings, slow.1.nestings, "{body}");
-        }
-        for body in fallback {
-            assert!(scan_tf_serving(body.as_bytes()).is_none(), "taken: {body}");
-        }
-        for body in taken.iter().chain(&fallback) {
-            let result = parse_tf_serving(body.as_bytes(), &shape());
-            let serde_only = from_slice_seed(body.as_bytes(), TfRequestSeed(&shape().input));
-            // Bodies serde cannot read are errors on both paths.
-            if serde_only.is_err() {
-                assert!(result.is_err(), "{body}");
-            }
-        }
-    }
-
     #[test]
     fn tf_serving_takes_nested_or_flat_images_and_names_bad_ones() {
         let body = json!({"instances": [[[[0.0], [1.0]], [[0.5], [0.25]]], [1, 2, 3, 4]]});
@@ -1671,39 +1529,6 @@ mod tests {
             .collect();
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-6);
         assert!(probs[1] > probs[2] && probs[2] > probs[0]);
-    }
-
-    /// v2 `data` read by the scanner equals what FlattenInto reads, and data the scanner
-    /// leaves to serde still reads (or fails) as before, its error naming `data` without a
-    /// position inside it.
-    #[test]
-    fn v2_data_reads_the_same_on_both_paths() {
-        for data in [
-            "[0.1, 0.2, 0.3, 0.4]",
-            "[[0.1, 0.2], [0.3, 0.4]]",
-            "[[[[0.5019607843137255]], [[1e-3]]], [[[0]], [[-0]]]]",
-            "[1000000000000000000, 2, 3, 4]",
-            "[[1, 2], [3]]",
-        ] {
-            let fast: Flat = serde_json::from_str(data).unwrap();
-            let (mut values, mut nesting) = (Vec::new(), Nesting::default());
-            FlattenInto::new(&mut values, &mut nesting)
-                .deserialize(&mut serde_json::Deserializer::from_str(data))
-                .unwrap();
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fast.0), bits(&values), "{data}");
-            assert_eq!(fast.1, nesting, "{data}");
-        }
-        let body = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
-            "data": [0.1, "x", 0.3, 0.4]}]});
-        let err = parse_v2(body.to_string().as_bytes(), &[], &shape())
-            .unwrap_err()
-            .0;
-        // One position: the body's (serde's own), not one inside `data` as well.
-        assert!(
-            err.contains("`data`: invalid type: string") && err.matches(" at line ").count() == 1,
-            "{err}"
-        );
     }
 
     /// v2 errors are one readable sentence (they had runs of spaces from line breaks
