@@ -245,9 +245,16 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
         args.data.display(),
         data.test.count,
         args.batch_size,
-        match config.engine.device_names() {
-            [] => format!("{} thread(s)", ctx.threads),
-            names => format!("{} ranks ({})", names.len(), names.join(", ")),
+        match (config.engine.device_names(), config.engine.world_size()) {
+            ([], _) => format!("{} thread(s)", ctx.threads),
+            (names, world) if names.len() == world => {
+                format!("{world} rank(s) ({})", names.join(", "))
+            }
+            (names, world) => format!(
+                "rank {} of {world} processes ({})",
+                config.engine.rank(),
+                names.join(", ")
+            ),
         }
     ));
     let data_name = args.data.display().to_string();

@@ -444,10 +444,10 @@ fn two_processes_train_like_two_in_process_ranks() {
     assert_success(&out0);
     assert_success(&out1);
     assert!(out1.stdout.is_empty(), "rank 1 printed a report");
+    let said = String::from_utf8_lossy(&out1.stderr);
     assert!(
-        String::from_utf8_lossy(&out1.stderr).contains("rank 1 of 2"),
-        "{}",
-        String::from_utf8_lossy(&out1.stderr)
+        said.contains("rank 1 of 2 processes (cpu)") && said.contains("rank 1 of 2: test accuracy"),
+        "{said}"
     );
     let procs = json_of(&out0);
     assert_eq!(procs["metrics"]["world_size"], 2, "{procs}");
