@@ -153,6 +153,14 @@ fn write_html(report_path: &Path, ctx: &Context) -> anyhow::Result<()> {
 }
 
 pub(crate) fn run(args: &PipelineArgs, ctx: &Context) -> anyhow::Result<Outcome> {
+    // Under torchrun every process would run every step, and ranks other than 0 write no
+    // model for the later steps to read.
+    if let Some(world) = mlops::train::parallel::world_from_env()?.filter(|w| w.world_size > 1) {
+        bail!(
+            "WORLD_SIZE={} asks for a multi-process run, but a pipeline runs in one process: start its training on its own under torchrun (`mlops train ... --out DIR`), then the other steps once",
+            world.world_size
+        );
+    }
     let (text, source) = match &args.config {
         Some(path) => (
             std::fs::read_to_string(path)

@@ -76,3 +76,17 @@ fn default_pipeline_parses_and_starts() {
     );
     assert_user_error(&output, "fixtures/mnist");
 }
+
+/// Under torchrun's `WORLD_SIZE` a pipeline is refused before it does anything, saying
+/// to run its training under torchrun on its own (every process would run every step).
+#[test]
+fn pipeline_refuses_to_run_as_one_rank_of_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mlops(dir.path())
+        .envs([("WORLD_SIZE", "2"), ("RANK", "0")])
+        .args(["pipeline", "--out", "p"])
+        .output()
+        .unwrap();
+    assert_user_error(&output, "a pipeline runs in one process");
+    assert!(!dir.path().join("p/report.json").exists());
+}
