@@ -127,7 +127,15 @@ pub(super) enum Op {
 }
 
 impl Op {
-    pub(super) fn name(self) -> String {
+    /// This collective's failure on `rank`, for every implementation alike.
+    pub(super) fn error(self, rank: usize, problem: &str) -> Error {
+        Error::Config(format!(
+            "collective {} on rank {rank}: {problem}",
+            self.name()
+        ))
+    }
+
+    fn name(self) -> String {
         match self {
             Op::SumF32 => "all_reduce_sum (f32)".into(),
             Op::SumF64 => "all_reduce_sum (f64)".into(),
@@ -227,11 +235,7 @@ impl InProcess {
     }
 
     fn error(&self, op: Op, problem: &str) -> Error {
-        Error::Config(format!(
-            "collective {} on rank {}: {problem}",
-            op.name(),
-            self.rank
-        ))
+        op.error(self.rank, problem)
     }
 
     /// One round: contributes `data` for `op` and returns the round's result.
@@ -469,26 +473,15 @@ fn check_inputs(
                 .zip(&plan.params)
                 .all(|(t, p)| t.len() == p.len())
     };
-    if global_batch == 0 {
-        Some("the global batch is empty".into())
-    } else if shard_labels.len() > global_batch {
-        Some(format!(
-            "the shard holds {} images, more than the global batch of {global_batch}",
-            shard_labels.len()
-        ))
-    } else if shard_x.len() != shard_labels.len() * plan.input_len {
-        Some(format!(
-            "the shard holds {} values for {} labels; expected {} ({} per image)",
-            shard_x.len(),
-            shard_labels.len(),
-            shard_labels.len() * plan.input_len,
-            plan.input_len
-        ))
-    } else if let Some(label) = shard_labels.iter().find(|&&l| l as usize >= plan.classes) {
-        Some(format!(
-            "label {label} is out of range for {} classes",
-            plan.classes
-        ))
+    let shard = shard_problem(
+        shard_x,
+        shard_labels,
+        global_batch,
+        plan.input_len,
+        plan.classes,
+    );
+    if shard.is_some() {
+        shard
     } else if !sizes_match(params) {
         Some("the parameters do not match the model's shapes".into())
     } else if !sizes_match(&adam.m) || !sizes_match(&adam.v) {
@@ -496,6 +489,83 @@ fn check_inputs(
     } else {
         None
     }
+}
+
+/// What is wrong with a rank's shard of a `global_batch` for a model taking `input_len`
+/// values per image and `classes` classes, if anything.
+fn shard_problem(
+    shard_x: &[f32],
+    shard_labels: &[u8],
+    global_batch: usize,
+    input_len: usize,
+    classes: usize,
+) -> Option<String> {
+    if global_batch == 0 {
+        Some("the global batch is empty".into())
+    } else if shard_labels.len() > global_batch {
+        Some(format!(
+            "the shard holds {} images, more than the global batch of {global_batch}",
+            shard_labels.len()
+        ))
+    } else if shard_x.len() != shard_labels.len() * input_len {
+        Some(format!(
+            "the shard holds {} values for {} labels; expected {} ({input_len} per image)",
+            shard_x.len(),
+            shard_labels.len(),
+            shard_labels.len() * input_len,
+        ))
+    } else {
+        shard_labels
+            .iter()
+            .find(|&&l| l as usize >= classes)
+            .map(|label| format!("label {label} is out of range for {classes} classes"))
+    }
+}
+
+/// The agreement round of a data-parallel step: this rank's loss, correct count, shard
+/// size and whether it failed (`problem`), summed across ranks, so every rank learns
+/// whether any failed before anyone waits on the gradients. Returns the global batch's
+/// totals.
+///
+/// # Errors
+/// [`Error::Config`] on every rank: this rank's `problem`, that another rank failed, or
+/// shards that do not add up to `global_batch`; as [`Collective::all_reduce_sum_f64`].
+fn agree_on_step(
+    collective: &dyn Collective,
+    local: BatchStats,
+    shard: usize,
+    problem: Option<String>,
+    global_batch: usize,
+) -> Result<BatchStats> {
+    let rank = collective.rank();
+    let mut totals = [
+        local.loss_sum,
+        local.correct as f64,
+        shard as f64,
+        f64::from(u8::from(problem.is_some())),
+    ];
+    collective.all_reduce_sum_f64(&mut totals)?;
+    if let Some(problem) = problem {
+        return Err(Error::Config(format!(
+            "data-parallel step on rank {rank}: {problem}"
+        )));
+    }
+    if totals[3] > 0.0 {
+        return Err(Error::Config(format!(
+            "data-parallel step on rank {rank}: {} {OTHER_RANK_FAILED} (see their errors)",
+            totals[3]
+        )));
+    }
+    if totals[2] != global_batch as f64 {
+        return Err(Error::Config(format!(
+            "data-parallel step on rank {rank}: the ranks' shards hold {} images in all, but the global batch is {global_batch}",
+            totals[2]
+        )));
+    }
+    Ok(BatchStats {
+        loss_sum: totals[0],
+        correct: totals[1] as usize,
+    })
 }
 
 /// One data-parallel training step on this rank: forward and backward on the rank's shard,
@@ -535,32 +605,13 @@ pub fn data_parallel_step(
         ),
         Some(_) => BatchStats::default(),
     };
-    // Loss, correct count, shard size and failures, summed: every rank learns whether any
-    // rank failed before anyone waits on the gradients.
-    let mut totals = [
-        local.loss_sum,
-        local.correct as f64,
-        shard_labels.len() as f64,
-        f64::from(u8::from(problem.is_some())),
-    ];
-    collective.all_reduce_sum_f64(&mut totals)?;
-    if let Some(problem) = problem {
-        return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: {problem}"
-        )));
-    }
-    if totals[3] > 0.0 {
-        return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: {} {OTHER_RANK_FAILED} (see their errors)",
-            totals[3]
-        )));
-    }
-    if totals[2] != global as f64 {
-        return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: the ranks' shards hold {} images in all, but the global batch is {global}",
-            totals[2]
-        )));
-    }
+    let global_stats = agree_on_step(
+        collective,
+        local,
+        shard_labels.len(),
+        problem,
+        settings.global_batch,
+    )?;
     // The executor's gradients are of the shard's mean loss; weighted by the shard's share
     // of the global batch, their sum over ranks is the gradient of the global mean loss.
     let scale = shard_labels.len() as f32 / global as f32;
@@ -568,10 +619,7 @@ pub fn data_parallel_step(
     collective.all_reduce_sum(&mut flat)?;
     unflatten(&flat, &mut executor.grads);
     adam.update(params, &executor.grads, settings.learning_rate);
-    Ok(BatchStats {
-        loss_sum: totals[0],
-        correct: totals[1] as usize,
-    })
+    Ok(global_stats)
 }
 
 /// [`data_parallel_step`] on a candle device: forward and backward of this rank's shard
@@ -594,30 +642,15 @@ pub fn candle_data_parallel_step(
     settings: StepSettings,
     collective: &dyn Collective,
 ) -> Result<BatchStats> {
-    let rank = collective.rank();
     let global = settings.global_batch;
     let [h, w, c] = trainer.spec().input;
-    let classes = trainer.spec().classes;
-    let problem = if global == 0 {
-        Some("the global batch is empty".to_string())
-    } else if shard_labels.len() > global {
-        Some(format!(
-            "the shard holds {} images, more than the global batch of {global}",
-            shard_labels.len()
-        ))
-    } else if shard_x.len() != shard_labels.len() * h * w * c {
-        Some(format!(
-            "the shard holds {} values for {} labels; expected {} ({h}x{w}x{c} per image)",
-            shard_x.len(),
-            shard_labels.len(),
-            shard_labels.len() * h * w * c
-        ))
-    } else {
-        shard_labels
-            .iter()
-            .find(|&&l| l as usize >= classes)
-            .map(|label| format!("label {label} is out of range for {classes} classes"))
-    };
+    let problem = shard_problem(
+        shard_x,
+        shard_labels,
+        global,
+        h * w * c,
+        trainer.spec().classes,
+    );
     // Everything that can fail locally happens before the ranks agree: after it, every
     // rank is committed to the gradient all-reduce (a rank that skipped it would leave the
     // others waiting, with NCCL for ever). The flat buffer is one DDP bucket: the weighted
@@ -639,30 +672,7 @@ pub fn candle_data_parallel_step(
         Ok((flat, stats)) => (Some(flat), stats, None),
         Err(p) => (None, BatchStats::default(), Some(p)),
     };
-    let mut totals = [
-        stats.loss_sum,
-        stats.correct as f64,
-        shard_labels.len() as f64,
-        f64::from(u8::from(problem.is_some())),
-    ];
-    collective.all_reduce_sum_f64(&mut totals)?;
-    if let Some(problem) = problem {
-        return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: {problem}"
-        )));
-    }
-    if totals[3] > 0.0 {
-        return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: {} {OTHER_RANK_FAILED} (see their errors)",
-            totals[3]
-        )));
-    }
-    if totals[2] != global as f64 {
-        return Err(Error::Config(format!(
-            "data-parallel step on rank {rank}: the ranks' shards hold {} images in all, but the global batch is {global}",
-            totals[2]
-        )));
-    }
+    let global_stats = agree_on_step(collective, stats, shard_labels.len(), problem, global)?;
     let flat = flat.ok_or_else(|| Error::Config("internal error: no gradients".into()))?;
     let summed = collective.all_reduce_sum_tensor(flat)?;
     let mut offset = 0;
@@ -674,10 +684,7 @@ pub fn candle_data_parallel_step(
         offset += n;
     }
     trainer.apply(gradients, adam, settings.learning_rate)?;
-    Ok(BatchStats {
-        loss_sum: totals[0],
-        correct: totals[1] as usize,
-    })
+    Ok(global_stats)
 }
 
 /// `local` on every rank if it is `Ok` on every rank; otherwise an error on every rank

@@ -332,11 +332,7 @@ impl TcpGroup {
     }
 
     fn error(&self, op: Op, problem: &str) -> Error {
-        Error::Config(format!(
-            "collective {} on rank {}: {problem}",
-            op.name(),
-            self.rank
-        ))
+        op.error(self.rank, problem)
     }
 
     /// One round: this rank's `data` for `op` in, the combined result out.
@@ -488,22 +484,22 @@ mod tests {
             .port()
     }
 
+    /// Joins rank `rank` of `world` on loopback `port` (20 s to join, 5 s per collective).
+    fn join(rank: usize, world: usize, port: u16) -> Result<TcpGroup> {
+        TcpGroup::join(
+            rank,
+            world,
+            ("127.0.0.1", port),
+            Duration::from_secs(20),
+            Duration::from_secs(5),
+        )
+    }
+
     fn group(world: usize) -> Vec<TcpGroup> {
         let port = free_port();
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..world)
-                .map(|rank| {
-                    s.spawn(move || {
-                        TcpGroup::join(
-                            rank,
-                            world,
-                            ("127.0.0.1", port),
-                            Duration::from_secs(20),
-                            Duration::from_secs(20),
-                        )
-                        .unwrap()
-                    })
-                })
+                .map(|rank| s.spawn(move || join(rank, world, port).unwrap()))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
@@ -604,15 +600,7 @@ mod tests {
         let port = free_port();
         let started = Instant::now();
         let ranks: Vec<_> = std::thread::scope(|s| {
-            let root = s.spawn(move || {
-                TcpGroup::join(
-                    0,
-                    2,
-                    ("127.0.0.1", port),
-                    Duration::from_secs(30),
-                    Duration::from_secs(5),
-                )
-            });
+            let root = s.spawn(move || join(0, 2, port));
             // A port probe that connects and says nothing, before the real rank.
             let probe = loop {
                 if let Ok(c) = TcpStream::connect(("127.0.0.1", port)) {
@@ -620,15 +608,7 @@ mod tests {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             };
-            let peer = s.spawn(move || {
-                TcpGroup::join(
-                    1,
-                    2,
-                    ("127.0.0.1", port),
-                    Duration::from_secs(30),
-                    Duration::from_secs(5),
-                )
-            });
+            let peer = s.spawn(move || join(1, 2, port));
             let ranks = vec![root.join().unwrap().unwrap(), peer.join().unwrap().unwrap()];
             drop(probe);
             ranks
@@ -646,30 +626,8 @@ mod tests {
     fn a_rank_with_another_world_size_is_refused() {
         let port = free_port();
         let (root, peer) = std::thread::scope(|s| {
-            let root = s.spawn(move || {
-                TcpGroup::join(
-                    0,
-                    2,
-                    ("127.0.0.1", port),
-                    Duration::from_secs(20),
-                    Duration::from_secs(5),
-                )
-                .err()
-                .unwrap()
-                .to_string()
-            });
-            let peer = s.spawn(move || {
-                TcpGroup::join(
-                    1,
-                    3,
-                    ("127.0.0.1", port),
-                    Duration::from_secs(20),
-                    Duration::from_secs(5),
-                )
-                .err()
-                .unwrap()
-                .to_string()
-            });
+            let root = s.spawn(move || join(0, 2, port).err().unwrap().to_string());
+            let peer = s.spawn(move || join(1, 3, port).err().unwrap().to_string());
             (root.join().unwrap(), peer.join().unwrap())
         });
         assert!(root.contains("WORLD_SIZE=3, rank 0 has 2"), "{root}");

@@ -411,36 +411,43 @@ fn two_processes_train_like_two_in_process_ranks() {
         .chain([tiny_data().display().to_string()])
         .collect()
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let spawn = |rank: &str| {
-        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"));
-        cmd.current_dir(dir.path())
-            .env("NO_COLOR", "1")
-            .env("MLOPS_NO_PROGRESS", "1")
-            .envs([
-                ("WORLD_SIZE", "2"),
-                ("RANK", rank),
-                ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", port.as_str()),
-            ])
-            .args(args("procs"))
-            .args(["--engine", "candle"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        cmd.spawn().unwrap()
+    // Both ranks of a two-process run on a fresh port, each with its extra flags; rank 1
+    // starts first (it waits for rank 0 to listen). Their outputs, rank 0's first.
+    let pair = |out: &str, extra: [&[&str]; 2]| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let spawn = |rank: &str, extra: &[&str]| {
+            std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"))
+                .current_dir(dir.path())
+                .env("NO_COLOR", "1")
+                .env("MLOPS_NO_PROGRESS", "1")
+                .env_remove("RUST_BACKTRACE")
+                .envs([
+                    ("WORLD_SIZE", "2"),
+                    ("RANK", rank),
+                    ("MASTER_ADDR", "127.0.0.1"),
+                    ("MASTER_PORT", port.as_str()),
+                ])
+                .args(args(out))
+                .args(["--engine", "candle"])
+                .args(extra)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let rank1 = spawn("1", extra[1]);
+        let rank0 = spawn("0", extra[0]);
+        (
+            rank0.wait_with_output().unwrap(),
+            rank1.wait_with_output().unwrap(),
+        )
     };
-    // Rank 1 first: it waits for rank 0 to listen.
-    let rank1 = spawn("1");
-    let rank0 = spawn("0");
-    let (out0, out1) = (
-        rank0.wait_with_output().unwrap(),
-        rank1.wait_with_output().unwrap(),
-    );
+    let (out0, out1) = pair("procs", [&[], &[]]);
     assert_success(&out0);
     assert_success(&out1);
     assert!(out1.stdout.is_empty(), "rank 1 printed a report");
@@ -474,31 +481,8 @@ fn two_processes_train_like_two_in_process_ranks() {
     }
 
     // Ranks started with different settings (here the seed) fail at once, both.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let spawn_seed = |rank: &str, seed: &str| {
-        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("mlops"));
-        cmd.current_dir(dir.path())
-            .env("NO_COLOR", "1")
-            .env("MLOPS_NO_PROGRESS", "1")
-            .envs([
-                ("WORLD_SIZE", "2"),
-                ("RANK", rank),
-                ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", port.as_str()),
-            ])
-            .args(args("mismatch"))
-            .args(["--engine", "candle", "--seed", seed])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        cmd.spawn().unwrap()
-    };
-    let (b, a) = (spawn_seed("1", "1"), spawn_seed("0", "2"));
-    for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+    let (a, b) = pair("mismatch", [&["--seed", "2"], &["--seed", "1"]]);
+    for out in [a, b] {
         assert_user_error(&out, "different settings");
     }
     assert!(!dir.path().join("mismatch/model.safetensors").exists());
