@@ -247,6 +247,145 @@ fn conv(c: &mut Criterion) {
     group.finish();
 }
 
+/// Each ReLU'd conv fused with the max-pool after it, as training runs them
+/// (`conv_relu_max_pool_forward` / `_backward`, chunks of 4 images), against the separate
+/// kernels they replace: the whole conv output written, then pooled (and the pool's
+/// gradient written in full, then read by the conv's backward pass).
+fn conv_pool_fused(c: &mut Criterion) {
+    mlops::nn::denormals::flush_denormals_on_this_thread();
+    let plan = Plan::compile(&ModelSpec::reference_cnn()).unwrap();
+    let params = plan.init_params(0);
+    let mut group = c.benchmark_group("train_conv_pool_fused_shard32");
+    group.throughput(Throughput::Elements(SHARD as u64));
+    const CHUNK: usize = 4;
+    let pairs = plan.ops.windows(2).filter_map(|w| match w {
+        [Op::Conv(conv), Op::MaxPool(pool)] if conv.relu && layers::fuses_relu_max_pool(pool) => {
+            Some((conv.clone(), pool.clone()))
+        }
+        _ => None,
+    });
+    for (index, (conv, pool)) in pairs.enumerate() {
+        let name = format!("conv{}_pool{}", index + 1, index + 1);
+        let x = values(SHARD * conv.input.iter().product::<usize>(), index + 60);
+        let (weight, bias) = (&params[conv.weight], &params[conv.weight + 1]);
+        let (mut patches, mut pre, mut out, mut argmax) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let forward = |patches: &mut Vec<f32>,
+                       pre: &mut Vec<f32>,
+                       out: &mut Vec<f32>,
+                       argmax: &mut Vec<u32>| {
+            layers::conv_relu_max_pool_forward(
+                &conv,
+                &pool,
+                weight,
+                bias,
+                black_box(&x),
+                SHARD,
+                CHUNK,
+                patches,
+                pre,
+                out,
+                argmax,
+            )
+        };
+        forward(&mut patches, &mut pre, &mut out, &mut argmax);
+        group.bench_function(format!("{name}_fused_forward"), |b| {
+            b.iter(|| forward(&mut patches, &mut pre, &mut out, &mut argmax))
+        });
+        let chunk = if conv.is_tap_major() { SHARD } else { CHUNK };
+        let (mut conv_out, mut sep_patches, mut sep_out, mut sep_argmax) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        group.bench_function(format!("{name}_separate_forward"), |b| {
+            b.iter(|| {
+                layers::conv_pre_activation_chunked(
+                    &conv,
+                    weight,
+                    bias,
+                    black_box(&x),
+                    SHARD,
+                    chunk,
+                    &mut sep_patches,
+                    &mut conv_out,
+                );
+                layers::relu_max_pool_forward(
+                    &pool,
+                    &conv_out,
+                    SHARD,
+                    &mut sep_out,
+                    &mut sep_argmax,
+                )
+            })
+        });
+        let grad = values(out.len(), index + 70);
+        let filters = conv.output[2];
+        let (mut dw, mut db, mut scratch) =
+            (vec![0.0; weight.len()], vec![0.0; filters], Vec::new());
+        let mut dx = (!conv.first).then(|| vec![0.0; x.len()]);
+        group.bench_function(format!("{name}_fused_backward"), |b| {
+            b.iter(|| {
+                layers::conv_relu_max_pool_backward(
+                    &conv,
+                    &pool,
+                    weight,
+                    &x,
+                    &out,
+                    &argmax,
+                    black_box(&grad),
+                    SHARD,
+                    CHUNK,
+                    &mut dw,
+                    &mut db,
+                    &mut patches,
+                    &mut pre,
+                    &mut scratch,
+                    dx.as_deref_mut(),
+                )
+            })
+        });
+        let mut dconv = vec![0.0; conv_out.len()];
+        group.bench_function(format!("{name}_separate_backward"), |b| {
+            b.iter(|| {
+                layers::relu_max_pool_backward(
+                    &pool,
+                    &sep_out,
+                    &sep_argmax,
+                    black_box(&grad),
+                    SHARD,
+                    &mut dconv,
+                );
+                if conv.is_tap_major() {
+                    layers::conv_backward(
+                        &conv,
+                        weight,
+                        &sep_patches,
+                        &dconv,
+                        SHARD,
+                        &mut dw,
+                        &mut db,
+                        &mut scratch,
+                        None,
+                    )
+                } else {
+                    layers::conv_backward_chunked(
+                        &conv,
+                        weight,
+                        &x,
+                        &dconv,
+                        SHARD,
+                        CHUNK,
+                        &mut dw,
+                        &mut db,
+                        &mut sep_patches,
+                        &mut scratch,
+                        dx.as_deref_mut(),
+                    )
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn pool_relu_dense(c: &mut Criterion) {
     mlops::nn::denormals::flush_denormals_on_this_thread();
     let plan = Plan::compile(&ModelSpec::reference_cnn()).unwrap();
@@ -349,5 +488,5 @@ fn pool_relu_dense(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, conv, pool_relu_dense);
+criterion_group!(benches, conv, conv_pool_fused, pool_relu_dense);
 criterion_main!(benches);

@@ -9,21 +9,29 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::layers;
-use super::plan::{Op, Plan};
+use super::plan::{ConvOp, Op, Plan, PoolOp};
 
 /// Per-shard buffers, reused from step to step so the hot loop does not allocate.
 #[derive(Debug, Default)]
 struct Workspace {
-    /// `acts[0]` is the input; `acts[i + 1]` is op `i`'s output.
+    /// `acts[0]` is the input; `acts[i + 1]` is op `i`'s output (left empty while
+    /// training for a conv fused with its pool, [`fused_conv_pool`]).
     acts: Vec<Vec<f32>>,
     /// im2col patches of each conv op: kept from forward to backward for the first conv
     /// (tap-major), a per-chunk scratch for the others, which unfold again in the
-    /// backward pass ([`layers::conv_backward_chunked`]).
+    /// backward pass ([`layers::conv_backward_chunked`],
+    /// [`layers::conv_relu_max_pool_backward`]).
     patches: Vec<Vec<f32>>,
     /// Dropout multipliers (0 or 1 / keep).
     masks: Vec<Vec<f32>>,
     /// Window index of each maximum of a max-pool fused with the ReLU before it.
     argmax: Vec<Vec<u32>>,
+    /// One chunk of a conv's pre-activations (or their gradient) when the conv is fused
+    /// with the max-pool after it ([`layers::conv_relu_max_pool_forward`]).
+    pre: Vec<f32>,
+    /// Whether training fuses convs with their pools ([`fused_conv_pool`]); tests turn it
+    /// off to compare with the separate passes.
+    fuse: bool,
     grad: Vec<f32>,
     grad_prev: Vec<f32>,
     scratch: Vec<f32>,
@@ -36,6 +44,7 @@ impl Workspace {
             patches: vec![Vec::new(); ops],
             masks: vec![Vec::new(); ops],
             argmax: vec![Vec::new(); ops],
+            fuse: true,
             ..Default::default()
         }
     }
@@ -48,16 +57,23 @@ enum Mode {
     Train { dropout_seed: u64 },
 }
 
-/// Whether op `i` is a max-pool that, while training, takes the pre-activations of the
-/// ReLU'd conv before it and applies that ReLU itself ([`layers::relu_max_pool_forward`]).
-/// The conv's output buffer then holds pre-activations, so inference (whose activations
-/// int8 calibration reads) never fuses.
-fn relu_pool_fused(plan: &Plan, i: usize) -> bool {
+/// The ReLU'd conv and the max-pool of op `i`, when that pool runs fused with the conv
+/// before it while training ([`layers::conv_relu_max_pool_forward`]): the pool applies the
+/// conv's bias and ReLU after the max, chunk by chunk, and the conv's own output is never
+/// written, so its op does nothing. Inference (whose activations int8 calibration reads)
+/// never fuses.
+/// `fuse` is false only in tests, which compare against the separate passes.
+fn fused_conv_pool(fuse: bool, plan: &Plan, i: usize) -> Option<(&ConvOp, &PoolOp)> {
+    if !fuse {
+        return None;
+    }
     match (i.checked_sub(1).map(|j| &plan.ops[j]), plan.ops.get(i)) {
-        (Some(Op::Conv(conv)), Some(Op::MaxPool(pool))) => {
-            conv.relu && layers::fuses_relu_max_pool(pool)
+        (Some(Op::Conv(conv)), Some(Op::MaxPool(pool)))
+            if conv.relu && layers::fuses_relu_max_pool(pool) =>
+        {
+            Some((conv, pool))
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -66,12 +82,26 @@ fn relu_pool_fused(plan: &Plan, i: usize) -> bool {
 /// whole shards 4,837 images/s, chunks of 1: 4,845, 2: 5,480, 4: 5,737, 32: 4,930.
 const CONV_CHUNK: usize = 4;
 
+/// `v[..len]`, growing `v` (with zeros) only when it is shorter: buffers whose length
+/// changes from layer to layer keep their largest size instead of being cleared again.
+fn grown(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
 fn forward(plan: &Plan, params: &[Vec<f32>], batch: usize, ws: &mut Workspace, mode: Mode) {
     let training = matches!(mode, Mode::Train { .. });
+    let fuse = ws.fuse;
     for (i, op) in plan.ops.iter().enumerate() {
         let (before, after) = ws.acts.split_at_mut(i + 1);
         let (x, out) = (&before[i], &mut after[0]);
         match op {
+            Op::Conv(_) if training && fused_conv_pool(fuse, plan, i + 1).is_some() => {
+                // Runs with its pool, at the next op.
+                out.clear();
+            }
             Op::Conv(conv) => {
                 let (weight, bias) = (&params[conv.weight], &params[conv.weight + 1]);
                 let patches = &mut ws.patches[i];
@@ -86,7 +116,7 @@ fn forward(plan: &Plan, params: &[Vec<f32>], batch: usize, ws: &mut Workspace, m
                     layers::conv_pre_activation_chunked(
                         conv, weight, bias, x, batch, chunk, patches, out,
                     );
-                    if conv.relu && !relu_pool_fused(plan, i + 1) {
+                    if conv.relu {
                         layers::relu_in_place(out);
                     }
                 } else {
@@ -101,8 +131,21 @@ fn forward(plan: &Plan, params: &[Vec<f32>], batch: usize, ws: &mut Workspace, m
                 batch,
                 out,
             ),
-            Op::MaxPool(pool) if training && relu_pool_fused(plan, i) => {
-                layers::relu_max_pool_forward(pool, x, batch, out, &mut ws.argmax[i])
+            Op::MaxPool(_) if training && fused_conv_pool(fuse, plan, i).is_some() => {
+                let (conv, pool) = fused_conv_pool(fuse, plan, i).expect("checked");
+                layers::conv_relu_max_pool_forward(
+                    conv,
+                    pool,
+                    &params[conv.weight],
+                    &params[conv.weight + 1],
+                    &before[i - 1],
+                    batch,
+                    CONV_CHUNK,
+                    &mut ws.patches[i - 1],
+                    &mut ws.pre,
+                    out,
+                    &mut ws.argmax[i],
+                );
             }
             Op::MaxPool(pool) => layers::max_pool_forward(pool, x, batch, out),
             Op::AvgPool(pool) => layers::avg_pool_forward(pool, x, batch, out),
@@ -142,21 +185,52 @@ fn backward(
     ws: &mut Workspace,
     grads: &mut [Vec<f32>],
 ) {
-    // On entry ws.grad holds d(loss)/d(logits).
+    // On entry ws.grad holds d(loss)/d(logits); after each op, d(loss)/d(its input).
+    let fuse = ws.fuse;
     for (i, op) in plan.ops.iter().enumerate().rev() {
-        let needs_dx = i > 0;
-        let in_len = if i == 0 {
+        if matches!(op, Op::Conv(_)) && fused_conv_pool(fuse, plan, i + 1).is_some() {
+            // Its gradients were taken with its pool's, at the next op.
+            continue;
+        }
+        // A fused pool takes its conv's input gradient: it stands for both ops.
+        let first_op = if fused_conv_pool(fuse, plan, i).is_some() {
+            i - 1
+        } else {
+            i
+        };
+        let needs_dx = first_op > 0;
+        let in_len = if first_op == 0 {
             plan.input_len
         } else {
-            plan.out_lens[i - 1]
+            plan.out_lens[first_op - 1]
         };
-        ws.grad_prev.resize(batch * in_len, 0.0);
+        let dx = needs_dx.then(|| grown(&mut ws.grad_prev, batch * in_len));
         let output = &ws.acts[i + 1];
         let input = &ws.acts[i];
-        let dx = needs_dx.then_some(&mut ws.grad_prev[..]);
         match op {
+            Op::MaxPool(_) if fused_conv_pool(fuse, plan, i).is_some() => {
+                let (conv, pool) = fused_conv_pool(fuse, plan, i).expect("checked");
+                let (dw, db) = grads[conv.weight..].split_at_mut(1);
+                layers::conv_relu_max_pool_backward(
+                    conv,
+                    pool,
+                    &params[conv.weight],
+                    &ws.acts[i - 1],
+                    output,
+                    &ws.argmax[i],
+                    &ws.grad,
+                    batch,
+                    CONV_CHUNK,
+                    &mut dw[0],
+                    &mut db[0],
+                    &mut ws.patches[i - 1],
+                    &mut ws.pre,
+                    &mut ws.scratch,
+                    dx,
+                );
+            }
             Op::Conv(conv) => {
-                if conv.relu && !relu_pool_fused(plan, i + 1) {
+                if conv.relu {
                     layers::relu_backward(&mut ws.grad, output);
                 }
                 let (dw, db) = grads[conv.weight..].split_at_mut(1);
@@ -206,12 +280,7 @@ fn backward(
             }
             Op::MaxPool(pool) => {
                 if let Some(dx) = dx {
-                    if relu_pool_fused(plan, i) {
-                        let argmax = &ws.argmax[i];
-                        layers::relu_max_pool_backward(pool, output, argmax, &ws.grad, batch, dx);
-                    } else {
-                        layers::max_pool_backward(pool, input, output, &ws.grad, batch, dx);
-                    }
+                    layers::max_pool_backward(pool, input, output, &ws.grad, batch, dx);
                 }
             }
             Op::AvgPool(pool) => {
@@ -243,7 +312,8 @@ fn backward(
 }
 
 /// Softmax cross-entropy over logits: returns (sum of losses, correct count) and writes
-/// d(mean loss)/d(logits) into `dlogits`, where the mean is over `total_batch` images.
+/// d(mean loss)/d(logits) into the first `logits.len()` values of `dlogits` (grown when
+/// shorter, never shrunk), where the mean is over `total_batch` images.
 pub fn softmax_cross_entropy(
     logits: &[f32],
     labels: &[u8],
@@ -255,7 +325,7 @@ pub fn softmax_cross_entropy(
     let mut correct = 0;
     let mut dl = dlogits;
     if let Some(d) = dl.as_deref_mut() {
-        d.resize(logits.len(), 0.0);
+        grown(d, logits.len());
     }
     for (n, row) in logits.chunks_exact(classes).enumerate() {
         let label = labels[n] as usize;
@@ -515,6 +585,52 @@ mod tests {
     #[test]
     fn relu_and_max_pool_gradients_match_finite_differences() {
         check_gradients(&kinked_spec());
+    }
+
+    /// Two ReLU'd convs each fused with the max-pool after it while training (the second
+    /// one padded, not tap-major, passing its input gradient back through the first pool),
+    /// over several chunks and a partial one: the same loss and gradients as the separate
+    /// passes, up to the GEMM's rounding. (Finite differences cannot check this stack: its
+    /// two ReLU + max-pool stages put kinks within any usable step of most weights.)
+    #[test]
+    fn fused_conv_pool_pairs_match_separate_passes() {
+        let spec = ModelSpec::from_yaml(
+            "input: [10, 10, 2]\nclasses: 3\nlayers:\n\
+             - {type: conv2d, filters: 6, kernel: 3, activation: relu}\n\
+             - {type: max_pool2d, size: 2}\n\
+             - {type: conv2d, filters: 5, kernel: 3, padding: same, activation: relu}\n\
+             - {type: max_pool2d, size: 2}\n\
+             - {type: flatten}\n\
+             - {type: dense, units: 3}\n",
+        )
+        .unwrap();
+        let plan = Plan::compile(&spec).unwrap();
+        assert!(fused_conv_pool(true, &plan, 1).is_some());
+        assert!(fused_conv_pool(true, &plan, 3).is_some());
+        let params = plan.init_params(3);
+        let batch = 2 * CONV_CHUNK + 3;
+        let x: Vec<f32> = (0..batch * plan.input_len)
+            .map(|i| ((i * 7919 % 1009) as f32) / 1009.0)
+            .collect();
+        let labels: Vec<u8> = (0..batch).map(|i| (i % 3) as u8).collect();
+        let mut fused = Executor::new(&plan, 1);
+        let mut separate = Executor::new(&plan, 1);
+        separate.shards[0].ws.fuse = false;
+        let a = fused.train_step(&params, &x, &labels, 0);
+        let b = separate.train_step(&params, &x, &labels, 0);
+        assert!((a.loss_sum - b.loss_sum).abs() < 1e-5 * b.loss_sum.abs());
+        assert_eq!(a.correct, b.correct);
+        for (p, (got, want)) in fused.grads.iter().zip(&separate.grads).enumerate() {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{}: no gradient", plan.params[p].name);
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * scale,
+                    "{}: {g} vs {w}",
+                    plan.params[p].name
+                );
+            }
+        }
     }
 
     fn check_gradients(spec: &ModelSpec) {

@@ -36,6 +36,19 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `start..start + count` of this view (no copy).
+    ///
+    /// # Panics
+    /// If `start + count` is more than the view's rows.
+    pub fn rows(self, start: usize, count: usize) -> Self {
+        assert!(start + count <= self.rows, "row range out of the view");
+        MatRef {
+            data: &self.data[(start * self.row_stride).min(self.data.len())..],
+            rows: count,
+            ..self
+        }
+    }
+
     fn check(&self) {
         if self.rows > 0 && self.cols > 0 {
             let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;

@@ -5,12 +5,15 @@
 //! this machine (see the spine issue); im2col + the same `gemm` crate gets most of that
 //! back. All buffers are NHWC and owned by the caller so nothing allocates per step.
 //!
-//! Training keeps its working set in cache and its passes few: convs after the first run
-//! in chunks of a few images, unfolding each chunk again in the backward pass
-//! ([`conv_backward_chunked`]) instead of streaming whole-shard patch buffers through
-//! memory, and a max-pool after a ReLU'd conv applies that ReLU itself and remembers
-//! which cell won ([`relu_max_pool_forward`] / [`relu_max_pool_backward`]), replacing
-//! four passes over the conv's output with two. `benches/train_kernels.rs` times each.
+//! Training keeps its working set in cache and its passes few: convs run in chunks of a
+//! few images, unfolding each chunk again in the backward pass ([`conv_backward_chunked`])
+//! instead of streaming whole-shard patch buffers through memory, and a ReLU'd conv
+//! followed by a max-pool runs as one kernel per chunk ([`conv_relu_max_pool_forward`] /
+//! [`conv_relu_max_pool_backward`]): the chunk's pre-activations are pooled while still in
+//! cache, the bias and ReLU applied after the max (a quarter of the values for 2x2
+//! windows), the winning cell remembered, and the conv's own output never written; the
+//! backward pass spreads each chunk's pooled gradient in cache right before the chunk's
+//! GEMMs. `benches/train_kernels.rs` times each kernel, fused and separate.
 
 use multiversion::multiversion;
 
@@ -157,10 +160,12 @@ pub fn relu_backward(grad: &mut [f32], output: &[f32]) {
     }
 }
 
-/// Sums the rows of `grad` (`rows x cols`) into `out`.
+/// Sums the rows of `grad` (`rows x cols`) into `out` (added to it when `accumulate`).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
-fn column_sums(grad: &[f32], cols: usize, out: &mut [f32]) {
-    out.fill(0.0);
+fn column_sums(grad: &[f32], cols: usize, out: &mut [f32], accumulate: bool) {
+    if !accumulate {
+        out.fill(0.0);
+    }
     for row in grad.chunks_exact(cols) {
         for (o, g) in out.iter_mut().zip(row) {
             *o += g;
@@ -255,7 +260,7 @@ pub fn conv_backward(
     let rows = batch * op.output[0] * op.output[1];
     let filters = op.output[2];
     let k = op.patch_len();
-    column_sums(&grad[..rows * filters], filters, dbias);
+    column_sums(&grad[..rows * filters], filters, dbias, false);
     // dW [filters, k] = grad^T [filters, rows] * patches [rows, k]
     matmul(
         dweight,
@@ -309,7 +314,7 @@ pub fn conv_backward_chunked(
     let filters = op.output[2];
     let k = op.patch_len();
     let in_len = op.input.iter().product::<usize>();
-    column_sums(&grad[..batch * pixels * filters], filters, dbias);
+    column_sums(&grad[..batch * pixels * filters], filters, dbias, false);
     let mut start = 0;
     while start < batch {
         let n = chunk.min(batch - start);
@@ -381,6 +386,154 @@ pub fn conv_pre_activation_chunked(
     }
 }
 
+/// The training forward pass of a ReLU'd conv and the max-pool after it
+/// ([`fuses_relu_max_pool`]), chunk by chunk: each chunk of `chunk` images is unfolded
+/// (or, for a tap-major conv, read from the whole batch's patches, unfolded once and kept
+/// for the backward pass), multiplied into `pre` without its bias, and pooled at once by
+/// [`relu_max_pool_forward`], which adds the bias to each window's maximum and applies the
+/// ReLU. The conv's output never leaves the cache: only the pooled values `out`
+/// (`[batch, oh, ow, filters]` of the pool) and `argmax` (same length) are written.
+///
+/// `x` is `[batch, h, w, in]`, `weight` `[filters, kh, kw, in]`, `bias` `[filters]`.
+/// Values equal [`conv_forward`] then [`max_pool_forward`] up to the GEMM's rounding.
+///
+/// # Panics
+/// If `chunk` is 0, the pool does not fuse or does not take the conv's output, or a slice
+/// is shorter than its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_relu_max_pool_forward(
+    conv: &ConvOp,
+    pool: &PoolOp,
+    weight: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    batch: usize,
+    chunk: usize,
+    patches: &mut Vec<f32>,
+    pre: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+    argmax: &mut Vec<u32>,
+) {
+    assert!(chunk > 0, "chunks of at least one image");
+    assert!(
+        fuses_relu_max_pool(pool) && pool.input == conv.output,
+        "pool after the conv"
+    );
+    let pixels = conv.output[0] * conv.output[1];
+    let filters = conv.output[2];
+    let k = conv.patch_len();
+    let in_len = conv.input.iter().product::<usize>();
+    let pooled = pool.output.iter().product::<usize>();
+    out.resize(batch * pooled, 0.0);
+    argmax.resize(batch * pooled, 0);
+    if conv.is_tap_major() {
+        im2col_tap_major(conv, x, batch, patches);
+    }
+    let mut start = 0;
+    while start < batch {
+        let n = chunk.min(batch - start);
+        let rows = n * pixels;
+        let a = if conv.is_tap_major() {
+            patch_matrix(conv, patches, batch * pixels).rows(start * pixels, rows)
+        } else {
+            im2col(conv, &x[start * in_len..(start + n) * in_len], n, patches);
+            MatRef::new(patches, rows, k)
+        };
+        pre.resize(rows * filters, 0.0);
+        matmul(pre, a, MatRef::new(weight, filters, k).t(), false);
+        relu_max_pool_into(
+            pool,
+            pre,
+            n,
+            Some(bias),
+            &mut out[start * pooled..(start + n) * pooled],
+            &mut argmax[start * pooled..(start + n) * pooled],
+        );
+        start += n;
+    }
+}
+
+/// The gradient through [`conv_relu_max_pool_forward`], chunk by chunk as it ran: each
+/// chunk's pooled gradient is spread onto the conv's output cells in `dpre`
+/// ([`relu_max_pool_backward`]), then multiplied into the weight and bias gradients and,
+/// unless `dx` is `None`, the input gradient (`[batch, h, w, in]`, patch gradients in
+/// `scratch` folded back by [`col2im`]). `grad` is d(loss)/d(pooled output); `out` and
+/// `argmax` are the forward pass's; `patches` the forward pass's for a tap-major conv,
+/// scratch (unfolded again per chunk) otherwise.
+///
+/// Writes `dweight` (`[filters, kh, kw, in]`) and `dbias` (`[filters]`), summed chunk after
+/// chunk, so equal to [`conv_backward`]'s up to rounding.
+///
+/// # Panics
+/// As [`conv_relu_max_pool_forward`], and if `dx` is `Some` for a tap-major conv.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_relu_max_pool_backward(
+    conv: &ConvOp,
+    pool: &PoolOp,
+    weight: &[f32],
+    x: &[f32],
+    out: &[f32],
+    argmax: &[u32],
+    grad: &[f32],
+    batch: usize,
+    chunk: usize,
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    patches: &mut Vec<f32>,
+    dpre: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    mut dx: Option<&mut [f32]>,
+) {
+    assert!(chunk > 0, "chunks of at least one image");
+    assert!(
+        fuses_relu_max_pool(pool) && pool.input == conv.output,
+        "pool after the conv"
+    );
+    assert!(
+        !(conv.is_tap_major() && dx.is_some()),
+        "tap-major convs have no input gradient"
+    );
+    let pixels = conv.output[0] * conv.output[1];
+    let filters = conv.output[2];
+    let k = conv.patch_len();
+    let in_len = conv.input.iter().product::<usize>();
+    let pooled = pool.output.iter().product::<usize>();
+    let mut start = 0;
+    while start < batch {
+        let n = chunk.min(batch - start);
+        let rows = n * pixels;
+        let p = start * pooled..(start + n) * pooled;
+        dpre.resize(rows * filters, 0.0);
+        relu_max_pool_backward(pool, &out[p.clone()], &argmax[p.clone()], &grad[p], n, dpre);
+        column_sums(&dpre[..rows * filters], filters, dbias, start > 0);
+        let a = if conv.is_tap_major() {
+            patch_matrix(conv, patches, batch * pixels).rows(start * pixels, rows)
+        } else {
+            im2col(conv, &x[start * in_len..(start + n) * in_len], n, patches);
+            MatRef::new(patches, rows, k)
+        };
+        // dW [filters, k] += dpre^T [filters, rows] * patches [rows, k]
+        matmul(dweight, MatRef::new(dpre, rows, filters).t(), a, start > 0);
+        if let Some(dx) = dx.as_deref_mut() {
+            scratch.resize(rows * k, 0.0);
+            // dpatches [rows, k] = dpre [rows, filters] * W [filters, k]
+            matmul(
+                scratch,
+                MatRef::new(dpre, rows, filters),
+                MatRef::new(weight, filters, k),
+                false,
+            );
+            col2im(
+                conv,
+                scratch,
+                n,
+                &mut dx[start * in_len..(start + n) * in_len],
+            );
+        }
+        start += n;
+    }
+}
+
 /// Dense forward: `out = relu?(x * W^T + b)`.
 pub fn dense_forward(
     op: &DenseOp,
@@ -415,7 +568,7 @@ pub fn dense_backward(
     dbias: &mut [f32],
     dx: Option<&mut [f32]>,
 ) {
-    column_sums(&grad[..batch * op.units], op.units, dbias);
+    column_sums(&grad[..batch * op.units], op.units, dbias, false);
     matmul(
         dweight,
         MatRef::new(grad, batch, op.units).t(),
@@ -533,7 +686,6 @@ pub fn fuses_relu_max_pool(op: &PoolOp) -> bool {
 /// the cell [`max_pool_backward`] would pick. Needs [`fuses_relu_max_pool`]. The index is a
 /// `u32`, as wide as the floats it is chosen with, so the loop vectorizes without packing
 /// (a `u8` index ran the forward pass 2x slower).
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
 pub fn relu_max_pool_forward(
     op: &PoolOp,
     x: &[f32],
@@ -541,12 +693,28 @@ pub fn relu_max_pool_forward(
     out: &mut Vec<f32>,
     argmax: &mut Vec<u32>,
 ) {
+    let len = batch * op.output.iter().product::<usize>();
+    out.resize(len, 0.0);
+    argmax.resize(len, 0);
+    relu_max_pool_into(op, x, batch, None, out, argmax);
+}
+
+/// [`relu_max_pool_forward`] into slices of at least `batch * oh * ow * c` values, adding
+/// `bias` (`[c]`) to each window's maximum before the ReLU when given. Adding a per-channel
+/// constant after the max gives the same value, bit for bit, as adding it to every cell
+/// before (rounding is monotone), on a quarter of the values for 2x2 windows.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
+fn relu_max_pool_into(
+    op: &PoolOp,
+    x: &[f32],
+    batch: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    argmax: &mut [u32],
+) {
     debug_assert!(fuses_relu_max_pool(op));
     let [h, w, c] = op.input;
     let [oh, ow, _] = op.output;
-    let len = batch * oh * ow * c;
-    out.resize(len, 0.0);
-    argmax.resize(len, 0);
     // Channels go in groups of 8 held in local arrays (registers) across the window's
     // cells: updating the output slice cell by cell ran 4x slower, each cell waiting on
     // the store of the one before.
@@ -582,6 +750,11 @@ pub fn relu_max_pool_forward(
                                     index[j] = cell as u32;
                                 }
                             }
+                        }
+                    }
+                    if let Some(bias) = bias {
+                        for j in 0..width {
+                            best[j] += bias[ch + j];
                         }
                     }
                     for j in 0..width {
@@ -791,6 +964,129 @@ mod tests {
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "chunk {chunk}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    /// The conv fused with its ReLU and max-pool, chunk by chunk, gives what the separate
+    /// whole-batch kernels give: the same pooled values bit for bit (the bias added after
+    /// the max), and the same gradients up to the GEMM's rounding, for a tap-major first
+    /// conv and for a padded one with an input gradient, with partial last chunks.
+    #[test]
+    fn conv_relu_max_pool_matches_separate_kernels() {
+        let tap_major = ConvOp {
+            input: [9, 8, 1],
+            output: [7, 6, 8],
+            kernel: 3,
+            stride: 1,
+            pad: (0, 0),
+            relu: true,
+            weight: 0,
+            first: true,
+        };
+        let padded = ConvOp {
+            input: [6, 7, 5],
+            output: [6, 7, 16],
+            pad: (1, 1),
+            first: false,
+            ..tap_major.clone()
+        };
+        for conv in [tap_major, padded] {
+            let [oh, ow, filters] = conv.output;
+            let pool = PoolOp {
+                input: conv.output,
+                output: [oh / 2, ow / 2, filters],
+                size: 2,
+                stride: 2,
+            };
+            let batch = 5;
+            let in_len = conv.input.iter().product::<usize>();
+            let x: Vec<f32> = (0..batch * in_len)
+                .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+                .collect();
+            let k = conv.patch_len();
+            let weight: Vec<f32> = (0..filters * k)
+                .map(|i| ((i * 13 % 29) as f32) / 29.0 - 0.5)
+                .collect();
+            let bias: Vec<f32> = (0..filters).map(|i| i as f32 * 0.1 - 0.7).collect();
+
+            let (mut patches, mut pre) = (Vec::new(), Vec::new());
+            conv_pre_activation(&conv, &weight, &bias, &x, batch, &mut patches, &mut pre);
+            let (mut want_out, mut want_argmax) = (Vec::new(), Vec::new());
+            relu_max_pool_forward(&pool, &pre, batch, &mut want_out, &mut want_argmax);
+            let grad: Vec<f32> = (0..want_out.len())
+                .map(|i| ((i * 7 % 11) as f32) - 5.0)
+                .collect();
+            let mut dpre = vec![f32::NAN; pre.len()];
+            relu_max_pool_backward(&pool, &want_out, &want_argmax, &grad, batch, &mut dpre);
+            let (mut want_dw, mut want_db) = (vec![0.0; weight.len()], vec![0.0; filters]);
+            let mut want_dx = vec![0.0; x.len()];
+            let with_dx = !conv.is_tap_major();
+            conv_backward(
+                &conv,
+                &weight,
+                &patches,
+                &dpre,
+                batch,
+                &mut want_dw,
+                &mut want_db,
+                &mut Vec::new(),
+                with_dx.then_some(&mut want_dx[..]),
+            );
+
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                assert_eq!(got.len(), want.len(), "{what}");
+                for (a, b) in got.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{what}: {a} vs {b}"
+                    );
+                }
+            };
+            for chunk in [1, 2, 3, 5, 8] {
+                let what = format!("first {} chunk {chunk}", conv.first);
+                let (mut p2, mut pre2, mut out, mut argmax) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                conv_relu_max_pool_forward(
+                    &conv,
+                    &pool,
+                    &weight,
+                    &bias,
+                    &x,
+                    batch,
+                    chunk,
+                    &mut p2,
+                    &mut pre2,
+                    &mut out,
+                    &mut argmax,
+                );
+                // The GEMM's blocking changes with the row count: values agree up to
+                // rounding, and so may the winners of near ties.
+                close(&out, &want_out, &what);
+                let (mut dw, mut db) = (vec![f32::NAN; weight.len()], vec![f32::NAN; filters]);
+                let mut dx = vec![f32::NAN; x.len()];
+                conv_relu_max_pool_backward(
+                    &conv,
+                    &pool,
+                    &weight,
+                    &x,
+                    &want_out,
+                    &want_argmax,
+                    &grad,
+                    batch,
+                    chunk,
+                    &mut dw,
+                    &mut db,
+                    &mut p2,
+                    &mut pre2,
+                    &mut Vec::new(),
+                    with_dx.then_some(&mut dx[..]),
+                );
+                close(&dw, &want_dw, &what);
+                close(&db, &want_db, &what);
+                if with_dx {
+                    close(&dx, &want_dx, &what);
+                }
             }
         }
     }
