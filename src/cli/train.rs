@@ -250,11 +250,15 @@ pub(crate) fn run(args: &TrainArgs, ctx: &Context) -> anyhow::Result<StepReport>
             (names, world) if names.len() == world => {
                 format!("{world} rank(s) ({})", names.join(", "))
             }
-            (names, world) => format!(
-                "rank {} of {world} processes ({})",
-                config.engine.rank(),
-                names.join(", ")
-            ),
+            (names, world) => {
+                let (addr, port) = config.engine.master().unwrap_or(("?", 0));
+                format!(
+                    "rank {} of {world} processes ({}), meeting the others at {addr}:{port} (each waits up to {} s for the rest to start)",
+                    config.engine.rank(),
+                    names.join(", "),
+                    mlops::train::JOIN_TIMEOUT.as_secs()
+                )
+            }
         }
     ));
     let data_name = args.data.display().to_string();

@@ -62,6 +62,7 @@ enum Mode {
 /// conv's bias and ReLU after the max, chunk by chunk, and the conv's own output is never
 /// written, so its op does nothing. Inference (whose activations int8 calibration reads)
 /// never fuses.
+///
 /// `fuse` is false only in tests, which compare against the separate passes.
 fn fused_conv_pool(fuse: bool, plan: &Plan, i: usize) -> Option<(&ConvOp, &PoolOp)> {
     if !fuse {

@@ -206,6 +206,14 @@ impl TrainEngine {
         }
     }
 
+    /// Where the processes of a multi-process run meet (`MASTER_ADDR`, `MASTER_PORT`).
+    pub fn master(&self) -> Option<(&str, u16)> {
+        match self {
+            TrainEngine::Process { master, .. } => Some((&master.0, master.1)),
+            _ => None,
+        }
+    }
+
     /// This process's rank (0 unless it is one of several processes).
     pub fn rank(&self) -> usize {
         match self {

@@ -453,7 +453,8 @@ fn two_processes_train_like_two_in_process_ranks() {
     assert!(out1.stdout.is_empty(), "rank 1 printed a report");
     let said = String::from_utf8_lossy(&out1.stderr);
     assert!(
-        said.contains("rank 1 of 2 processes (cpu)") && said.contains("rank 1 of 2: test accuracy"),
+        said.contains("rank 1 of 2 processes (cpu), meeting the others at 127.0.0.1:")
+            && said.contains("rank 1 of 2: test accuracy"),
         "{said}"
     );
     let procs = json_of(&out0);
