@@ -295,22 +295,34 @@ fn conv_pool_fused(c: &mut Criterion) {
         let chunk = if conv.is_tap_major() { SHARD } else { CHUNK };
         let (mut conv_out, mut sep_patches, mut sep_out, mut sep_argmax) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let separate_forward = |sep_patches: &mut Vec<f32>,
+                                conv_out: &mut Vec<f32>,
+                                sep_out: &mut Vec<f32>,
+                                sep_argmax: &mut Vec<u32>| {
+            layers::conv_pre_activation_chunked(
+                &conv,
+                weight,
+                bias,
+                black_box(&x),
+                SHARD,
+                chunk,
+                sep_patches,
+                conv_out,
+            );
+            layers::relu_max_pool_forward(&pool, conv_out, SHARD, sep_out, sep_argmax)
+        };
+        // Filled here too: a filtered run may skip the forward bench that fills them.
+        separate_forward(
+            &mut sep_patches,
+            &mut conv_out,
+            &mut sep_out,
+            &mut sep_argmax,
+        );
         group.bench_function(format!("{name}_separate_forward"), |b| {
             b.iter(|| {
-                layers::conv_pre_activation_chunked(
-                    &conv,
-                    weight,
-                    bias,
-                    black_box(&x),
-                    SHARD,
-                    chunk,
+                separate_forward(
                     &mut sep_patches,
                     &mut conv_out,
-                );
-                layers::relu_max_pool_forward(
-                    &pool,
-                    &conv_out,
-                    SHARD,
                     &mut sep_out,
                     &mut sep_argmax,
                 )

@@ -8,7 +8,7 @@
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use super::layers;
+use super::layers::{self, grown};
 use super::plan::{ConvOp, Op, Plan, PoolOp};
 
 /// Per-shard buffers, reused from step to step so the hot loop does not allocate.
@@ -82,15 +82,6 @@ fn fused_conv_pool(fuse: bool, plan: &Plan, i: usize) -> Option<(&ConvOp, &PoolO
 /// the reference CNN (2-core AMD EPYC, 1 epoch on 30,000 images, 3 runs each, medians):
 /// whole shards 4,837 images/s, chunks of 1: 4,845, 2: 5,480, 4: 5,737, 32: 4,930.
 const CONV_CHUNK: usize = 4;
-
-/// `v[..len]`, growing `v` (with zeros) only when it is shorter: buffers whose length
-/// changes from layer to layer keep their largest size instead of being cleared again.
-fn grown(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    &mut v[..len]
-}
 
 fn forward(plan: &Plan, params: &[Vec<f32>], batch: usize, ws: &mut Workspace, mode: Mode) {
     let training = matches!(mode, Mode::Train { .. });
@@ -608,28 +599,57 @@ mod tests {
         let plan = Plan::compile(&spec).unwrap();
         assert!(fused_conv_pool(true, &plan, 1).is_some());
         assert!(fused_conv_pool(true, &plan, 3).is_some());
-        let params = plan.init_params(3);
-        let batch = 2 * CONV_CHUNK + 3;
-        let x: Vec<f32> = (0..batch * plan.input_len)
-            .map(|i| ((i * 7919 % 1009) as f32) / 1009.0)
-            .collect();
-        let labels: Vec<u8> = (0..batch).map(|i| (i % 3) as u8).collect();
-        let mut fused = Executor::new(&plan, 1);
-        let mut separate = Executor::new(&plan, 1);
-        separate.shards[0].ws.fuse = false;
-        let a = fused.train_step(&params, &x, &labels, 0);
-        let b = separate.train_step(&params, &x, &labels, 0);
-        assert!((a.loss_sum - b.loss_sum).abs() < 1e-5 * b.loss_sum.abs());
-        assert_eq!(a.correct, b.correct);
-        for (p, (got, want)) in fused.grads.iter().zip(&separate.grads).enumerate() {
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(scale > 0.0, "{}: no gradient", plan.params[p].name);
-            for (g, w) in got.iter().zip(want) {
+        let mut params = plan.init_params(3);
+        // Biases away from zero, so adding them after the max is exercised.
+        for conv in [0, 2] {
+            let Op::Conv(op) = &plan.ops[conv] else {
+                panic!("op {conv} is a conv")
+            };
+            for (j, b) in params[op.weight + 1].iter_mut().enumerate() {
+                *b = 0.05 * j as f32 - 0.1;
+            }
+        }
+        // Several steps on the same executors, the batch shrinking and growing again (buffers
+        // keep their largest size), over one shard and over shards of which some are empty.
+        for shards in [1, 4] {
+            let mut fused = Executor::new(&plan, shards);
+            let mut separate = Executor::new(&plan, shards);
+            for shard in &mut separate.shards {
+                shard.ws.fuse = false;
+            }
+            for (step, batch) in [2 * CONV_CHUNK + 3, 5, 3, 2 * CONV_CHUNK + 3]
+                .into_iter()
+                .enumerate()
+            {
+                let x: Vec<f32> = (0..batch * plan.input_len)
+                    .map(|i| (((i + step * 31) * 7919 % 1009) as f32) / 1009.0)
+                    .collect();
+                let labels: Vec<u8> = (0..batch).map(|i| ((i + step) % 3) as u8).collect();
+                let a = fused.train_step(&params, &x, &labels, 0);
+                let b = separate.train_step(&params, &x, &labels, 0);
+                let what = format!("{shards} shard(s), step {step}, batch {batch}");
                 assert!(
-                    (g - w).abs() <= 1e-4 * scale,
-                    "{}: {g} vs {w}",
-                    plan.params[p].name
+                    (a.loss_sum - b.loss_sum).abs() < 1e-5 * b.loss_sum.abs(),
+                    "{what}: loss {} vs {}",
+                    a.loss_sum,
+                    b.loss_sum
                 );
+                assert_eq!(a.correct, b.correct, "{what}");
+                for (p, (got, want)) in fused.grads.iter().zip(&separate.grads).enumerate() {
+                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    assert!(
+                        scale > 0.0,
+                        "{what}: {} has no gradient",
+                        plan.params[p].name
+                    );
+                    for (g, w) in got.iter().zip(want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * scale,
+                            "{what}: {}: {g} vs {w}",
+                            plan.params[p].name
+                        );
+                    }
+                }
             }
         }
     }

@@ -129,6 +129,28 @@ fn matmul_strided(
 mod tests {
     use super::*;
 
+    /// A row range of a row-major view and of a transposed one reads the right values.
+    #[test]
+    fn row_ranges_of_plain_and_transposed_views() {
+        let data: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let plain = MatRef::new(&data, 4, 3); // rows [0 1 2] [3 4 5] [6 7 8] [9 10 11]
+        let ones = [1.0f32; 3];
+        let mut dst = [0.0f32; 2];
+        // Row sums of rows 1..3: 3+4+5, 6+7+8.
+        matmul(&mut dst, plain.rows(1, 2), MatRef::new(&ones, 3, 1), false);
+        assert_eq!(dst, [12.0, 21.0]);
+        // The transposed view is 3 x 4 (columns of `plain`); its rows 1..3 are columns 1
+        // and 2: 1+4+7+10, 2+5+8+11.
+        let ones = [1.0f32; 4];
+        matmul(
+            &mut dst,
+            plain.t().rows(1, 2),
+            MatRef::new(&ones, 4, 1),
+            false,
+        );
+        assert_eq!(dst, [22.0, 26.0]);
+    }
+
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
         for i in 0..m {

@@ -133,6 +133,15 @@ fn patch_matrix<'a>(op: &ConvOp, patches: &'a [f32], pixels: usize) -> MatRef<'a
     }
 }
 
+/// `v[..len]`, growing `v` (with zeros) only when it is shorter: per-chunk and per-layer
+/// buffers whose length changes keep their largest size instead of being cleared again.
+pub(crate) fn grown(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
 /// Writes `bias` into every row of `out` (`rows x bias.len()`), ready for an accumulating GEMM.
 fn fill_bias(out: &mut [f32], bias: &[f32], rows: usize) {
     for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
@@ -439,7 +448,7 @@ pub fn conv_relu_max_pool_forward(
             im2col(conv, &x[start * in_len..(start + n) * in_len], n, patches);
             MatRef::new(patches, rows, k)
         };
-        pre.resize(rows * filters, 0.0);
+        let pre = grown(pre, rows * filters);
         matmul(pre, a, MatRef::new(weight, filters, k).t(), false);
         relu_max_pool_into(
             pool,
@@ -498,12 +507,17 @@ pub fn conv_relu_max_pool_backward(
     let k = conv.patch_len();
     let in_len = conv.input.iter().product::<usize>();
     let pooled = pool.output.iter().product::<usize>();
+    if batch == 0 {
+        dweight.fill(0.0);
+        dbias.fill(0.0);
+        return;
+    }
     let mut start = 0;
     while start < batch {
         let n = chunk.min(batch - start);
         let rows = n * pixels;
         let p = start * pooled..(start + n) * pooled;
-        dpre.resize(rows * filters, 0.0);
+        let dpre = grown(dpre, rows * filters);
         relu_max_pool_backward(pool, &out[p.clone()], &argmax[p.clone()], &grad[p], n, dpre);
         column_sums(&dpre[..rows * filters], filters, dbias, start > 0);
         let a = if conv.is_tap_major() {
@@ -515,7 +529,7 @@ pub fn conv_relu_max_pool_backward(
         // dW [filters, k] += dpre^T [filters, rows] * patches [rows, k]
         matmul(dweight, MatRef::new(dpre, rows, filters).t(), a, start > 0);
         if let Some(dx) = dx.as_deref_mut() {
-            scratch.resize(rows * k, 0.0);
+            let scratch = grown(scratch, rows * k);
             // dpatches [rows, k] = dpre [rows, filters] * W [filters, k]
             matmul(
                 scratch,
@@ -702,7 +716,10 @@ pub fn relu_max_pool_forward(
 /// [`relu_max_pool_forward`] into slices of at least `batch * oh * ow * c` values, adding
 /// `bias` (`[c]`) to each window's maximum before the ReLU when given. Adding a per-channel
 /// constant after the max gives the same value, bit for bit, as adding it to every cell
-/// before (rounding is monotone), on a quarter of the values for 2x2 windows.
+/// before (rounding is monotone), on a quarter of the values for 2x2 windows. The winning
+/// cell is then the first maximum of the unbiased values: where rounding makes two cells
+/// equal only once the bias is added, it may be a later cell than a max-pool of the biased
+/// values picks; both are valid subgradients.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw+avx512dq", "x86_64+avx2+fma"))]
 fn relu_max_pool_into(
     op: &PoolOp,
@@ -1086,6 +1103,32 @@ mod tests {
                 close(&db, &want_db, &what);
                 if with_dx {
                     close(&dx, &want_dx, &what);
+                }
+                // And from the fused pass's own pooled values and winners, which must be
+                // laid out as the separate pass's are.
+                let (mut dw2, mut db2) = (vec![f32::NAN; weight.len()], vec![f32::NAN; filters]);
+                let mut dx2 = vec![f32::NAN; x.len()];
+                conv_relu_max_pool_backward(
+                    &conv,
+                    &pool,
+                    &weight,
+                    &x,
+                    &out,
+                    &argmax,
+                    &grad,
+                    batch,
+                    chunk,
+                    &mut dw2,
+                    &mut db2,
+                    &mut p2,
+                    &mut pre2,
+                    &mut Vec::new(),
+                    with_dx.then_some(&mut dx2[..]),
+                );
+                close(&dw2, &want_dw, &what);
+                close(&db2, &want_db, &what);
+                if with_dx {
+                    close(&dx2, &want_dx, &what);
                 }
             }
         }
