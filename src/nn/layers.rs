@@ -268,18 +268,45 @@ pub fn conv_backward(
 ) {
     let rows = batch * op.output[0] * op.output[1];
     let filters = op.output[2];
-    let k = op.patch_len();
     column_sums(&grad[..rows * filters], filters, dbias, false);
-    // dW [filters, k] = grad^T [filters, rows] * patches [rows, k]
+    if dx.is_some() {
+        assert!(!op.is_tap_major(), "tap-major convs have no input gradient");
+    }
+    let patches = patch_matrix(op, patches, rows);
+    conv_gemm_gradients(
+        op, weight, patches, grad, batch, dweight, false, scratch, dx,
+    );
+}
+
+/// The GEMMs of a conv's gradient over `batch` images (a whole batch or one chunk):
+/// `dweight` (`[filters, k]`) gets `grad^T * patches` (added to it when `accumulate`), and,
+/// when `dx` is given (`[batch, h, w, in]`), the patch gradients `grad * W` go through
+/// `scratch` and are folded onto it ([`col2im`]). `grad` is `[batch * oh * ow, filters]`,
+/// `patches` the `[batch * oh * ow, k]` unfolded input.
+#[allow(clippy::too_many_arguments)]
+fn conv_gemm_gradients(
+    op: &ConvOp,
+    weight: &[f32],
+    patches: MatRef<'_>,
+    grad: &[f32],
+    batch: usize,
+    dweight: &mut [f32],
+    accumulate: bool,
+    scratch: &mut Vec<f32>,
+    dx: Option<&mut [f32]>,
+) {
+    let rows = batch * op.output[0] * op.output[1];
+    let filters = op.output[2];
+    let k = op.patch_len();
+    // dW [filters, k] (+)= grad^T [filters, rows] * patches [rows, k]
     matmul(
         dweight,
         MatRef::new(grad, rows, filters).t(),
-        patch_matrix(op, patches, rows),
-        false,
+        patches,
+        accumulate,
     );
     if let Some(dx) = dx {
-        assert!(!op.is_tap_major(), "tap-major convs have no input gradient");
-        scratch.resize(rows * k, 0.0);
+        let scratch = grown(scratch, rows * k);
         // dpatches [rows, k] = grad [rows, filters] * W [filters, k]
         matmul(
             scratch,
@@ -288,6 +315,27 @@ pub fn conv_backward(
             false,
         );
         col2im(op, scratch, batch, dx);
+    }
+}
+
+/// The unfolded input of images `start..start + n` of a `batch`, as a `[n * oh * ow, k]`
+/// matrix: rows of the whole batch's patches for a tap-major conv (unfolded once by the
+/// caller, [`im2col_tap_major`]), else that chunk unfolded now into `patches` ([`im2col`]).
+fn chunk_patches<'a>(
+    op: &ConvOp,
+    x: &[f32],
+    batch: usize,
+    start: usize,
+    n: usize,
+    patches: &'a mut Vec<f32>,
+) -> MatRef<'a> {
+    let pixels = op.output[0] * op.output[1];
+    if op.is_tap_major() {
+        patch_matrix(op, patches, batch * pixels).rows(start * pixels, n * pixels)
+    } else {
+        let in_len = op.input.iter().product::<usize>();
+        im2col(op, &x[start * in_len..(start + n) * in_len], n, patches);
+        MatRef::new(patches, n * pixels, op.patch_len())
     }
 }
 
@@ -321,36 +369,17 @@ pub fn conv_backward_chunked(
     assert!(chunk > 0, "chunks of at least one image");
     let pixels = op.output[0] * op.output[1];
     let filters = op.output[2];
-    let k = op.patch_len();
     let in_len = op.input.iter().product::<usize>();
     column_sums(&grad[..batch * pixels * filters], filters, dbias, false);
     let mut start = 0;
     while start < batch {
         let n = chunk.min(batch - start);
-        let rows = n * pixels;
         let g = &grad[start * pixels * filters..(start + n) * pixels * filters];
-        im2col(op, &x[start * in_len..(start + n) * in_len], n, patches);
-        matmul(
-            dweight,
-            MatRef::new(g, rows, filters).t(),
-            MatRef::new(patches, rows, k),
-            start > 0,
-        );
-        if let Some(dx) = dx.as_deref_mut() {
-            scratch.resize(rows * k, 0.0);
-            matmul(
-                scratch,
-                MatRef::new(g, rows, filters),
-                MatRef::new(weight, filters, k),
-                false,
-            );
-            col2im(
-                op,
-                scratch,
-                n,
-                &mut dx[start * in_len..(start + n) * in_len],
-            );
-        }
+        let a = chunk_patches(op, x, batch, start, n, patches);
+        let dx = dx
+            .as_deref_mut()
+            .map(|dx| &mut dx[start * in_len..(start + n) * in_len]);
+        conv_gemm_gradients(op, weight, a, g, n, dweight, start > 0, scratch, dx);
         start += n;
     }
 }
@@ -431,7 +460,6 @@ pub fn conv_relu_max_pool_forward(
     let pixels = conv.output[0] * conv.output[1];
     let filters = conv.output[2];
     let k = conv.patch_len();
-    let in_len = conv.input.iter().product::<usize>();
     let pooled = pool.output.iter().product::<usize>();
     out.resize(batch * pooled, 0.0);
     argmax.resize(batch * pooled, 0);
@@ -442,12 +470,7 @@ pub fn conv_relu_max_pool_forward(
     while start < batch {
         let n = chunk.min(batch - start);
         let rows = n * pixels;
-        let a = if conv.is_tap_major() {
-            patch_matrix(conv, patches, batch * pixels).rows(start * pixels, rows)
-        } else {
-            im2col(conv, &x[start * in_len..(start + n) * in_len], n, patches);
-            MatRef::new(patches, rows, k)
-        };
+        let a = chunk_patches(conv, x, batch, start, n, patches);
         let pre = grown(pre, rows * filters);
         matmul(pre, a, MatRef::new(weight, filters, k).t(), false);
         relu_max_pool_into(
@@ -504,7 +527,6 @@ pub fn conv_relu_max_pool_backward(
     );
     let pixels = conv.output[0] * conv.output[1];
     let filters = conv.output[2];
-    let k = conv.patch_len();
     let in_len = conv.input.iter().product::<usize>();
     let pooled = pool.output.iter().product::<usize>();
     if batch == 0 {
@@ -519,31 +541,12 @@ pub fn conv_relu_max_pool_backward(
         let p = start * pooled..(start + n) * pooled;
         let dpre = grown(dpre, rows * filters);
         relu_max_pool_backward(pool, &out[p.clone()], &argmax[p.clone()], &grad[p], n, dpre);
-        column_sums(&dpre[..rows * filters], filters, dbias, start > 0);
-        let a = if conv.is_tap_major() {
-            patch_matrix(conv, patches, batch * pixels).rows(start * pixels, rows)
-        } else {
-            im2col(conv, &x[start * in_len..(start + n) * in_len], n, patches);
-            MatRef::new(patches, rows, k)
-        };
-        // dW [filters, k] += dpre^T [filters, rows] * patches [rows, k]
-        matmul(dweight, MatRef::new(dpre, rows, filters).t(), a, start > 0);
-        if let Some(dx) = dx.as_deref_mut() {
-            let scratch = grown(scratch, rows * k);
-            // dpatches [rows, k] = dpre [rows, filters] * W [filters, k]
-            matmul(
-                scratch,
-                MatRef::new(dpre, rows, filters),
-                MatRef::new(weight, filters, k),
-                false,
-            );
-            col2im(
-                conv,
-                scratch,
-                n,
-                &mut dx[start * in_len..(start + n) * in_len],
-            );
-        }
+        column_sums(dpre, filters, dbias, start > 0);
+        let a = chunk_patches(conv, x, batch, start, n, patches);
+        let dx = dx
+            .as_deref_mut()
+            .map(|dx| &mut dx[start * in_len..(start + n) * in_len]);
+        conv_gemm_gradients(conv, weight, a, dpre, n, dweight, start > 0, scratch, dx);
         start += n;
     }
 }
