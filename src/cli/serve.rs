@@ -45,8 +45,9 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub device: super::DeviceArgs,
     /// Images per forward pass at most when merging requests, 1 to 4096; 1 (the default,
-    /// as TF Serving's batching is off by default) runs each request on its own: on CPU
-    /// our kernels cost the same per image in batches, so merging only adds waiting (README)
+    /// as TF Serving's batching is off by default) runs each request on its own, on the
+    /// HTTP worker thread that read it (one engine per `--threads` worker): on CPU our
+    /// kernels cost the same per image in batches, so merging only adds waiting (README)
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = max_batch)]
     pub max_batch: usize,
     /// Microseconds to wait for more requests after the first of a batch, 0 to 1000000 (0:

@@ -1,5 +1,14 @@
-//! Dynamic batching: images from many requests are merged into one forward pass.
+//! Running a model version's forward passes for the server: inline or batched.
 //!
+//! **Inline** (`--max-batch 1` on our CPU kernels, the default): every HTTP worker thread
+//! runs its request's forward pass itself, on an engine of its own taken from a pool (one
+//! engine per worker thread, weights included). No request waits for another's pass and
+//! none is handed to another thread and back: that hand-off (a futex wake, two context
+//! switches) cost about as much as a whole batch-1 pass of the reference CNN. A worker
+//! is busy for the length of one pass, so this suits models whose pass takes well under
+//! a millisecond or so; bigger models want `--max-batch` above 1.
+//!
+//! **Dynamic batching**: images from many requests are merged into one forward pass.
 //! One worker thread owns the model's [`Engine`]. It takes the first queued request,
 //! then keeps taking requests until `max_batch` images are gathered or `max_wait` has
 //! passed since the first, runs them as one batch and hands each request its logits.
@@ -13,6 +22,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -78,10 +88,96 @@ pub struct BatchStats {
     pub waits: Vec<Duration>,
 }
 
-/// The sending side of a model's batching worker; cheap to share across handlers.
+/// How a model version's forward passes run; shared by the handlers.
 pub struct Batcher {
-    jobs: SyncSender<Job>,
+    mode: Mode,
     input_len: usize,
+}
+
+enum Mode {
+    /// Queued to a batching thread.
+    Thread(SyncSender<Job>),
+    /// Run by the caller on a pooled engine.
+    Inline(Pool),
+}
+
+/// Engines for inline passes: a caller takes one, runs and puts it back, never holding
+/// it across an `.await`, so a caller that finds the pool empty (more threads calling
+/// than engines) waits at most one forward pass.
+struct Pool {
+    engines: Mutex<Vec<Box<dyn Engine>>>,
+    returned: Condvar,
+    classes: usize,
+    on_batch: Box<dyn Fn(BatchStats) + Send + Sync>,
+}
+
+impl Pool {
+    fn take(&self) -> Box<dyn Engine> {
+        // A poisoned lock only means a panic elsewhere between take and put (there is
+        // none: passes run outside it); the engines in it are whole.
+        let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(engine) = engines.pop() {
+                return engine;
+            }
+            engines = self
+                .returned
+                .wait(engines)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn put(&self, engine: Box<dyn Engine>) {
+        self.engines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(engine);
+        self.returned.notify_one();
+    }
+
+    fn run(&self, images: &[f32], count: usize) -> Result<Vec<f32>, BatchError> {
+        let queued_at = Instant::now();
+        let mut engine = self.take();
+        let mut logits = Vec::with_capacity(count * self.classes);
+        let started = Instant::now();
+        // Flush-to-zero as on the batching thread, for this pass only (the worker's
+        // own float work, softmax included, keeps subnormals).
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            crate::nn::denormals::with_denormals_flushed(|| {
+                engine.predict(images, count, &mut logits)
+            })
+        }));
+        let compute = started.elapsed();
+        self.put(engine);
+        if let Some(why) = failure(ran) {
+            crate::io::log_line(format_args!(
+                "mlops serve: the forward pass failed on a request of {count} images: {why}"
+            ));
+            return Err(BatchError::Failed);
+        }
+        (self.on_batch)(BatchStats {
+            images: count,
+            compute,
+            // Waiting for a free engine (none, unless more threads call than engines).
+            waits: vec![started.saturating_duration_since(queued_at)],
+        });
+        Ok(logits)
+    }
+}
+
+/// Why a forward pass gave no logits: its error, or what it panicked with.
+fn failure(ran: std::thread::Result<crate::Result<()>>) -> Option<String> {
+    match ran {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default(),
+        ),
+    }
 }
 
 impl Batcher {
@@ -103,18 +199,53 @@ impl Batcher {
                 crate::nn::denormals::flush_denormals_on_this_thread();
                 run_worker(engine.as_mut(), &queue, config, &on_batch)
             })?;
-        Ok(Batcher { jobs, input_len })
+        Ok(Batcher {
+            mode: Mode::Thread(jobs),
+            input_len,
+        })
     }
 
-    /// Queues `count` images (`[count, h, w, c]`, preprocessed) and returns where their
-    /// logits (`[count, classes]`) will arrive; refused at once when the queue is full.
+    /// Runs passes inline ([module docs](self)) on `engines`, all of one model version;
+    /// `on_batch` is called after every pass (from the caller's thread).
+    ///
+    /// # Panics
+    /// When `engines` is empty.
+    pub fn inline(
+        engines: Vec<Box<dyn Engine>>,
+        on_batch: impl Fn(BatchStats) + Send + Sync + 'static,
+    ) -> Self {
+        let plan = engines.first().expect("at least one engine").plan();
+        let (input_len, classes) = (plan.input_len, plan.classes);
+        Batcher {
+            mode: Mode::Inline(Pool {
+                engines: Mutex::new(engines),
+                returned: Condvar::new(),
+                classes,
+                on_batch: Box::new(on_batch),
+            }),
+            input_len,
+        }
+    }
+
+    /// Logits (`[count, classes]`) of `count` preprocessed images (`[count, h, w, c]`):
+    /// run here (inline) or queued to the batching thread and awaited.
     ///
     /// # Errors
-    /// - [`BatchError::Shape`] when `count` is 0 or `images` does not hold `count` images
-    ///   of the model's input length.
-    /// - [`BatchError::Overloaded`] when [`QUEUE_JOBS`] requests are already waiting.
-    /// - [`BatchError::Stopped`] when the worker thread has ended.
-    pub fn submit(&self, images: Vec<f32>, count: usize) -> Result<Answer, BatchError> {
+    /// As [`Batcher::submit`], and [`BatchError::Failed`] when the pass failed.
+    pub async fn run(&self, images: &[f32], count: usize) -> Result<Vec<f32>, BatchError> {
+        match &self.mode {
+            Mode::Inline(pool) => {
+                self.check(images, count)?;
+                pool.run(images, count)
+            }
+            Mode::Thread(_) => self
+                .submit(images.to_vec(), count)?
+                .await
+                .map_err(|_| BatchError::Stopped)?,
+        }
+    }
+
+    fn check(&self, images: &[f32], count: usize) -> Result<(), BatchError> {
         if count == 0 || images.len() != count * self.input_len {
             return Err(BatchError::Shape {
                 values: images.len(),
@@ -122,14 +253,35 @@ impl Batcher {
                 per_image: self.input_len,
             });
         }
+        Ok(())
+    }
+
+    /// Queues `count` images (`[count, h, w, c]`, preprocessed) and returns where their
+    /// logits (`[count, classes]`) will arrive; refused at once when the queue is full.
+    /// Inline, the pass runs here and the answer is already there.
+    ///
+    /// # Errors
+    /// - [`BatchError::Shape`] when `count` is 0 or `images` does not hold `count` images
+    ///   of the model's input length.
+    /// - [`BatchError::Overloaded`] when [`QUEUE_JOBS`] requests are already waiting.
+    /// - [`BatchError::Stopped`] when the worker thread has ended.
+    pub fn submit(&self, images: Vec<f32>, count: usize) -> Result<Answer, BatchError> {
+        self.check(&images, count)?;
         let (reply, answer) = oneshot::channel();
+        let jobs = match &self.mode {
+            Mode::Thread(jobs) => jobs,
+            Mode::Inline(pool) => {
+                let _ = reply.send(pool.run(&images, count));
+                return Ok(answer);
+            }
+        };
         let job = Job {
             images,
             count,
             reply,
             queued_at: Instant::now(),
         };
-        match self.jobs.try_send(job) {
+        match jobs.try_send(job) {
             Ok(()) => Ok(answer),
             Err(TrySendError::Full(_)) => Err(BatchError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(BatchError::Stopped),
@@ -186,18 +338,7 @@ fn run_worker(
         let started = Instant::now();
         let ran = catch_unwind(AssertUnwindSafe(|| engine.predict(&x, images, &mut logits)));
         let compute = started.elapsed();
-        let failure = match ran {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(panic) => Some(
-                panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default(),
-            ),
-        };
-        if let Some(why) = failure {
+        if let Some(why) = failure(ran) {
             crate::io::log_line(format_args!(
                 "mlops serve: the forward pass failed on a batch of {images} images: {why}"
             ));
@@ -299,5 +440,98 @@ mod tests {
             batcher.submit(vec![0.0; 700], 1),
             Err(BatchError::Shape { .. })
         ));
+    }
+
+    /// A CPU engine that panics on an image whose first value is negative (a kernel bug
+    /// stands in for), and counts its passes.
+    struct Flaky {
+        inner: Box<dyn Engine>,
+        passes: Arc<AtomicUsize>,
+    }
+
+    impl Engine for Flaky {
+        fn predict(&mut self, x: &[f32], batch: usize, logits: &mut Vec<f32>) -> crate::Result<()> {
+            assert!(x[0] >= 0.0, "a kernel bug");
+            self.passes.fetch_add(1, Ordering::SeqCst);
+            self.inner.predict(x, batch, logits)
+        }
+        fn plan(&self) -> &Plan {
+            self.inner.plan()
+        }
+        fn compute(&self) -> String {
+            self.inner.compute()
+        }
+        fn preprocess(&self) -> &crate::data::Preprocess {
+            self.inner.preprocess()
+        }
+    }
+
+    /// Inline: requests from more threads than engines each get their own images'
+    /// logits (callers wait for a free engine), every pass is reported, a pass that
+    /// panics fails only its request and its engine goes on serving, and values that are
+    /// not whole images are refused before any pass.
+    #[test]
+    fn inline_passes_share_a_pool_of_engines() {
+        let passes = Arc::new(AtomicUsize::new(0));
+        let reported = Arc::new(AtomicUsize::new(0));
+        let engines: Vec<Box<dyn Engine>> = (0..2)
+            .map(|_| {
+                Box::new(Flaky {
+                    inner: session(),
+                    passes: passes.clone(),
+                }) as Box<dyn Engine>
+            })
+            .collect();
+        let counted = reported.clone();
+        let batcher = Arc::new(Batcher::inline(engines, move |stats| {
+            assert_eq!(stats.waits.len(), 1);
+            counted.fetch_add(stats.images, Ordering::SeqCst);
+        }));
+        let mut alone = session();
+        let want: Vec<Vec<f32>> = (0..6)
+            .map(|i| {
+                let mut logits = Vec::new();
+                alone.predict(&image(i), 1, &mut logits).unwrap();
+                logits
+            })
+            .collect();
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let batcher = batcher.clone();
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|_| {
+                            let answer = batcher.submit(image(i), 1).unwrap();
+                            answer.blocking_recv().unwrap().unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (i, thread) in threads.into_iter().enumerate() {
+            for logits in thread.join().unwrap() {
+                assert_eq!(logits, want[i], "thread {i}");
+            }
+        }
+        assert_eq!(passes.load(Ordering::SeqCst), 120);
+        assert_eq!(reported.load(Ordering::SeqCst), 120);
+        let mut bad = image(0);
+        bad[0] = -1.0;
+        let failed = batcher.submit(bad, 1).unwrap().blocking_recv().unwrap();
+        assert_eq!(failed, Err(BatchError::Failed));
+        // Both engines still serve (one of them just panicked).
+        let pair: Vec<f32> = image(0).into_iter().chain(image(1)).collect();
+        for _ in 0..4 {
+            let logits = batcher.submit(pair.clone(), 2).unwrap().blocking_recv();
+            assert_eq!(
+                logits.unwrap().unwrap(),
+                [want[0].clone(), want[1].clone()].concat()
+            );
+        }
+        assert!(matches!(
+            batcher.submit(vec![0.0; 700], 1),
+            Err(BatchError::Shape { .. })
+        ));
+        assert_eq!(passes.load(Ordering::SeqCst), 124);
     }
 }

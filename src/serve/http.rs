@@ -645,7 +645,7 @@ async fn logits(
 ) -> Result<(Vec<f32>, &'static str), ApiError> {
     let remote = state.remote.as_ref();
     if model.cache.is_none() && remote.is_none() {
-        let computed = run(model, batch.images.clone(), batch.count).await?;
+        let computed = run(model, &batch.images, batch.count).await?;
         return Ok((computed, "off"));
     }
     let len = model.shape.input_len();
@@ -716,7 +716,7 @@ async fn logits(
     for &i in &missing {
         images.extend_from_slice(&batch.images[i * len..(i + 1) * len]);
     }
-    let computed = run(model, images, missing.len()).await?;
+    let computed = run(model, &images, missing.len()).await?;
     let mut to_remote = Vec::new();
     for (row, &i) in computed.chunks_exact(classes).zip(&missing) {
         out[i * classes..(i + 1) * classes].copy_from_slice(row);
@@ -754,10 +754,9 @@ fn count_cache(state: &AppState, model: &Model, level: &str, hits: usize, misses
         .inc_by(misses as u64);
 }
 
-/// Runs images through the model's batcher.
-async fn run(model: &Model, images: Vec<f32>, count: usize) -> Result<Vec<f32>, ApiError> {
-    let answer = model.batcher.submit(images, count)?;
-    Ok(answer.await.map_err(|_| BatchError::Stopped)??)
+/// Runs images through the model (inline or on its batching thread).
+async fn run(model: &Model, images: &[f32], count: usize) -> Result<Vec<f32>, ApiError> {
+    Ok(model.batcher.run(images, count).await?)
 }
 
 /// `POST /v1/models/NAME:predict` (the latest version).

@@ -22,7 +22,7 @@ use super::registry::{Registry, Served, VersionState, VersionStatus};
 use super::repository::{self, ModelConfigList};
 use crate::artifact::Artifact;
 use crate::report::FileRecord;
-use crate::runtime::{CpuEngine, Runtime};
+use crate::runtime::{CpuEngine, Engine, Runtime};
 
 /// Where the repository is and how it is watched.
 #[derive(Debug, Clone)]
@@ -40,13 +40,17 @@ pub(crate) struct Loader {
     pub runtime: Option<Arc<dyn Runtime>>,
     pub model_threads: usize,
     pub batch: BatchConfig,
+    /// Engines per version for inline passes (one per HTTP worker thread); 0: a
+    /// batching thread. Inline needs our CPU kernels (no `runtime`) and `max_batch` 1.
+    pub inline_engines: usize,
     pub cache_images: usize,
     pub metrics: Arc<Metrics>,
 }
 
 impl Loader {
-    /// Loads `artifact` as version `version` of `name`: its engine, one warm-up forward
-    /// pass on a blank image (which must give finite logits), and its batching thread.
+    /// Loads `artifact` as version `version` of `name`: its engine (or one per HTTP worker
+    /// thread, inline), one warm-up forward pass on a blank image (which must give finite
+    /// logits), and its batching thread unless inline.
     ///
     /// # Errors
     /// As [`Runtime::load`] / [`CpuEngine::new`]; [`crate::Error::Config`] when the
@@ -85,14 +89,27 @@ impl Loader {
         let batch_images = self.metrics.batch_images.with_label_values(&labels);
         let queue = self.metrics.queue_seconds.with_label_values(&labels);
         let compute = self.metrics.compute_seconds.with_label_values(&labels);
-        let batcher = Batcher::spawn(engine, self.batch, move |stats| {
+        let on_batch = move |stats: super::batcher::BatchStats| {
             batch_images.observe(stats.images as f64);
             compute.observe(stats.compute.as_secs_f64());
             for wait in stats.waits {
                 queue.observe(wait.as_secs_f64());
             }
-        })
-        .map_err(|e| crate::Error::io("start the batching thread for", &record.path, e))?;
+        };
+        let batcher = if self.inline_engines > 0 && self.runtime.is_none() {
+            let mut engines = vec![engine];
+            for _ in 1..self.inline_engines {
+                let mut more: Box<dyn Engine> =
+                    Box::new(CpuEngine::new(artifact, self.model_threads.max(1))?);
+                // Its buffers sized now, not by the first request it serves.
+                more.predict(&blank, 1, &mut logits)?;
+                engines.push(more);
+            }
+            Batcher::inline(engines, on_batch)
+        } else {
+            Batcher::spawn(engine, self.batch, on_batch)
+                .map_err(|e| crate::Error::io("start the batching thread for", &record.path, e))?
+        };
         Ok(Model {
             name: name.to_string(),
             version,

@@ -2,8 +2,10 @@
 //!
 //! Speaks the JSON forms of TF Serving's REST predict API and KServe's Open Inference
 //! Protocol v2 ([`protocol`]; versioned routes and the binary tensor extension), so the clients
-//! and health checks teams already have can talk to it. Requests
-//! from all connections are merged into batches ([`batcher`]), repeated images are
+//! and health checks teams already have can talk to it. Each request's forward pass runs
+//! on the HTTP worker thread that read it, on an engine of that thread's own, or, with
+//! `--max-batch` above 1, requests from all connections are merged into batches on one
+//! thread per model ([`batcher`]); repeated images are
 //! answered from an LRU cache ([`cache`]), requests can be required to carry an
 //! HMAC-SHA256 signature ([`signing`]), and `GET /metrics` exposes Prometheus metrics
 //! ([`metrics`]). Every artifact runs through the same `runtime::Engine` as `eval` and
@@ -24,6 +26,7 @@ pub mod protocol;
 mod registry;
 pub mod remote;
 pub mod repository;
+mod scan;
 pub mod signing;
 
 pub use loader::RepositoryConfig;
@@ -47,7 +50,8 @@ use signing::Signer;
 pub struct ServeConfig {
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
-    /// Threads answering HTTP requests (parsing, cache, JSON answers).
+    /// Threads answering HTTP requests (parsing, cache, JSON answers) and, when nothing
+    /// is batched, running their forward passes (one engine per thread and version).
     pub threads: usize,
     /// Threads of each model's forward pass (batch shards). 1 is usually best: the other
     /// cores are busy with HTTP, and handing a small batch to a second thread cost more
@@ -171,6 +175,12 @@ pub fn serve(
         runtime: config.runtime.map(Arc::from),
         model_threads: config.model_threads,
         batch: config.batch,
+        // Inline passes (batcher module docs) when nothing is batched, on our kernels.
+        inline_engines: if config.batch.max_batch == 1 {
+            config.threads.max(1)
+        } else {
+            0
+        },
         cache_images: config.cache_images,
         metrics: metrics.clone(),
     };
