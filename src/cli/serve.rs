@@ -55,7 +55,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "US", value_parser = batch_wait_us)]
     pub batch_wait_us: u64,
     /// Threads of each model's forward pass, 1 to 1024 (`--threads` sets the HTTP worker
-    /// threads)
+    /// threads); above 1, passes run on one thread per model, as with batching
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = model_threads)]
     pub model_threads: usize,
     /// Images whose predictions each model keeps (LRU), 0 to 1000000; 0 turns the cache off

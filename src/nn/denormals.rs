@@ -18,7 +18,8 @@ pub fn flush_denormals_on_this_thread() {
 
 /// Runs `f` with FTZ and DAZ set on the calling thread, then restores the thread's own
 /// setting: for kernels run on threads this crate does not own (the server's HTTP
-/// workers), whose other float work must keep IEEE subnormals.
+/// workers), which must compute as on its own threads without changing the caller's
+/// setting for the rest of its work.
 pub fn with_denormals_flushed<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {

@@ -136,12 +136,14 @@ impl Pool {
     }
 
     fn run(&self, images: &[f32], count: usize) -> Result<Vec<f32>, BatchError> {
-        let queued_at = Instant::now();
-        let mut engine = self.take();
         let mut logits = Vec::with_capacity(count * self.classes);
+        let queued_at = Instant::now();
+        // Nothing between take and put may panic outside `catch_unwind`: the engine would
+        // be lost to the pool.
+        let mut engine = self.take();
         let started = Instant::now();
-        // Flush-to-zero as on the batching thread, for this pass only (the worker's
-        // own float work, softmax included, keeps subnormals).
+        // Flush-to-zero for the pass, as on the batching thread, whatever the worker's
+        // own setting (the CLI's threads inherit it from the main thread).
         let ran = catch_unwind(AssertUnwindSafe(|| {
             crate::nn::denormals::with_denormals_flushed(|| {
                 engine.predict(images, count, &mut logits)

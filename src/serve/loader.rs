@@ -41,7 +41,8 @@ pub(crate) struct Loader {
     pub model_threads: usize,
     pub batch: BatchConfig,
     /// Engines per version for inline passes (one per HTTP worker thread); 0: a
-    /// batching thread. Inline needs our CPU kernels (no `runtime`) and `max_batch` 1.
+    /// batching thread. Inline needs our CPU kernels (no `runtime`), `max_batch` 1 and
+    /// `model_threads` 1.
     pub inline_engines: usize,
     pub cache_images: usize,
     pub metrics: Arc<Metrics>,

@@ -175,8 +175,10 @@ pub fn serve(
         runtime: config.runtime.map(Arc::from),
         model_threads: config.model_threads,
         batch: config.batch,
-        // Inline passes (batcher module docs) when nothing is batched, on our kernels.
-        inline_engines: if config.batch.max_batch == 1 {
+        // Inline passes (batcher module docs) when nothing is batched, on our kernels, one
+        // thread per pass (several inline passes sharded over the rayon pool would
+        // oversubscribe the cores).
+        inline_engines: if config.batch.max_batch == 1 && config.model_threads == 1 {
             config.threads.max(1)
         } else {
             0

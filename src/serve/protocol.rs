@@ -1514,6 +1514,27 @@ mod tests {
         }
     }
 
+    /// Shapes that are not plain JSON integers of at most 18 digits are serde's to judge.
+    #[test]
+    fn v2_shapes_the_scanner_leaves_to_serde() {
+        for dims in [
+            "-0",
+            "1.0",
+            "01",
+            "1e0",
+            "-1",
+            "1234567890123456789",
+            "\"1\"",
+            "null",
+        ] {
+            let body = format!(
+                r#"{{"inputs": [{{"name": "input", "shape": [{dims}, 2, 2, 1], "datatype": "FP32", "data": [0, 0, 0, 0]}}]}}"#
+            );
+            assert!(v2_scanned(body.as_bytes()).is_none(), "{body}");
+            assert!(parse_v2(body.as_bytes(), &[], &shape()).is_err(), "{body}");
+        }
+    }
+
     fn tf_error(body: Value) -> String {
         parse_tf_serving(body.to_string().as_bytes(), &shape())
             .unwrap_err()

@@ -85,23 +85,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// A list, `item` reading each element.
-    pub(super) fn list(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        self.eat(b'[')?;
-        if self.peek()? == b']' {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            item(self)?;
-            match self.peek()? {
-                b',' => self.at += 1,
-                b']' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+    pub(super) fn list(&mut self, item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.elements(b'[', b']', item)
     }
 
     /// An object, `member` reading each value after its key.
@@ -109,18 +94,30 @@ impl<'a> Cursor<'a> {
         &mut self,
         mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
-        self.eat(b'{')?;
-        if self.peek()? == b'}' {
+        self.elements(b'{', b'}', |cursor| {
+            let key = cursor.string()?;
+            cursor.eat(b':')?;
+            member(cursor, key)
+        })
+    }
+
+    /// `open`, elements separated by commas (none after the last), `close`.
+    fn elements(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut element: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(open)?;
+        if self.peek()? == close {
             self.at += 1;
             return Some(());
         }
         loop {
-            let key = self.string()?;
-            self.eat(b':')?;
-            member(self, key)?;
+            element(self)?;
             match self.peek()? {
                 b',' => self.at += 1,
-                b'}' => {
+                byte if byte == close => {
                     self.at += 1;
                     return Some(());
                 }
@@ -478,6 +475,42 @@ mod tests {
             assert_eq!(g.to_bits(), w.to_bits(), "{}: {g} vs {w}", numbers[i]);
         }
         assert_eq!(got.0.len(), numbers.len());
+    }
+
+    /// 17-19 digit numbers between 0.001 and 1000 (scales within 10^22, so they take the
+    /// approximate path, not std's) next to `f32` rounding midpoints.
+    #[test]
+    fn approximations_near_midpoints_agree_with_serde() {
+        let (low, high) = (0.001f32.to_bits(), 1000f32.to_bits());
+        let mut numbers = Vec::new();
+        for bits in (low..high).step_by(0x0000_3f3f) {
+            let v = f32::from_bits(bits);
+            let midpoint = (f64::from(v) + f64::from(f32::from_bits(bits + 1))) / 2.0;
+            for nudge in -2i64..=2 {
+                let x = f64::from_bits((midpoint.to_bits() as i64 + nudge) as u64);
+                numbers.push(format!("{x:?}"));
+                numbers.push(format!("{x:.17}"));
+            }
+        }
+        let text = format!("[{}]", numbers.join(","));
+        let (want, got) = (by_serde(&text).unwrap(), by_scanner(&text).unwrap());
+        for (i, (g, w)) in got.0.iter().zip(&want.0).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{}: {g} vs {w}", numbers[i]);
+        }
+        assert_eq!(got.0.len(), numbers.len());
+    }
+
+    /// Every prefix of a body (a client that stopped sending) is left to serde or read
+    /// exactly as serde reads it.
+    #[test]
+    fn prefixes_are_left_or_agree() {
+        let text = "[[[0.5], [-1e-3]], [[12], [0.050980392156862744]], [[], [7E+2]]]  ";
+        for end in 0..=text.len() {
+            let prefix = &text[..end];
+            if let Some(got) = by_scanner(prefix) {
+                assert_eq!(Some(got), by_serde(prefix), "{prefix:?}");
+            }
+        }
     }
 
     /// Random bodies: values of every magnitude written the ways clients write them.
