@@ -1083,55 +1083,33 @@ mod tests {
                 // The GEMM's blocking changes with the row count: values agree up to
                 // rounding, and so may the winners of near ties.
                 close(&out, &want_out, &what);
-                let (mut dw, mut db) = (vec![f32::NAN; weight.len()], vec![f32::NAN; filters]);
-                let mut dx = vec![f32::NAN; x.len()];
-                conv_relu_max_pool_backward(
-                    &conv,
-                    &pool,
-                    &weight,
-                    &x,
-                    &want_out,
-                    &want_argmax,
-                    &grad,
-                    batch,
-                    chunk,
-                    &mut dw,
-                    &mut db,
-                    &mut p2,
-                    &mut pre2,
-                    &mut Vec::new(),
-                    with_dx.then_some(&mut dx[..]),
-                );
-                close(&dw, &want_dw, &what);
-                close(&db, &want_db, &what);
-                if with_dx {
-                    close(&dx, &want_dx, &what);
-                }
-                // And from the fused pass's own pooled values and winners, which must be
-                // laid out as the separate pass's are.
-                let (mut dw2, mut db2) = (vec![f32::NAN; weight.len()], vec![f32::NAN; filters]);
-                let mut dx2 = vec![f32::NAN; x.len()];
-                conv_relu_max_pool_backward(
-                    &conv,
-                    &pool,
-                    &weight,
-                    &x,
-                    &out,
-                    &argmax,
-                    &grad,
-                    batch,
-                    chunk,
-                    &mut dw2,
-                    &mut db2,
-                    &mut p2,
-                    &mut pre2,
-                    &mut Vec::new(),
-                    with_dx.then_some(&mut dx2[..]),
-                );
-                close(&dw2, &want_dw, &what);
-                close(&db2, &want_db, &what);
-                if with_dx {
-                    close(&dx2, &want_dx, &what);
+                // Backward from the separate pass's pooled values and winners, and from the
+                // fused pass's own, which must be laid out as the separate pass's are.
+                for (pooled, winners) in [(&want_out, &want_argmax), (&out, &argmax)] {
+                    let (mut dw, mut db) = (vec![f32::NAN; weight.len()], vec![f32::NAN; filters]);
+                    let mut dx = vec![f32::NAN; x.len()];
+                    conv_relu_max_pool_backward(
+                        &conv,
+                        &pool,
+                        &weight,
+                        &x,
+                        pooled,
+                        winners,
+                        &grad,
+                        batch,
+                        chunk,
+                        &mut dw,
+                        &mut db,
+                        &mut p2,
+                        &mut pre2,
+                        &mut Vec::new(),
+                        with_dx.then_some(&mut dx[..]),
+                    );
+                    close(&dw, &want_dw, &what);
+                    close(&db, &want_db, &what);
+                    if with_dx {
+                        close(&dx, &want_dx, &what);
+                    }
                 }
             }
         }
