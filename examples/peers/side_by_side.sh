@@ -22,7 +22,8 @@
 # Environment: DURATION (s per run, default 10), CONCURRENCY ("1 16 64"), MLOPS (binary,
 # default target/release/mlops), VENVS (default /tmp/peers-venvs), OUT (default
 # /tmp/peers-run-DATE), PEERS (default "mlops kserve-default kserve-tuned mlserver-tuned guide"),
-# MLSERVER_WORKERS (0), KERAS_MODEL (fixtures/keras/cnn.keras), PYTHON (python3.11).
+# MLSERVER_WORKERS (0), KERAS_MODEL (fixtures/keras/cnn.keras), PYTHON (python3.11),
+# LOADGEN (hey or oha, default hey; see load.sh).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,7 +38,7 @@ PEERS=${PEERS:-mlops kserve-default kserve-tuned mlserver-tuned guide}
 MLSERVER_WORKERS=${MLSERVER_WORKERS:-0}
 KERAS_MODEL=$(realpath "${KERAS_MODEL:-$root/fixtures/keras/cnn.keras}")
 PYTHON=${PYTHON:-python3.11}
-export DURATION CONCURRENCY="${CONCURRENCY:-1 16 64}" JSON_OUT="$OUT/runs.jsonl"
+export DURATION CONCURRENCY="${CONCURRENCY:-1 16 64}" JSON_OUT="$OUT/runs.jsonl" LOADGEN=${LOADGEN:-hey}
 
 mkdir -p "$OUT" "$VENVS"
 : >"$JSON_OUT"
@@ -182,22 +183,25 @@ for p in $PEERS; do bench "$p" || log "$p failed; see $OUT/$p.log"; done
 # One JSON file with every figure, the versions, and a table.
 {
   echo "mlops $("$MLOPS" --version | awk '{print $2}')"
-  echo "hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null || echo '?')"
+  case $LOADGEN in
+    hey) echo "hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null || echo '?')" ;;
+    *) echo "$("$LOADGEN" --version 2>/dev/null || echo "$LOADGEN ?")" ;;
+  esac
   for v in kserve mlserver guide; do
     [ -x "$VENVS/$v/bin/pip" ] && "$VENVS/$v/bin/pip" freeze 2>/dev/null |
       grep -iE '^(kserve|mlserver|onnxruntime|numpy|fastapi|uvicorn|uvloop|tensorflow[-_]cpu|keras)==' |
       sed "s/^/$v: /"
   done
 } >"$OUT/versions.txt"
-python3 - "$OUT" "$DURATION" "$artifact" "$(nproc)" <<'EOF'
+python3 - "$OUT" "$DURATION" "$artifact" "$(nproc)" "$LOADGEN" <<'EOF'
 import json, sys, datetime
-out, duration, artifact, cores = sys.argv[1:]
+out, duration, artifact, cores, loadgen = sys.argv[1:]
 runs = [json.loads(l) for l in open(f"{out}/runs.jsonl") if l.strip()]
 answers = {a["label"]: a["answer_class"] for a in map(json.loads, open(f"{out}/answers.jsonl")) if a}
 for r in runs:
     r["answer_class"] = answers.get(r["label"])
 doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-       "cores": int(cores), "duration_s": float(duration), "artifact": artifact,
+       "cores": int(cores), "duration_s": float(duration), "artifact": artifact, "load_generator": loadgen,
        "versions": open(f"{out}/versions.txt").read().splitlines(), "runs": runs}
 json.dump(doc, open(f"{out}/results.json", "w"), indent=1)
 print(f"\n{'server api':<22}{'conc':>5}{'req/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'non200':>7}"
@@ -208,6 +212,6 @@ for r in runs:
           f"{ms(r['p99_ms']):>8}{r['non_200']:>7}{r['server_cores']:>10.2f}"
           f"{r['server_core_ms_per_request']:>12.3f}{r['other_cpu_s'] / r['duration_s']:>7.2f}"
           f"{str(r['answer_class']):>6}")
-print(f"\n{out}/results.json ({len(runs)} runs, {duration} s each, {cores} cores shared by servers and hey;"
+print(f"\n{out}/results.json ({len(runs)} runs, {duration} s each, {cores} cores shared by servers and {loadgen};"
       " other: cores busy with anything else during the run)")
 EOF

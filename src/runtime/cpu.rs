@@ -183,7 +183,13 @@ impl Engine for CpuEngine {
     fn compute(&self) -> String {
         match &self.kernels {
             Kernels::Executor { .. } => "fp32".into(),
-            Kernels::Fp32(model) => format!("fp32 ({})", model.kernel().name()),
+            Kernels::Fp32(model) => match model.winograd_layers() {
+                (0, _) => format!("fp32 ({})", model.kernel().name()),
+                (w, all) => format!(
+                    "fp32 ({}; {w} of {all} layers winograd)",
+                    model.kernel().name()
+                ),
+            },
             Kernels::Int8(model) => {
                 let layers = model.layers();
                 let count = |p: LayerPrecision| layers.iter().filter(|l| l.precision == p).count();

@@ -17,6 +17,7 @@ pub mod fp32;
 pub mod int8;
 mod passes;
 pub mod reference;
+mod winograd;
 
 use std::time::Instant;
 
@@ -75,7 +76,8 @@ pub trait Engine: Send {
     fn plan(&self) -> &Plan;
 
     /// What computes the conv and dense layers, for reports: `fp32 (avx512)`,
-    /// `int8 (avx512-vnni)`, `fp32 (candle, cuda:0 (candle))`.
+    /// `fp32 (avx2; 1 of 5 layers winograd)`, `int8 (avx512-vnni)`,
+    /// `fp32 (candle, cuda:0 (candle))`.
     fn compute(&self) -> String;
 
     /// How pixel bytes become this model's input (the artifact's `mlops.input`).

@@ -105,34 +105,46 @@ enum Mode {
 /// it across an `.await`, so a caller that finds the pool empty (more threads calling
 /// than engines) waits at most one forward pass.
 struct Pool {
-    engines: Mutex<Vec<Box<dyn Engine>>>,
+    engines: Mutex<Slots>,
     returned: Condvar,
     classes: usize,
     on_batch: Box<dyn Fn(BatchStats) + Send + Sync>,
+}
+
+/// The free engines, and how many callers wait for one.
+struct Slots {
+    free: Vec<Box<dyn Engine>>,
+    waiting: usize,
 }
 
 impl Pool {
     fn take(&self) -> Box<dyn Engine> {
         // A poisoned lock only means a panic elsewhere between take and put (there is
         // none: passes run outside it); the engines in it are whole.
-        let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slots = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(engine) = engines.pop() {
+            if let Some(engine) = slots.free.pop() {
                 return engine;
             }
-            engines = self
+            slots.waiting += 1;
+            slots = self
                 .returned
-                .wait(engines)
+                .wait(slots)
                 .unwrap_or_else(PoisonError::into_inner);
+            slots.waiting -= 1;
         }
     }
 
     fn put(&self, engine: Box<dyn Engine>) {
-        self.engines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(engine);
-        self.returned.notify_one();
+        let mut slots = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.free.push(engine);
+        // std's `notify_one` is a futex syscall whether or not anyone waits (strace: one
+        // per request); callers rarely wait, so wake only when one does.
+        let wake = slots.waiting > 0;
+        drop(slots);
+        if wake {
+            self.returned.notify_one();
+        }
     }
 
     fn run(&self, images: &[f32], count: usize) -> Result<Vec<f32>, BatchError> {
@@ -220,7 +232,10 @@ impl Batcher {
         let (input_len, classes) = (plan.input_len, plan.classes);
         Batcher {
             mode: Mode::Inline(Pool {
-                engines: Mutex::new(engines),
+                engines: Mutex::new(Slots {
+                    free: engines,
+                    waiting: 0,
+                }),
                 returned: Condvar::new(),
                 classes,
                 on_batch: Box::new(on_batch),
