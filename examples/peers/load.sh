@@ -7,12 +7,14 @@
 #   requests/s, p50 and p99 latency (ms; hey reports 0.1 ms steps), answers that were not
 #   200 (plus connection errors), the CPU time the server used (utime+stime from
 #   /proc/PID/stat of SERVER_PID and all its descendants, before/after), that time per
-#   request in core-milliseconds, the CPU time hey itself used (same machine), and what the
+#   request in core-milliseconds, the CPU time the load generator used (same machine), and what the
 #   rest of the machine used meanwhile (/proc/stat busy time less those two: other work).
 # With JSON_OUT=FILE it also appends one JSON object per run to FILE. LOADGEN=oha loads with
-# oha (`cargo install oha`; Rust + tokio, about 40% less CPU per request than hey here, so
-# more of a shared machine is left to the server) instead of hey; the same flags, its JSON
-# summary read by python3, and requests still in flight at the deadline are waited for (-w).
+# oha (`cargo install oha`, tested with 1.16; Rust + tokio, about 30% less CPU per request
+# than hey here, so more of a shared machine is left to the server) instead of hey; the
+# same flags, its JSON summary read by python3 (whose start-up, a few tens of ms, counts
+# as the load generator's CPU), and requests still in flight at the deadline are waited
+# for (-w).
 #
 #   examples/peers/load.sh URL BODY.json SERVER_PID [DURATION_S=10] [LABEL=URL]
 #   e.g. load.sh http://127.0.0.1:8501/v1/models/model:predict v1.json "$(pgrep -n mlops)" 2
@@ -72,7 +74,9 @@ import json, sys
 d = json.load(sys.stdin)
 codes, errors = d.get("statusCodeDistribution") or {}, d.get("errorDistribution") or {}
 total = d["summary"]["total"]
-print(f"  Requests/sec:\t{sum(codes.values()) / total if total else 0:.4f}")
+# Answers and errors per second, as hey counts them.
+answered = sum(codes.values()) + sum(errors.values())
+print(f"  Requests/sec:\t{answered / total if total else 0:.4f}")
 for name, key in (("50%", "p50"), ("99%", "p99")):
     value = (d.get("latencyPercentiles") or {}).get(key)
     if value is not None:

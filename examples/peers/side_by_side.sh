@@ -40,6 +40,10 @@ KERAS_MODEL=$(realpath "${KERAS_MODEL:-$root/fixtures/keras/cnn.keras}")
 PYTHON=${PYTHON:-python3.11}
 export DURATION CONCURRENCY="${CONCURRENCY:-1 16 64}" JSON_OUT="$OUT/runs.jsonl" LOADGEN=${LOADGEN:-hey}
 
+case $LOADGEN in
+  hey | oha) command -v "$LOADGEN" >/dev/null || { echo "side_by_side.sh: $LOADGEN is not installed" >&2; exit 1; } ;;
+  *) echo "side_by_side.sh: LOADGEN must be hey or oha, not '$LOADGEN'" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT" "$VENVS"
 : >"$JSON_OUT"
 log() { echo "== $*" >&2; }

@@ -20,6 +20,9 @@
 //! GEMM `[tiles x c] * [c x 16]` per block, done in register tiles of up to 6 tiles x 16
 //! channels (12 accumulators, 2 weight registers, 1 broadcast).
 
+// Without x86_64 only the type and its checks remain (fp32's kernels are x86_64 only).
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use crate::nn::plan::ConvOp;
 
 /// Output channels per block (two ymm registers).
@@ -65,18 +68,25 @@ impl Winograd {
     /// the input transform; with fewer, e.g. a first conv on grey images, the transforms
     /// cost more than the multiplications they save).
     pub fn applies(conv: &ConvOp, pool2: bool) -> bool {
-        pool2 && conv.kernel == 3 && conv.stride == 1 && conv.input[2].is_multiple_of(8)
+        let c = conv.input[2];
+        pool2 && conv.kernel == 3 && conv.stride == 1 && c > 0 && c.is_multiple_of(8)
     }
 
     /// Transforms `weights` (`[n, 3, 3, c]`, the plan's conv layout) with `G` (computed in
     /// f64, rounded once).
     ///
     /// # Panics
-    /// If `weights` holds fewer than `n * 9 * c` values (the caller checked the shapes).
+    /// If `weights` holds fewer than `n * 9 * c` values (the caller checked the shapes),
+    /// or `c` is not a positive multiple of 8 ([`Winograd::applies`]; the input transform
+    /// reads 8 channels at a time).
     pub fn new(weights: &[f32], n: usize, c: usize) -> Self {
         assert!(
             weights.len() >= n * 9 * c,
             "conv weights shorter than their shape"
+        );
+        assert!(
+            c > 0 && c.is_multiple_of(8),
+            "Winograd input channels must be a positive multiple of 8"
         );
         const G: [[f64; 3]; 4] = [
             [1.0, 0.0, 0.0],
@@ -210,6 +220,7 @@ mod simd {
                     let mut t = 0;
                     for g in 0..groups {
                         let rows = (count - t) / (groups - g);
+                        debug_assert!((1..=ROWS).contains(&rows));
                         let (vt, mt) = (vp.add(t * c), mp.add(t * LANES));
                         match rows {
                             1 => product::<1>(vt, u, c, mt),
@@ -378,7 +389,7 @@ mod tests {
     /// Against the f64 definition: input channels 8-32, output channels that fill no,
     /// one or several 16-channel blocks partially, odd and even conv outputs (an odd
     /// one leaves its last row and column to no pool window), chunks that split a batch
-    /// (4 x 25 tiles) and a register tile's remainder rows, with and without ReLU.
+    /// (4 x 25 tiles), register tiles of 1 to 6 tiles, with and without ReLU.
     #[test]
     fn matches_the_direct_convolution() {
         if !(std::arch::is_x86_feature_detected!("avx2")
@@ -393,6 +404,8 @@ mod tests {
             (3, 9, 11, 16, 5, true),
             (2, 6, 6, 24, 40, false),
             (1, 4, 4, 8, 16, true),
+            // 7 single-window images: register tiles of 3 and 4 tiles.
+            (7, 4, 4, 8, 16, false),
         ];
         for (case, &(batch, h, w, c, n, relu)) in cases.iter().enumerate() {
             let shape = Shape {
@@ -417,6 +430,14 @@ mod tests {
         }
     }
 
+    /// The input transform reads 8 channels at a time: other counts are refused when
+    /// built, not read past the input when run.
+    #[test]
+    #[should_panic(expected = "positive multiple of 8")]
+    fn refuses_input_channels_that_are_not_a_multiple_of_8() {
+        Winograd::new(&[0.0; 16 * 9 * 12], 16, 12);
+    }
+
     #[test]
     fn applies_to_3x3_stride_1_convs_with_a_pool_and_whole_registers_of_channels() {
         let conv = |c: usize, kernel: usize, stride: usize| ConvOp {
@@ -433,6 +454,7 @@ mod tests {
         assert!(!Winograd::applies(&conv(32, 3, 1), false));
         assert!(!Winograd::applies(&conv(1, 3, 1), true));
         assert!(!Winograd::applies(&conv(12, 3, 1), true));
+        assert!(!Winograd::applies(&conv(0, 3, 1), true));
         assert!(!Winograd::applies(&conv(32, 5, 1), true));
         assert!(!Winograd::applies(&conv(32, 3, 2), true));
     }
