@@ -630,19 +630,68 @@ mod avx2 {
         } else {
             R
         };
-        for (r, acc_row) in acc.iter().enumerate().take(stored) {
-            for (j, v) in acc_row.iter().enumerate() {
-                let first = (block + j) * AVX2_BLOCK;
-                let width = AVX2_BLOCK.min(w.n - first);
-                let mut lanes = [0i32; AVX2_BLOCK];
-                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut _, *v);
-                let at = (row + r) * w.n + first;
-                // The scalar definition: bit-identical to the other paths by construction.
-                match sink {
-                    Sink::Int32(c) => c[at..at + width].copy_from_slice(&lanes[..width]),
-                    Sink::Requant { requant, out } => {
-                        for (i, &sum) in lanes[..width].iter().enumerate() {
-                            out[at + i] = requant.byte(first + i, sum);
+        for j in 0..NB {
+            let first = (block + j) * AVX2_BLOCK;
+            let width = AVX2_BLOCK.min(w.n - first);
+            match sink {
+                Sink::Int32(c) => {
+                    for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                        let mut lanes = [0i32; AVX2_BLOCK];
+                        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut _, acc_row[j]);
+                        let at = (row + r) * w.n + first;
+                        c[at..at + width].copy_from_slice(&lanes[..width]);
+                    }
+                }
+                Sink::Requant { requant, out } => {
+                    // `Requant::byte` for 8 channels at once, with the same f32 operations
+                    // in the same order (convert, multiply, round half to even, add, max,
+                    // min, truncate), so the bytes are bit-identical (tested). A partial
+                    // block goes through 8-lane buffers (AVX2 has no masked byte store).
+                    let (offset, multiplier) = if width == AVX2_BLOCK {
+                        let offset = requant.offset[first..first + width].as_ptr();
+                        let multiplier = requant.multiplier[first..first + width].as_ptr();
+                        (
+                            _mm256_loadu_si256(offset as *const _),
+                            _mm256_loadu_ps(multiplier),
+                        )
+                    } else {
+                        let mut offset = [0i32; AVX2_BLOCK];
+                        let mut multiplier = [0f32; AVX2_BLOCK];
+                        offset[..width].copy_from_slice(&requant.offset[first..first + width]);
+                        multiplier[..width]
+                            .copy_from_slice(&requant.multiplier[first..first + width]);
+                        (
+                            _mm256_loadu_si256(offset.as_ptr() as *const _),
+                            _mm256_loadu_ps(multiplier.as_ptr()),
+                        )
+                    };
+                    let zero_point = _mm256_set1_ps(requant.zero_point);
+                    let (low, high) = (_mm256_set1_ps(requant.low), _mm256_set1_ps(255.0));
+                    for (r, acc_row) in acc.iter().enumerate().take(stored) {
+                        let sum = _mm256_add_epi32(acc_row[j], offset);
+                        let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), multiplier);
+                        let rounded = _mm256_round_ps::<
+                            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                        >(scaled);
+                        // max(x, low) as the scalar path: NaN in x becomes `low`.
+                        let clamped = _mm256_min_ps(
+                            _mm256_max_ps(_mm256_add_ps(rounded, zero_point), low),
+                            high,
+                        );
+                        // 8 int32 in [0, 255] -> 8 bytes (the saturating packs change nothing).
+                        let ints = _mm256_cvttps_epi32(clamped);
+                        let words = _mm_packus_epi32(
+                            _mm256_castsi256_si128(ints),
+                            _mm256_extracti128_si256::<1>(ints),
+                        );
+                        let bytes = _mm_packus_epi16(words, words);
+                        let at = (row + r) * w.n + first;
+                        if width == AVX2_BLOCK {
+                            _mm_storel_epi64(out.as_mut_ptr().add(at) as *mut _, bytes);
+                        } else {
+                            let mut buf = [0u8; 16];
+                            _mm_storeu_si128(buf.as_mut_ptr() as *mut _, bytes);
+                            out[at..at + width].copy_from_slice(&buf[..width]);
                         }
                     }
                 }
@@ -710,6 +759,54 @@ mod tests {
                 gemm_u8i8(kernel, &a, m, &packed, &mut got);
                 assert_eq!(got, want, "{kernel:?} m {m} n {n} k {k}");
             }
+        }
+    }
+
+    /// The SIMD epilogues round half to even, clamp at `low` and 255, and handle a partial
+    /// block as `Requant::byte` does: sums chosen to land on exact halves, below the zero
+    /// point and past 255, over 11 channels (one full AVX2 block and a partial one).
+    #[test]
+    fn fused_requant_rounds_ties_to_even_and_clamps_like_the_definition() {
+        let (m, n, k) = (5, 11, 4);
+        // Row r's only nonzero byte is 1 + r; channel j's only nonzero weight is j - 5,
+        // so sum = (1 + r) * (j - 5) in -25..=25.
+        let mut a = vec![0u8; m * k];
+        for r in 0..m {
+            a[r * k] = 1 + r as u8;
+        }
+        let mut w = vec![0i8; n * k];
+        for j in 0..n {
+            w[j * k] = j as i8 - 5;
+        }
+        let packed = PackedWeights::new(&w, n, k);
+        let requant = Requant {
+            offset: (0..n as i32)
+                .map(|j| if j == 10 { 600 } else { j % 2 })
+                .collect(),
+            // 0.5 and 1.5 put odd sums on exact halves; 0.5 * 600 lies past 255.
+            multiplier: (0..n).map(|j| if j % 3 == 0 { 1.5 } else { 0.5 }).collect(),
+            zero_point: 3.0,
+            low: 3.0,
+        };
+        let source = Source::Rows { a: &a, stride: k };
+        let mut sums = vec![0; m * n];
+        gemm(Kernel::Portable, source, m, &packed, Sink::Int32(&mut sums));
+        let want: Vec<u8> = (0..m * n).map(|i| requant.byte(i % n, sums[i])).collect();
+        // The cases are there: ties both ways, the low clamp and the high one.
+        let scaled: Vec<f32> = (0..m * n)
+            .map(|i| (sums[i] + requant.offset[i % n]) as f32 * requant.multiplier[i % n])
+            .collect();
+        assert!(scaled.contains(&2.5) && scaled.contains(&3.5));
+        assert!(want.contains(&3) && want.contains(&255));
+        assert_eq!(want[n + 7], 3 + 2, "2.5 rounds to 2");
+        for kernel in kernels() {
+            let mut out = vec![0u8; m * n];
+            let sink = Sink::Requant {
+                requant: &requant,
+                out: &mut out,
+            };
+            gemm(kernel, source, m, &packed, sink);
+            assert_eq!(out, want, "{kernel:?}");
         }
     }
 
