@@ -127,16 +127,25 @@ impl<'a> Cursor<'a> {
     }
 
     /// Appends every number of the value here, a list of numbers nested to any depth or
-    /// a lone number, to `values`, and records its nesting from `depth` in `nesting` as
-    /// serde's path (`FlattenInto`) would. A ragged value (lists of different lengths at
-    /// one depth, numbers at different depths) is left to serde (`None`), so its error
-    /// message is serde's path's. On `None`, `values` and `nesting` may be partly written.
+    /// a lone number, to `values`, and records its nesting from `depth` in `nesting`, which
+    /// must be fresh (`Nesting::default()`, as at every call site), as serde's path
+    /// (`FlattenInto`) would. A ragged value (lists of different lengths at one depth,
+    /// numbers at different depths) is left to serde (`None`), so its error message is
+    /// serde's path's. On `None`, `values` and `nesting` may be partly written.
     pub(super) fn numbers(
         &mut self,
         depth: usize,
         values: &mut Vec<f32>,
         nesting: &mut Nesting,
     ) -> Option<()> {
+        // A regular value recorded into a fresh `Nesting` gives serde's state whatever
+        // the order of the calls; into a used one, the first irregularity reported could
+        // differ from serde's.
+        debug_assert_eq!(
+            *nesting,
+            Nesting::default(),
+            "numbers() needs a fresh Nesting"
+        );
         let raw = self.raw;
         // Values seen so far in each open list.
         let mut lens = [0usize; MAX_DEPTH];
@@ -180,9 +189,8 @@ impl<'a> Cursor<'a> {
             loop {
                 if open == 0 {
                     self.at = i;
-                    // As serde's path would have recorded it: the numbers' depth (the
-                    // first number comes before the first list closes), then the lists,
-                    // deepest first (the order their first ones close in).
+                    // The value is regular: into a fresh `Nesting`, one call per depth
+                    // records what serde's path records with a call per number and list.
                     if leaf != UNSEEN {
                         nesting.number(depth + leaf);
                     }

@@ -762,29 +762,43 @@ mod tests {
         }
     }
 
-    /// The SIMD epilogues round half to even, clamp at `low` and 255, and handle a partial
-    /// block as `Requant::byte` does: sums chosen to land on exact halves, below the zero
-    /// point and past 255, over 11 channels (one full AVX2 block and a partial one).
+    /// The SIMD epilogues round half to even, clamp at `low` and 255, map NaN to `low`
+    /// and store a partial block as `Requant::byte` and the sink's bounds say: sums
+    /// chosen to land on exact halves, below the zero point and past 255, over 11
+    /// channels (one full AVX2 block and a partial one, whose stores must not spill into
+    /// the next row's first channels or past the buffer).
     #[test]
     fn fused_requant_rounds_ties_to_even_and_clamps_like_the_definition() {
         let (m, n, k) = (5, 11, 4);
-        // Row r's only nonzero byte is 1 + r; channel j's only nonzero weight is j - 5,
-        // so sum = (1 + r) * (j - 5) in -25..=25.
+        // Row r's only nonzero byte is 1 + r; channel j's only nonzero weight is 5 - j,
+        // so sum = (1 + r) * (5 - j) in -25..=25: positive in channels 0..5, negative
+        // (clamped at `low`) in the partial block 8..11 but for channel 10's offset.
         let mut a = vec![0u8; m * k];
         for r in 0..m {
             a[r * k] = 1 + r as u8;
         }
         let mut w = vec![0i8; n * k];
         for j in 0..n {
-            w[j * k] = j as i8 - 5;
+            w[j * k] = 5 - j as i8;
         }
         let packed = PackedWeights::new(&w, n, k);
         let requant = Requant {
             offset: (0..n as i32)
-                .map(|j| if j == 10 { 600 } else { j % 2 })
+                .map(|j| match j {
+                    5 => 0,
+                    10 => 600,
+                    _ => j % 2,
+                })
                 .collect(),
-            // 0.5 and 1.5 put odd sums on exact halves; 0.5 * 600 lies past 255.
-            multiplier: (0..n).map(|j| if j % 3 == 0 { 1.5 } else { 0.5 }).collect(),
+            // 0.5 and 1.5 put odd sums on exact halves; 0.5 * 575 lies past 255; channel
+            // 5's 0 * infinity is NaN.
+            multiplier: (0..n)
+                .map(|j| match j {
+                    5 => f32::INFINITY,
+                    _ if j % 3 == 0 => 1.5,
+                    _ => 0.5,
+                })
+                .collect(),
             zero_point: 3.0,
             low: 3.0,
         };
@@ -792,21 +806,29 @@ mod tests {
         let mut sums = vec![0; m * n];
         gemm(Kernel::Portable, source, m, &packed, Sink::Int32(&mut sums));
         let want: Vec<u8> = (0..m * n).map(|i| requant.byte(i % n, sums[i])).collect();
-        // The cases are there: ties both ways, the low clamp and the high one.
+        // The cases are there: ties both ways, NaN, the low clamp (in the partial block)
+        // and the high one, and next rows' first channels unlike what a spill would write.
         let scaled: Vec<f32> = (0..m * n)
             .map(|i| (sums[i] + requant.offset[i % n]) as f32 * requant.multiplier[i % n])
             .collect();
-        assert!(scaled.contains(&2.5) && scaled.contains(&3.5));
-        assert!(want.contains(&3) && want.contains(&255));
-        assert_eq!(want[n + 7], 3 + 2, "2.5 rounds to 2");
+        assert!(scaled.contains(&2.5) && scaled.contains(&1.5));
+        assert_eq!((want[1], want[2]), (3 + 2, 3 + 2), "2.5 and 1.5 round to 2");
+        assert!(scaled[5].is_nan() && want[5] == 3);
+        assert!(want[8] == 3 && want[10] == 255);
+        assert!((1..m).all(|r| want[r * n] != 3));
         for kernel in kernels() {
-            let mut out = vec![0u8; m * n];
+            // A guard past the end catches a store beyond the last row.
+            let mut out = vec![0xAAu8; m * n + 16];
             let sink = Sink::Requant {
                 requant: &requant,
-                out: &mut out,
+                out: &mut out[..m * n],
             };
             gemm(kernel, source, m, &packed, sink);
-            assert_eq!(out, want, "{kernel:?}");
+            assert_eq!(out[..m * n], want, "{kernel:?}");
+            assert!(
+                out[m * n..].iter().all(|&b| b == 0xAA),
+                "{kernel:?} wrote past the end"
+            );
         }
     }
 
@@ -898,6 +920,20 @@ mod tests {
                 }
             }
             assert_eq!(got, want_pooled, "{kernel:?} pooled");
+            // And requantized: the pooled sums' bytes (the multipliers are positive, so
+            // the max of the sums gives the max of the bytes).
+            let mut bytes = vec![0u8; windows * n];
+            let sink = Sink::Requant {
+                requant: &requant,
+                out: &mut bytes,
+            };
+            gemm(kernel, pooled, windows, &packed, sink);
+            let want_bytes: Vec<u8> = want_pooled
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| requant.byte(i % n, s))
+                .collect();
+            assert_eq!(bytes, want_bytes, "{kernel:?} pooled bytes");
         }
     }
 }
