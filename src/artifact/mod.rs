@@ -591,8 +591,13 @@ impl Artifact {
     }
 
     /// Checks every number the runtimes read: weights and biases finite, int8 scales
-    /// finite and positive, `mlops.input` scale and std finite and positive, its mean
-    /// finite, recorded metrics finite. The error names the tensor or key.
+    /// finite and positive normal numbers, `mlops.input` scale and std the same, its
+    /// mean finite, recorded metrics finite. The error names the tensor or key.
+    ///
+    /// Scales must be at least `f32::MIN_POSITIVE` (~1.2e-38): the CPU kernels run with
+    /// denormals flushed to zero (`nn::denormals`), where a smaller scale would act as 0
+    /// (a division by zero), and a plain `> 0.0` test would pass or fail it depending on
+    /// the calling thread's floating-point mode.
     ///
     /// # Errors
     /// A description of the first bad number found.
@@ -600,17 +605,19 @@ impl Artifact {
         let InputSpec {
             scale, mean, std, ..
         } = self.input;
-        if !(scale.is_finite() && scale > 0.0) {
+        if !positive_normal(scale) {
             return Err(format!(
-                "`mlops.input` scale is {scale}; it must be finite and positive (1/255 for bytes scaled to [0, 1])"
+                "`mlops.input` scale is {scale}; it must be finite and positive, at least {:e} (1/255 for bytes scaled to [0, 1])",
+                f32::MIN_POSITIVE
             ));
         }
         if !mean.is_finite() {
             return Err(format!("`mlops.input` mean is {mean}; it must be finite"));
         }
-        if !(std.is_finite() && std > 0.0) {
+        if !positive_normal(std) {
             return Err(format!(
-                "`mlops.input` std is {std}; it must be finite and positive (1 when there is no normalisation)"
+                "`mlops.input` std is {std}; it must be finite and positive, at least {:e} (1 when there is no normalisation)",
+                f32::MIN_POSITIVE
             ));
         }
         for t in &self.tensors {
@@ -625,10 +632,15 @@ impl Artifact {
                 ));
             }
             if is_scale {
-                if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| **v <= 0.0) {
+                if let Some((i, v)) = values
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !positive_normal(**v))
+                {
                     return Err(format!(
-                        "tensor `{}` holds scale {v} at index {i}; quantization scales must be positive",
-                        t.name
+                        "tensor `{}` holds scale {v:e} at index {i}; quantization scales must be positive, at least {:e}; quantize the model again",
+                        t.name,
+                        f32::MIN_POSITIVE
                     ));
                 }
             }
@@ -829,6 +841,12 @@ fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("metadata serializes")
 }
 
+/// Finite, positive and not subnormal (false for NaN). Compares against a normal number,
+/// so the answer is the same with denormals flushed (DAZ) or not.
+fn positive_normal(v: f32) -> bool {
+    v >= f32::MIN_POSITIVE && v.is_finite()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -872,6 +890,45 @@ mod tests {
         let (tensors, meta) = safetensors::decode(Path::new("m"), &bytes).unwrap();
         let err = Artifact::from_parts(Path::new("m"), tensors, &meta).unwrap_err();
         assert!(err.to_string().contains("mlops/9"), "{err}");
+    }
+
+    /// Zero, negative and subnormal scales are refused, with denormals flushed (as on the
+    /// CPU runtime's threads) and without: the answer does not depend on the thread.
+    #[test]
+    fn scales_must_be_positive_normal_numbers_in_any_float_mode() {
+        let scaled = |name: &str, v: f32| {
+            let mut a = tiny();
+            a.tensors.push(NamedTensor {
+                name: format!("{name}_scale"),
+                shape: vec![2],
+                data: TensorData::F32(vec![0.5, v]),
+            });
+            a
+        };
+        for v in [0.0, -0.5, 1e-39, f32::from_bits(1)] {
+            for flushed in [false, true] {
+                let check = || scaled("layers.0.weight", v).check_numbers();
+                let err = if flushed {
+                    crate::nn::denormals::with_denormals_flushed(check)
+                } else {
+                    check()
+                }
+                .unwrap_err();
+                assert!(
+                    err.contains("`layers.0.weight_scale`") && err.contains("index 1"),
+                    "{err}"
+                );
+            }
+            let mut a = tiny();
+            a.input.std = v;
+            assert!(a.check_numbers().unwrap_err().contains("std"));
+            a = tiny();
+            a.input.scale = v;
+            assert!(a.check_numbers().unwrap_err().contains("scale"));
+        }
+        assert!(scaled("layers.0.weight", f32::MIN_POSITIVE)
+            .check_numbers()
+            .is_ok());
     }
 
     /// Labels that do not match the classes are refused at load (serve indexes them by

@@ -457,8 +457,11 @@ fn quantize_weights(values: &[f32], out: usize, per_tensor: bool) -> (Vec<i8>, V
         scales.iter_mut().for_each(|s| *s = max);
     }
     for s in &mut scales {
-        if *s == 0.0 {
-            *s = 1.0; // an all-zero channel: any scale reproduces it exactly
+        // An all-zero channel: any scale reproduces it exactly. Below f32's smallest
+        // normal number the same: such weights (under 1.5e-36) are zero once the CPU
+        // kernels flush denormals, and a subnormal scale is refused by the artifact check.
+        if *s < f32::MIN_POSITIVE {
+            *s = 1.0;
         }
     }
     let q: Vec<i8> = values
@@ -620,6 +623,34 @@ mod tests {
         let (int8, report) = quantize(&fp32, None, Some(&synthetic_split(64)), &config).unwrap();
         assert_eq!(report.layers.len(), 5);
         (fp32, int8)
+    }
+
+    /// A channel (or an activation range) so small its scale would be subnormal is
+    /// quantized as all-zero (scale 1) rather than written with a scale that the CPU
+    /// kernels' flushed denormals would read as 0 and the artifact check refuses.
+    #[test]
+    fn tiny_weights_and_ranges_get_a_normal_scale() {
+        let (q, scales, _) = quantize_weights(&[1e-37, -2e-37, 0.5, -0.25], 2, false);
+        assert_eq!(scales, [1.0, 0.5 / 127.0]);
+        assert_eq!(q, [0, 0, 127, -64]);
+        let act = crate::runtime::int8::ActQuant::from_range(0.0, 1e-37);
+        assert_eq!((act.scale, act.zero_point), (1.0, 0));
+        // End to end: the first conv's first filter scaled down to ~1e-37.
+        let spec = ModelSpec::reference_cnn();
+        let plan = Plan::compile(&spec).unwrap();
+        let mut params = plan.init_params(3);
+        params[0][..9].iter_mut().for_each(|w| *w *= 1e-36);
+        let fp32 = Artifact::from_params(&spec, &params).unwrap();
+        let config = QuantConfig {
+            method: CalibMethod::MinMax,
+            samples: 16,
+            seed: 0,
+            per_tensor: false,
+            dynamic: false,
+            exclude: Vec::new(),
+        };
+        let (int8, _) = quantize(&fp32, None, Some(&synthetic_split(16)), &config).unwrap();
+        int8.check_numbers().unwrap();
     }
 
     /// The whole int8 network gives bit-identical logits with the SIMD and portable GEMM.

@@ -30,7 +30,12 @@ impl ActQuant {
     /// The asymmetric uint8 mapping covering `[min, max]` (always including 0.0).
     pub fn from_range(min: f32, max: f32) -> Self {
         let (lo, hi) = (min.min(0.0), max.max(0.0));
-        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        // An empty range (or one so narrow its scale would be subnormal, 0 with denormals
+        // flushed, and refused by the artifact check) maps everything to the zero point.
+        let scale = match (hi - lo) / 255.0 {
+            s if s >= f32::MIN_POSITIVE => s,
+            _ => 1.0,
+        };
         let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
         ActQuant { scale, zero_point }
     }
