@@ -638,7 +638,7 @@ impl Artifact {
                     .find(|(_, v)| !positive_normal(**v))
                 {
                     return Err(format!(
-                        "tensor `{}` holds scale {v:e} at index {i}; quantization scales must be positive, at least {:e}; quantize the model again",
+                        "tensor `{}` holds scale {v} at index {i}; quantization scales must be positive, at least {:e}; quantize the model again",
                         t.name,
                         f32::MIN_POSITIVE
                     ));

@@ -326,6 +326,12 @@ fn artifacts_with_non_finite_or_invalid_numbers_are_refused() {
             -0.5,
             "tensor `layers.4.weight_scale` holds scale -0.5",
         ),
+        // Subnormal: 0 to the CPU kernels, which flush denormals.
+        (
+            "layers.4.weight_scale",
+            1e-39,
+            "`layers.4.weight_scale` holds scale 0.000000000000000000000000000000000000001 at index 0; quantization scales must be positive, at least",
+        ),
     ] {
         let (mut t, m) = parts(&int8);
         set_f32(&mut t, tensor, 0, value);
